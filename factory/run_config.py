@@ -1,0 +1,60 @@
+"""The composed run config: one YAML preset configures the whole factory run.
+
+`load_run_config` is the single place presets are read; everything it returns is validated, so
+an unknown key or wrong type fails before Ray starts or a model loads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from pydantic import Field, model_validator
+
+from factory.config import StrictModel, load_config
+from factory.datasets.config import SourceConfig
+from factory.stage_config import (
+    CaptionConfig,
+    FilterConfig,
+    GenerationConfig,
+    OutputConfig,
+    RayConfig,
+    SequenceConfig,
+)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_PRESET = REPO_ROOT / "configs" / "demo.yaml"
+
+
+class DemoModelsConfig(StrictModel):
+    """The embedded default's tiny models: built (trained on the procedural pedestrians) into
+    `cache_dir` on first use when `enabled`, then loaded through the same `from_pretrained`
+    path as hub ids."""
+
+    enabled: bool = False
+    cache_dir: Path = Path(".cache/demo-models")
+    train_source: Path = Path(".cache/demo-models/pedestrians")
+
+
+class RunConfig(StrictModel):
+    sources: list[SourceConfig] = Field(min_length=1)
+    sequences: SequenceConfig = SequenceConfig()
+    caption: CaptionConfig = CaptionConfig()
+    generation: GenerationConfig = GenerationConfig()
+    filter: FilterConfig = FilterConfig()
+    output: OutputConfig = OutputConfig()
+    ray: RayConfig = RayConfig()
+    demo_models: DemoModelsConfig = DemoModelsConfig()
+
+    @model_validator(mode="after")
+    def _unique_source_names(self) -> RunConfig:
+        names = [s.source_name for s in self.sources]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"source names must be unique; repeated: {duplicates} (set 'name')")
+        return self
+
+
+def load_run_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Load a preset (default: `configs/demo.yaml`) with `--set` overrides, validated."""
+    return load_config(RunConfig, path if path is not None else DEFAULT_PRESET, overrides)

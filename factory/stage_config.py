@@ -1,0 +1,133 @@
+"""Config sections of the generation pipeline stages (sequences, captioning, generation, filter,
+output, ray). Composed with the trainer sections into `factory.run_config.RunConfig`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from factory.config import StrictModel
+from trainers.config import ReidTrainConfig
+
+Size = tuple[int, int]  # (height, width) everywhere in this project
+
+
+class Concurrency(StrictModel):
+    """Actor-pool size handed to Ray Data: it autoscales between `min` and `max` actors."""
+
+    min: int = Field(1, ge=1)
+    max: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Concurrency:
+        if self.max < self.min:
+            raise ValueError(f"concurrency.max ({self.max}) < concurrency.min ({self.min})")
+        return self
+
+    def as_tuple(self) -> tuple[int, int]:
+        return (self.min, self.max)
+
+
+class SequenceConfig(StrictModel):
+    """How each identity's input sequence is picked: the paper feeds consecutive images of one
+    camera; we take the camera with the most images and its frames in order."""
+
+    max_images: int = Field(8, ge=1, description="cap on the input sequence length")
+    min_images: int = Field(1, ge=1, description="identities with fewer usable images are skipped and reported")
+    max_identities: int | None = Field(None, ge=1, description="cap on identities per run (demos, smoke tests)")
+    strategy: Literal["longest_camera_run", "all_cameras"] = "longest_camera_run"
+
+
+class CaptionConfig(StrictModel):
+    """LPE captioning with BLIP-2; the prompt steers it towards person attributes."""
+
+    model: str = "Salesforce/blip2-opt-2.7b"
+    prompt: str = (
+        "Question: Describe the person's clothing, carried items and action in detail. Answer:"
+    )
+    max_new_tokens: int = Field(40, ge=1)
+    num_beams: int = Field(1, ge=1)
+    concurrency: Concurrency = Concurrency()
+    num_gpus: float = Field(1.0, ge=0, description="GPUs per captioning actor when the cluster has GPUs")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    iir_token: str = Field("zwx", min_length=1, description="Identity Information Representer")
+    prompt_template: str = "a photo of {iir} person, {caption}"
+    reference_template: str = "a photo of a person, {caption}"
+
+
+class VariationConfig(StrictModel):
+    """Diversity Injection at sampling time: each generated image draws, per category and with
+    probability `probability`, one phrase to append to the IIR prompt. Seeded per image."""
+
+    probability: float = Field(0.5, ge=0, le=1)
+    clothing: list[str] = ["wearing a jacket", "wearing a t-shirt", "wearing a coat", "wearing shorts"]
+    carried_items: list[str] = ["carrying a backpack", "carrying a handbag", "holding a phone"]
+    action: list[str] = ["walking", "standing", "running", "riding a bicycle"]
+    camera_pose: list[str] = ["seen from the front", "seen from behind", "seen from the side"]
+    scene: list[str] = ["on a city street", "on a campus", "in an airport hall", "in a park"]
+
+
+class GenerationConfig(StrictModel):
+    """Per-identity DreamBooth fine-tune with the Fine-Grain-Specific Prior Preservation Loss."""
+
+    base_model: str = "CompVis/stable-diffusion-v1-4"
+    resolution: Size = (512, 512)
+    reference_images: int = Field(200, ge=0, description="size of the Attribute Reference Set")
+    train_steps: int = Field(1000, ge=0)
+    learning_rate: float = Field(2e-6, gt=0)
+    prior_loss_weight: float = Field(1.0, ge=0, description="lambda of Eq. 1; 0 = plain DreamBooth")
+    train_batch_size: int = Field(1, ge=1)
+    samples_per_identity: int = Field(150, ge=1)
+    num_inference_steps: int = Field(50, ge=1)
+    reference_inference_steps: int | None = Field(None, ge=1, description="defaults to num_inference_steps")
+    guidance_scale: float = Field(7.5, ge=0)
+    sample_batch_size: int = Field(10, ge=1)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    use_8bit_adam: bool = False
+    max_grad_norm: float = Field(1.0, gt=0)
+    variations: VariationConfig = VariationConfig()
+    concurrency: Concurrency = Concurrency()
+    num_gpus: float = Field(1.0, ge=0, description="GPUs per generation actor when the cluster has GPUs")
+    max_retries: int = Field(1, ge=0, description="retries of a failing identity before it is recorded as failed")
+    seed: int = 0
+    debug_fail_identities: list[str] = Field(
+        [], description="fault injection: identities ('source/pid') whose generation always raises"
+    )
+
+
+class FilterConfig(StrictModel):
+    """Which filter scores generated images, and the threshold that keeps them."""
+
+    kind: Literal["reid", "clip", "cctf"] = "reid"
+    threshold: float = 0.5
+    reid_checkpoints: dict[str, Path] = Field(
+        {},
+        description="source name -> filter-model directory (with filter_model.json, as a build writes "
+        "under DIR/filter_models/<source>); sources not listed get a model trained by the build",
+    )
+    reid: ReidTrainConfig = ReidTrainConfig()
+    clip_model: str = "openai/clip-vit-base-patch32"
+    clip_positive: str = "a photo of a person"
+    clip_negatives: list[str] = ["a photo of an empty street", "a blurry photo of nothing"]
+    concurrency: Concurrency = Concurrency()
+    num_gpus: float = Field(0.25, ge=0)
+
+
+class OutputConfig(StrictModel):
+    dir: Path = Path("outputs/demo")
+    image_size: Size = (256, 128)
+    image_format: Literal["jpeg", "png"] = "jpeg"
+    jpeg_quality: int = Field(95, ge=1, le=100)
+    rows_per_shard: int = Field(4096, ge=1)
+    contact_sheet_identities: int = Field(4, ge=0)
+
+
+class RayConfig(StrictModel):
+    """How to reach Ray: `address` (or RAY_ADDRESS) joins an existing cluster; otherwise a local
+    one is started with `num_cpus`."""
+
+    address: str | None = None
+    num_cpus: int | None = Field(None, ge=1)
