@@ -1,0 +1,260 @@
+"""Building blocks shared by the adapters, and the two generic sources: `folder` and `csv`.
+
+Conventions every adapter applies through `make_record` (fast-reid / torchreid style): pid -1 is
+junk and never becomes a record; pid 0 marks a distractor, kept in query/gallery with
+`distractor=True` and dropped from train so it never seeds generation. MSMT17, where pid 0 is a
+real person, builds its records directly instead.
+
+Adapters list files and parse names only; they never decode images, so loading a 100k-image
+dataset takes seconds.
+
+`folder` layout (images directly inside each pid folder, pid folder names are integers)::
+
+    root/<pid>/<image>                      every image is a training image
+    root/train/<pid>/<image>                or split folders; `train/` is required,
+    root/query/<pid>/<image>                `query/` and `gallery/` are optional
+    root/gallery/<pid>/<image>
+
+The camera is 0 unless the file name carries Market's `_c<digit>` (camid = digit - 1); full
+Market names also give sequence and frame.
+
+`csv` layout: `list_file` (default `<root>/list.csv`) with a header row naming the columns
+`path,pid,camid` and optionally `split` (train|query|gallery, default train), `frame` and
+`sequence`; `path` is relative to `root`, `camid` is 0-based.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import get_args
+
+from factory.datasets.base import (
+    DatasetError,
+    ImageRecord,
+    ReidDataset,
+    Split,
+    confined_path,
+    require_dir,
+)
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
+SPLITS: tuple[Split, ...] = get_args(Split)
+JUNK_PID = -1
+DISTRACTOR_PID = 0
+
+# Market-style name: `0002_c1s1_000451_03` or CUHK03-NP's `0001_c1_1`. The optional trailing
+# index is the frame when the name has no `s<seq>_<frame>` part.
+MARKET_NAME = re.compile(
+    r"^(?P<pid>-?\d+)_c(?P<cam>\d)(?:s(?P<seq>\d+)_(?P<frame>\d+))?(?:_(?P<index>\d+))?"
+)
+CAMERA_TAG = re.compile(r"_c(?P<cam>\d)")  # the camera part alone, for free-form names
+DEFAULT_CSV_NAME = "list.csv"
+CSV_REQUIRED = ("path", "pid", "camid")
+CSV_OPTIONAL = ("split", "frame", "sequence")
+
+
+def list_images(directory: Path) -> list[Path]:
+    """Image files directly inside `directory`, sorted by name (Market folders also hold
+    `Thumbs.db` and the like, which are skipped)."""
+    return sorted(
+        p for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir()
+    )
+
+
+def make_record(
+    root: Path,
+    relative: str | Path,
+    *,
+    source: str,
+    pid: int,
+    camid: int,
+    split: Split,
+    frame: int = -1,
+    sequence: int = 0,
+) -> ImageRecord | None:
+    """Build a record under the junk/distractor conventions; None when the image is dropped.
+
+    The path is resolved with `confined_path`, so it is absolute and inside `root`.
+    """
+    if pid == JUNK_PID:
+        return None
+    if pid < JUNK_PID:
+        raise DatasetError(f"{relative}: pid must be >= -1, got {pid}")
+    if camid < 0:
+        raise DatasetError(f"{relative}: camid must be >= 0 (0-based), got {camid}")
+    distractor = pid == DISTRACTOR_PID
+    if distractor and split == "train":
+        return None  # a distractor has no identity to learn or to generate from
+    return ImageRecord(
+        path=str(confined_path(root, relative)),
+        source=source,
+        pid=pid,
+        camid=camid,
+        split=split,
+        frame=frame,
+        sequence=sequence,
+        distractor=distractor,
+    )
+
+
+def parse_market_name(path: Path) -> tuple[int, int, int, int]:
+    """Parse a Market-style file name into (pid, 0-based camid, sequence, frame).
+
+    `0002_c1s1_000451_03.jpg` -> (2, 0, 1, 451); `0001_c1_7.png` (CUHK03-NP) -> (1, 0, 0, 7);
+    frame is -1 when the name carries none. Raises `DatasetError` naming the path otherwise.
+    """
+    match = MARKET_NAME.match(path.name)
+    if match is None:
+        raise DatasetError(f"{path}: file name does not match Market naming 'PID_cCAM...'")
+    cam = int(match["cam"])
+    if cam == 0:
+        raise DatasetError(f"{path}: camera numbers start at c1, got c0")
+    if match["frame"] is not None:
+        return int(match["pid"]), cam - 1, int(match["seq"]), int(match["frame"])
+    frame = int(match["index"]) if match["index"] is not None else -1
+    return int(match["pid"]), cam - 1, 0, frame
+
+
+def require_train_identities(dataset: ReidDataset, where: Path) -> ReidDataset:
+    """Return `dataset`, or raise when it has no training identity (nothing to generate from)."""
+    if not dataset.train_identities:
+        raise DatasetError(f"{where}: no training identities found (dataset is empty)")
+    return dataset
+
+
+def resolve_list_file(root: Path, list_file: Path | None, default_name: str) -> Path:
+    """The list file to read: `list_file` (relative paths are taken under `root`) or the default."""
+    path = root / (list_file if list_file is not None else default_name)
+    if not path.is_file():
+        raise DatasetError(f"list file not found: {path}")
+    return path
+
+
+def iter_list_lines(path: Path) -> Iterator[tuple[int, list[str]]]:
+    """Yield (1-based line number, whitespace-separated fields) of a list file, skipping blank
+    lines and `#` comments."""
+    with path.open(encoding="utf-8") as handle:
+        for lineno, line in enumerate(handle, start=1):
+            stripped = line.strip()
+            if stripped and not stripped.startswith("#"):
+                yield lineno, stripped.split()
+
+
+@contextmanager
+def located(where: str) -> Iterator[None]:
+    """Prefix a `DatasetError` raised inside with `where` (`file:line`) unless it has it."""
+    try:
+        yield
+    except DatasetError as err:
+        if str(err).startswith(where):
+            raise
+        raise DatasetError(f"{where}: {err}") from None
+
+
+def parse_int(value: str, what: str, where: str) -> int:
+    """`int(value)`, or a `DatasetError` naming the field and `where` (file:line)."""
+    try:
+        return int(value)
+    except ValueError:
+        raise DatasetError(f"{where}: {what} must be an integer, got {value!r}") from None
+
+
+def parse_split(value: str, where: str) -> Split:
+    """Check a split name read from a list file."""
+    if value not in SPLITS:
+        raise DatasetError(f"{where}: split must be one of {list(SPLITS)}, got {value!r}")
+    return value  # type: ignore[return-value]  # checked against the Literal's values above
+
+
+def _folder_record(
+    root: Path, image: Path, pid: int, split: Split, source: str
+) -> ImageRecord | None:
+    """A `folder` record: Market naming supplies camera/frame when present, else camera 0."""
+    camera = CAMERA_TAG.search(image.stem)
+    if MARKET_NAME.match(image.name):
+        _, camid, sequence, frame = parse_market_name(image)
+    elif camera is not None and camera["cam"] != "0":
+        camid, sequence, frame = int(camera["cam"]) - 1, 0, -1
+    else:
+        camid, sequence, frame = 0, 0, -1
+    return make_record(
+        root, image.relative_to(root), source=source, pid=pid, camid=camid, split=split,
+        frame=frame, sequence=sequence,
+    )
+
+
+def _read_pid_folders(root: Path, split_dir: Path, split: Split, source: str) -> list[ImageRecord]:
+    records: list[ImageRecord] = []
+    for pid_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
+        if not re.fullmatch(r"-?\d+", pid_dir.name):
+            raise DatasetError(f"{pid_dir}: identity folder names must be integers")
+        pid = int(pid_dir.name)
+        for image in list_images(pid_dir):
+            record = _folder_record(root, image, pid, split, source)
+            if record is not None:
+                records.append(record)
+    return records
+
+
+def load_folder(root: Path, source: str = "folder") -> ReidDataset:
+    """Read `root/<pid>/<images>` (all train) or `root/<split>/<pid>/<images>` (see module doc)."""
+    root = require_dir(Path(root), f"{source} dataset root")
+    dataset = ReidDataset(name=source, root=root)
+    if not any((root / split).is_dir() for split in SPLITS):
+        dataset.train = _read_pid_folders(root, root, "train", source)
+        return require_train_identities(dataset, root)
+    require_dir(root / "train", f"{source} train split")
+    for split in SPLITS:
+        if (root / split).is_dir():
+            getattr(dataset, split).extend(_read_pid_folders(root, root / split, split, source))
+    return require_train_identities(dataset, root)
+
+
+def _csv_record(root: Path, row: dict[str, str], source: str, where: str) -> ImageRecord | None:
+    def optional_int(name: str, default: int) -> int:
+        value = (row.get(name) or "").strip()
+        return parse_int(value, name, where) if value else default
+
+    split = parse_split((row.get("split") or "").strip() or "train", where)
+    with located(where):
+        record = make_record(
+            root, row["path"].strip(), source=source,
+            pid=parse_int(row["pid"].strip(), "pid", where),
+            camid=parse_int(row["camid"].strip(), "camid", where),
+            split=split, frame=optional_int("frame", -1), sequence=optional_int("sequence", 0),
+        )
+    return record
+
+
+def _check_csv_header(fields: list[str] | None, path: Path) -> None:
+    if fields is None:
+        raise DatasetError(f"{path}:1: empty file, expected a header row path,pid,camid[,split]")
+    missing = [c for c in CSV_REQUIRED if c not in fields]
+    unknown = [c for c in fields if c not in CSV_REQUIRED + CSV_OPTIONAL]
+    if missing or unknown:
+        raise DatasetError(
+            f"{path}:1: header must name {list(CSV_REQUIRED)} and optionally {list(CSV_OPTIONAL)}; "
+            f"missing {missing}, unknown {unknown}"
+        )
+
+
+def load_csv(root: Path, list_file: Path | None = None, source: str = "csv") -> ReidDataset:
+    """Read a CSV list (header `path,pid,camid[,split][,frame][,sequence]`, see module doc)."""
+    root = require_dir(Path(root), f"{source} dataset root")
+    path = resolve_list_file(root, list_file, DEFAULT_CSV_NAME)
+    dataset = ReidDataset(name=source, root=root)
+    with path.open(encoding="utf-8", newline="") as handle:
+        reader = csv.DictReader(handle)
+        _check_csv_header(reader.fieldnames, path)
+        for row in reader:
+            where = f"{path}:{reader.line_num}"
+            if None in row or any(row.get(c) is None for c in CSV_REQUIRED):
+                raise DatasetError(f"{where}: expected {len(reader.fieldnames or [])} columns")
+            record = _csv_record(root, row, source, where)
+            if record is not None:
+                getattr(dataset, record.split).append(record)
+    return require_train_identities(dataset, path)

@@ -1,0 +1,60 @@
+"""Market-1501 adapter (also the reader of every dataset in the Market layout).
+
+Layout under `root`::
+
+    bounding_box_train/   training images          -> split "train"
+    query/                query images             -> split "query"
+    bounding_box_test/    gallery images           -> split "gallery"
+
+File names follow `PPPP_cCsS_FFFFFF_NN.jpg` (`0002_c1s1_000451_03.jpg`: pid 2, camera 1 -> camid
+0, sequence 1, frame 451), parsed as in fast-reid with `([-\\d]+)_c(\\d)`. Junk (`-1_...`) is
+dropped; distractors (`0000_...`) are kept in query/gallery flagged `distractor=True` and dropped
+from train.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from factory.datasets.base import ImageRecord, ReidDataset, Split, require_dir
+from factory.datasets.generic import (
+    list_images,
+    make_record,
+    parse_market_name,
+    require_train_identities,
+)
+
+MARKET_SPLIT_DIRS: dict[Split, str] = {
+    "train": "bounding_box_train",
+    "query": "query",
+    "gallery": "bounding_box_test",
+}
+
+
+def read_market_split(root: Path, directory: Path, split: Split, source: str) -> list[ImageRecord]:
+    """Records of one Market-layout folder; `root` is the confinement root of the paths."""
+    records: list[ImageRecord] = []
+    for image in list_images(require_dir(directory, f"{source} {split} folder")):
+        pid, camid, sequence, frame = parse_market_name(image)
+        record = make_record(
+            root, image.relative_to(root), source=source, pid=pid, camid=camid, split=split,
+            frame=frame, sequence=sequence,
+        )
+        if record is not None:
+            records.append(record)
+    return records
+
+
+def read_market_layout(root: Path, source: str, layout_dir: Path | None = None) -> ReidDataset:
+    """Read the three Market folders found in `layout_dir` (default `root`)."""
+    root = require_dir(Path(root), f"{source} dataset root")
+    layout_dir = root if layout_dir is None else require_dir(layout_dir, f"{source} folder")
+    dataset = ReidDataset(name=source, root=root)
+    for split, folder in MARKET_SPLIT_DIRS.items():
+        getattr(dataset, split).extend(read_market_split(root, layout_dir / folder, split, source))
+    return require_train_identities(dataset, layout_dir)
+
+
+def load_market1501(root: Path, source: str = "market1501") -> ReidDataset:
+    """Read Market-1501 (or any dataset in its layout, e.g. the synthetic one) from `root`."""
+    return read_market_layout(Path(root), source)
