@@ -1,0 +1,1 @@
+"""Pipeline stages: plain classes, testable without Ray."""

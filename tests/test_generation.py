@@ -1,0 +1,125 @@
+"""Diversity Injection on tiny real diffusers models: Eq. 1, weight restore, one load per actor."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import torch
+from PIL import Image
+
+from factory.schema import CAPTIONED_SCHEMA
+from factory.stage_config import GenerationConfig, OutputConfig
+from factory.stages.generate import (
+    DiversityInjectionGenerator,
+    GenerationStage,
+    PriorPreservationLoss,
+    module_fingerprint,
+)
+
+
+def test_prior_preservation_loss_matches_eq1() -> None:
+    torch.manual_seed(0)
+    inst_pred, inst_target = torch.randn(2, 4, 8, 4), torch.randn(2, 4, 8, 4)
+    prior_pred, prior_target = torch.randn(2, 4, 8, 4), torch.randn(2, 4, 8, 4)
+    mse_inst = ((inst_pred - inst_target) ** 2).mean()
+    mse_prior = ((prior_pred - prior_target) ** 2).mean()
+    for lam in (0.0, 0.5, 1.0, 2.5):
+        terms = PriorPreservationLoss(lam)(inst_pred, inst_target, prior_pred, prior_target)
+        torch.testing.assert_close(terms.total, mse_inst + lam * mse_prior)
+        torch.testing.assert_close(terms.instance, mse_inst)
+        torch.testing.assert_close(terms.prior, mse_prior)
+    # lambda = 0 is plain DreamBooth: only the instance term counts.
+    plain = PriorPreservationLoss(0.0)(inst_pred, inst_target, prior_pred, prior_target)
+    torch.testing.assert_close(plain.total, mse_inst)
+    with pytest.raises(ValueError):
+        PriorPreservationLoss(-1.0)
+
+
+def _tiny_config(**overrides) -> GenerationConfig:
+    values = dict(
+        resolution=(32, 16), reference_images=2, train_steps=3, learning_rate=1e-3,
+        samples_per_identity=3, num_inference_steps=2, guidance_scale=2.0, sample_batch_size=2,
+    )
+    values.update(overrides)
+    return GenerationConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def tiny_sd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from factory.models.tiny import tiny_stable_diffusion
+
+    path = tmp_path_factory.mktemp("tiny-sd")
+    tiny_stable_diffusion(seed=0).save_pretrained(path)
+    return path
+
+
+def _person(colour: tuple[int, int, int]) -> Image.Image:
+    image = Image.new("RGB", (16, 32), (90, 90, 90))
+    image.paste(colour, (4, 6, 12, 18))
+    return image
+
+
+def test_base_weights_bit_identical_after_identity(tiny_sd_dir: Path) -> None:
+    from factory.models.loading import load_text_to_image
+
+    generator = DiversityInjectionGenerator(load_text_to_image(str(tiny_sd_dir), "cpu", torch.float32), _tiny_config())
+    before = module_fingerprint(generator.unet)
+    images = [_person((200, 30, 30)), _person((190, 40, 40))]
+    generator.fine_tune(images, "a photo of zwx person", images, "a photo of a person", seed=1)
+    assert module_fingerprint(generator.unet) != before, "fine-tuning must change the UNet"
+    generator.restore_base_weights()
+    assert module_fingerprint(generator.unet) == before
+    output = generator.process_identity(images, "a photo of zwx person", "a photo of a person", identity_seed=7)
+    assert module_fingerprint(generator.unet) == before
+    assert len(output.images) == 3 and len(output.reference_images) == 2
+    assert set(output.timings) == {"reference_set", "fine_tune", "sample"}
+    assert output.images[0].size == (16, 32)
+
+
+def _captioned_rows(n: int) -> pa.Table:
+    image = io.BytesIO()
+    _person((30, 30, 200)).save(image, format="PNG")
+    rows = {
+        "identity": [f"demo/{i}" for i in range(n)], "source": ["demo"] * n, "source_pid": list(range(n)),
+        "camid": [0] * n, "image_paths": [["x.png"]] * n, "image_bytes": [[image.getvalue()]] * n,
+        "frames": [[0]] * n, "seed": [100 + i for i in range(n)], "captions": [["blue shirt"]] * n,
+        "caption": ["blue shirt"] * n, "prompt": ["a photo of zwx person, blue shirt"] * n,
+        "reference_prompt": ["a photo of a person, blue shirt"] * n, "caption_seconds": [0.0] * n,
+    }
+    return pa.table(rows, schema=CAPTIONED_SCHEMA)
+
+
+def test_stage_loads_model_once_and_is_reproducible(tiny_sd_dir: Path) -> None:
+    output = OutputConfig(image_size=(32, 16), image_format="png")
+    stage = GenerationStage(_tiny_config(base_model=str(tiny_sd_dir)), output, "zwx", num_threads=1)
+    stage.setup()
+    first = stage.process_batch(_captioned_rows(2))
+    second = stage.process_batch(_captioned_rows(2))
+    assert first.column("model_loads").to_pylist() == [1, 1]
+    assert second.column("model_loads").to_pylist() == [1, 1]
+    assert first.column("status").to_pylist() == ["ok", "ok"]
+    # Same identity, same seeds -> the same bytes, however often it is processed.
+    assert first.column("generated").to_pylist() == second.column("generated").to_pylist()
+    seeds = first.column("sample_seeds").to_pylist()
+    assert seeds[0] != seeds[1], "identities get different seeds"
+
+
+def test_failing_identity_is_retried_then_recorded(tiny_sd_dir: Path) -> None:
+    output = OutputConfig(image_size=(32, 16))
+    config = _tiny_config(base_model=str(tiny_sd_dir), max_retries=2)
+    stage = GenerationStage(config, output, "zwx", num_threads=1, fail_identities=["demo/0"])
+    stage.setup()
+    before = module_fingerprint(stage.generator.unet)
+    result = stage.process_batch(_captioned_rows(2)).to_pylist()
+    assert result[0]["status"] == "failed" and result[0]["attempts"] == 3 and "injected" in result[0]["error"]
+    assert result[1]["status"] == "ok" and len(result[1]["generated"]) == 3
+    assert module_fingerprint(stage.generator.unet) == before
+
+
+def test_vocabulary_word_as_iir_is_refused(tiny_sd_dir: Path) -> None:
+    stage = GenerationStage(_tiny_config(base_model=str(tiny_sd_dir)), OutputConfig(), "person")
+    with pytest.raises(ValueError, match="vocabulary"):
+        stage.setup()
