@@ -74,24 +74,33 @@ def parse_override(override: str) -> tuple[list[str], Any]:
     return [part.strip() for part in key.split(".")], value
 
 
+def _set_path(node: Any, path: list[str], value: Any, override: str) -> Any:
+    """Return a copy of `node` with `value` at `path`; integer parts index into lists
+    (`sources.0.root=...`), missing mapping keys create sections."""
+    if not path:
+        return value
+    head, rest = path[0], path[1:]
+    if isinstance(node, list):
+        if not head.lstrip("-").isdigit() or not -len(node) <= int(head) < len(node):
+            raise ConfigError(f"--set {override!r}: {head!r} is not an index of a list of {len(node)} entries")
+        copy = list(node)
+        copy[int(head)] = _set_path(node[int(head)], rest, value, override)
+        return copy
+    if node is None:
+        node = {}
+    if not isinstance(node, dict):
+        raise ConfigError(f"--set {override!r}: cannot descend into {head!r}: its parent is a value, not a section")
+    copy = dict(node)
+    copy[head] = _set_path(node.get(head), rest, value, override)
+    return copy
+
+
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    result = dict(data)
+    """Apply `--set` overrides in order; later ones win."""
     for override in overrides:
         path, value = parse_override(override)
-        node = result
-        for i, part in enumerate(path[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = {}
-            elif not isinstance(child, dict):
-                where = ".".join(path[: i + 1])
-                raise ConfigError(f"--set {override!r}: {where!r} is a value, not a section")
-            else:
-                child = dict(child)
-            node[part] = child
-            node = child
-        node[path[-1]] = value
-    return result
+        data = _set_path(data, path, value, override)
+    return data
 
 
 def _format_validation_error(err: ValidationError, origin: str) -> str:

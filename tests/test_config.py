@@ -55,6 +55,10 @@ def test_overrides_are_typed_and_validated(tmp_path: Path) -> None:
         load_run_config(None, ["generation.train_steps=-1"])
     with pytest.raises(ConfigError, match="nonsense"):
         load_run_config(None, ["nonsense.key=1"])
+    indexed = load_run_config(None, ["sources.0.root=/data/x", "sources.0.generate.ids=7"])
+    assert str(indexed.sources[0].root) == "/data/x" and indexed.sources[0].generate.ids == 7
+    with pytest.raises(ConfigError, match="not an index"):
+        load_run_config(None, ["sources.5.root=/data/x"])
     with pytest.raises(ConfigError, match="KEY.PATH=VALUE"):
         load_run_config(None, ["generation.train_steps"])
 

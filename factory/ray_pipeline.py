@@ -1,0 +1,71 @@
+"""The only module of the factory that knows Ray Data: it turns `Stage`s into autoscaling actor
+pools (`map_batches` with an actor class and `ActorPoolStrategy(min_size, max_size)`)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+
+import pyarrow as pa
+import ray
+from ray.data import ActorPoolStrategy, Dataset
+
+from factory.stage_config import RayConfig
+from factory.stages.base import Stage
+
+StageFactory = Callable[[], Stage]
+
+
+def init_ray(config: RayConfig) -> None:
+    """Join the cluster named by `ray.address` / RAY_ADDRESS (e.g. inside `ray job submit`), or
+    start a local one. Idempotent."""
+    if ray.is_initialized():
+        return
+    address = config.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=config.num_cpus, include_dashboard=False, log_to_driver=True)
+    # Progress bars per operator are Ray Data's; keep them, but not the verbose execution plan.
+    ray.data.DataContext.get_current().enable_progress_bars = True
+
+
+def cluster_gpus() -> float:
+    return float(ray.cluster_resources().get("GPU", 0.0))
+
+
+class _StageActor:
+    """Actor body: builds the stage and runs its `setup` once (models load here, once per actor)."""
+
+    def __init__(self, make_stage: StageFactory) -> None:
+        self.stage = make_stage()
+        self.stage.setup()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return self.stage.process_batch(batch)
+
+
+def apply_stage(dataset: Dataset, make_stage: StageFactory, use_gpus: bool) -> Dataset:
+    """`dataset.map_batches` through an autoscaling pool of actors running `make_stage()`."""
+    resources = make_stage().resources()
+    return dataset.map_batches(
+        _StageActor,
+        fn_constructor_kwargs={"make_stage": make_stage},
+        batch_size=resources.batch_size,
+        batch_format="pyarrow",
+        compute=ActorPoolStrategy(min_size=resources.min_actors, max_size=resources.max_actors),
+        num_cpus=resources.num_cpus,
+        num_gpus=resources.num_gpus if use_gpus else 0,
+    )
+
+
+def dataset_of_rows(table: pa.Table) -> Dataset:
+    """One block per identity, so an actor pool spreads identities over all its actors instead
+    of streaming one large block through a single actor."""
+    return ray.data.from_arrow([table.slice(i, 1) for i in range(table.num_rows)])
+
+
+def iter_rows(dataset: Dataset) -> Iterator[dict]:
+    """Stream finished identities back to the driver as they complete."""
+    for batch in dataset.iter_batches(batch_size=1, batch_format="pyarrow"):
+        yield from batch.to_pylist()

@@ -1,0 +1,193 @@
+"""Filtering stage: score every generated image, keep those at or above the threshold.
+
+- `reid` (Re-ID Confidence Threshold Filter, the paper's choice): a Re-ID model trained on the
+  identity's source dataset; score = cosine similarity between the generated image's feature
+  and the centroid of the identity's source-sequence features.
+- `cctf` (Classification Confidence Threshold Filter): softmax probability that the same
+  model's identity classifier assigns to the identity.
+- `clip`: CLIP zero-shot probability of the "person" prompt against negative prompts.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from factory.schema import FILTER_FIELDS, GENERATED_SCHEMA, append_columns, require_columns
+from factory.stage_config import FilterConfig
+from factory.stages.base import Stage, StageResources
+from trainers.config import ReidTrainConfig
+
+
+@dataclass(frozen=True)
+class FilterModelSpec:
+    """A Re-ID model trained on one source: weights, its training config and pid -> class."""
+
+    weights: Path
+    config: ReidTrainConfig
+    labels: dict[int, int]
+
+    @classmethod
+    def load(cls, directory: Path) -> FilterModelSpec:
+        meta = json.loads((directory / "filter_model.json").read_text())
+        return cls(
+            weights=directory / meta["weights"],
+            config=ReidTrainConfig.model_validate(meta["config"]),
+            labels={int(k): int(v) for k, v in meta["labels"].items()},
+        )
+
+    def save(self, directory: Path) -> None:
+        meta = {
+            "weights": str(self.weights.relative_to(directory)),
+            "config": self.config.model_dump(mode="json"),
+            "labels": {str(k): v for k, v in self.labels.items()},
+        }
+        (directory / "filter_model.json").write_text(json.dumps(meta, indent=1))
+
+
+def decode(images: Sequence[bytes]) -> list[Image.Image]:
+    return [Image.open(io.BytesIO(b)).convert("RGB") for b in images]
+
+
+class ImageFilter(ABC):
+    """One filter: `score` a row's generated images; `keep` says whether a score passes."""
+
+    def __init__(self, threshold: float) -> None:
+        self.threshold = threshold
+
+    def setup(self, device: str) -> None:  # noqa: B027 - optional hook
+        self.device = device
+
+    @abstractmethod
+    def score(self, row: Mapping) -> list[float]: ...
+
+    def keep(self, score: float) -> tuple[bool, str]:
+        if score >= self.threshold:
+            return True, ""
+        return False, f"score {score:.3f} < threshold {self.threshold}"
+
+
+class _ReidModelFilter(ImageFilter):
+    """Shared by `reid` and `cctf`: one Re-ID model per source, loaded once per actor."""
+
+    def __init__(self, threshold: float, models: Mapping[str, FilterModelSpec]) -> None:
+        super().__init__(threshold)
+        self.specs = dict(models)
+        self.models: dict[str, torch.nn.Module] = {}
+
+    def setup(self, device: str) -> None:
+        from trainers.reid.model import load_reid_model
+        from trainers.reid.transforms import build_eval_transform
+
+        super().setup(device)
+        self.transforms = {}
+        for source, spec in self.specs.items():
+            self.models[source] = load_reid_model(spec.weights, spec.config).to(device).eval()
+            self.transforms[source] = build_eval_transform(spec.config)
+
+    @torch.inference_mode()
+    def features(self, source: str, images: Sequence[Image.Image]) -> torch.Tensor:
+        if source not in self.models:
+            raise KeyError(f"no filter model for source {source!r} (have {sorted(self.models)})")
+        batch = torch.stack([self.transforms[source](img) for img in images]).to(self.device)
+        return self.models[source](batch)
+
+
+class ReidThresholdFilter(_ReidModelFilter):
+    def score(self, row: Mapping) -> list[float]:
+        if not row["generated"]:
+            return []
+        source = row["source"]
+        reference = F.normalize(self.features(source, decode(row["image_bytes"])), dim=1)
+        centroid = F.normalize(reference.mean(dim=0, keepdim=True), dim=1)
+        generated = F.normalize(self.features(source, decode(row["generated"])), dim=1)
+        return (generated @ centroid.T).squeeze(1).cpu().tolist()
+
+
+class ClassifierConfidenceFilter(_ReidModelFilter):
+    def score(self, row: Mapping) -> list[float]:
+        if not row["generated"]:
+            return []
+        source, pid = row["source"], int(row["source_pid"])
+        label = self.specs[source].labels.get(pid)
+        if label is None:
+            raise KeyError(f"{row['identity']}: the {source} filter model was not trained on pid {pid}")
+        with torch.inference_mode():
+            logits = self.models[source].classifier(self.features(source, decode(row["generated"])))
+        return logits.softmax(dim=1)[:, label].cpu().tolist()
+
+
+class ClipFilter(ImageFilter):
+    def __init__(self, threshold: float, config: FilterConfig) -> None:
+        super().__init__(threshold)
+        self.config = config
+
+    def setup(self, device: str) -> None:
+        from factory.models.loading import load_clip
+
+        super().setup(device)
+        self.model, self.processor = load_clip(self.config.clip_model, device, torch.float32)
+        texts = [self.config.clip_positive, *self.config.clip_negatives]
+        tokens = self.processor(text=texts, return_tensors="pt", padding=True).to(device)
+        with torch.inference_mode():
+            self.text_features = F.normalize(self.model.get_text_features(**tokens), dim=-1)
+
+    @torch.inference_mode()
+    def score(self, row: Mapping) -> list[float]:
+        if not row["generated"]:
+            return []
+        pixels = self.processor(images=decode(row["generated"]), return_tensors="pt").to(self.device)
+        image_features = F.normalize(self.model.get_image_features(**pixels), dim=-1)
+        logits = self.model.logit_scale.exp() * image_features @ self.text_features.T
+        return logits.softmax(dim=1)[:, 0].cpu().tolist()
+
+
+def build_filter(config: FilterConfig, models: Mapping[str, FilterModelSpec]) -> ImageFilter:
+    builders = {
+        "reid": lambda: ReidThresholdFilter(config.threshold, models),
+        "cctf": lambda: ClassifierConfidenceFilter(config.threshold, models),
+        "clip": lambda: ClipFilter(config.threshold, config),
+    }
+    return builders[config.kind]()
+
+
+class FilterStage(Stage):
+    name = "filter"
+
+    def __init__(self, config: FilterConfig, models: Mapping[str, FilterModelSpec], num_gpus: float = 0.0) -> None:
+        self.config = config
+        self.models = dict(models)
+        self.num_gpus = num_gpus
+        self.filter: ImageFilter | None = None
+
+    def resources(self) -> StageResources:
+        c = self.config.concurrency
+        return StageResources(1, c.min, c.max, 1.0, self.num_gpus)
+
+    def setup(self) -> None:
+        device = "cuda" if self.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        self.filter = build_filter(self.config, self.models)
+        self.filter.setup(device)
+
+    def process_batch(self, batch: pa.Table) -> pa.Table:
+        require_columns(batch, GENERATED_SCHEMA, self.name)
+        assert self.filter is not None, "call setup() first"
+        values: dict[str, list] = {name: [] for name, _ in FILTER_FIELDS}
+        for row in batch.to_pylist():
+            start = time.perf_counter()
+            scores = self.filter.score(row) if row["status"] == "ok" else []
+            values["scores"].append(scores)
+            values["kept"].append([self.filter.keep(s)[0] for s in scores])
+            values["filter_kind"].append(self.config.kind)
+            values["filter_seconds"].append(time.perf_counter() - start)
+        return append_columns(batch, FILTER_FIELDS, values)
