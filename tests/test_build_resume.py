@@ -1,0 +1,97 @@
+"""factory.build on a real local Ray cluster: SIGKILL mid-build, rerun, same rows as an
+uninterrupted run; failing identities are recorded and retried on rerun."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from factory.run_config import REPO_ROOT
+from tests.pipeline_fixtures import save_filter_model, save_tiny_models, small_preset
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from factory.datasets.config import SourceConfig, SyntheticSpec
+    from factory.datasets.registry import load_source
+
+    root = tmp_path_factory.mktemp("resume")
+    source = root / "source"
+    load_source(SourceConfig(kind="synthetic", root=source, generate=SyntheticSpec(ids=8, cameras=2, seed=3)))
+    sd, blip = save_tiny_models(root / "models")
+    filter_dir = save_filter_model(root / "filter", source)
+    preset = small_preset(root / "preset.yaml", source, sd, blip, filter_dir)
+    return {"root": root, "preset": preset, "source": source, "sd": sd, "blip": blip, "filter": filter_dir}
+
+
+def _build(preset: Path, out: Path, *extra: str) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "factory.build", "--config", str(preset), "--out", str(out), *extra],
+        cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,  # its own process group: SIGKILL takes the driver and its local Ray
+    )
+
+
+def _finish(process: subprocess.Popen, timeout: float = 600) -> str:
+    output, _ = process.communicate(timeout=timeout)
+    assert process.returncode == 0, output[-4000:]
+    return output
+
+
+def _done(out: Path) -> int:
+    try:
+        return len(json.loads((out / "manifest.json").read_text())["identities"])
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+
+
+def _rows(out: Path) -> pd.DataFrame:
+    frame = pd.read_parquet(out / "shards")
+    frame["image_bytes"] = frame["image"].map(lambda image: image["bytes"])
+    return frame.drop(columns=["image"]).sort_values(["identity", "index"]).reset_index(drop=True)
+
+
+def test_sigkill_mid_build_then_rerun_matches_uninterrupted(setup: dict[str, Path]) -> None:
+    reference_out, killed_out = setup["root"] / "uninterrupted", setup["root"] / "killed"
+    _finish(_build(setup["preset"], reference_out))
+
+    process = _build(setup["preset"], killed_out)
+    deadline = time.monotonic() + 300
+    while _done(killed_out) < 1 and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    done_at_kill = _done(killed_out)
+    assert 1 <= done_at_kill < 5, f"the kill must land mid-build (done: {done_at_kill})"
+
+    output = _finish(_build(setup["preset"], killed_out))
+    assert f"{done_at_kill} already done" in output
+
+    expected, resumed = _rows(reference_out), _rows(killed_out)
+    assert resumed.groupby("identity").size().to_dict() == expected.groupby("identity").size().to_dict()
+    assert not resumed.duplicated(["identity", "index"]).any()
+    pd.testing.assert_frame_equal(resumed, expected)
+    assert sorted(resumed["pid"].unique()) == list(range(5))
+
+
+def test_failed_identity_is_recorded_then_retried(setup: dict[str, Path]) -> None:
+    out = setup["root"] / "failing"
+    output = _finish(_build(setup["preset"], out, "--set", "generation.debug_fail_identities=[synthetic/2]",
+                            "--set", "generation.max_retries=1"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert "synthetic/2" in manifest["failed"] and manifest["failed"]["synthetic/2"]["attempts"] == 2
+    assert len(manifest["identities"]) == 4 and "1 failed" in output
+    assert "synthetic/2" not in set(pd.read_parquet(out / "shards")["identity"])
+    # A rerun without the fault finishes the failed identity and only it.
+    output = _finish(_build(setup["preset"], out))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert "4 already done" in output and manifest["failed"] == {} and len(manifest["identities"]) == 5
