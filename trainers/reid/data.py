@@ -1,0 +1,115 @@
+"""Image-path datasets and loaders for the Re-ID trainer (PIL decoding, plain torch DataLoader).
+
+`TrainingSet` is the plain-data form of a training split (lists of paths and ints) that travels
+to Ray Train workers in `train_loop_config`: small, picklable, no dataset classes needed there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from factory.datasets.base import ImageRecord
+from trainers.config import ReidTrainConfig
+from trainers.reid.sampler import PKBatchSampler
+from trainers.reid.transforms import build_eval_transform, build_train_transform
+
+
+@dataclass(frozen=True)
+class TrainingSet:
+    """Training images with dense labels 0..num_classes-1 (`pids[label]` is the source pid)."""
+
+    paths: list[str]
+    labels: list[int]
+    camids: list[int]
+    pids: list[int]
+
+    @classmethod
+    def from_records(cls, records: Sequence[ImageRecord]) -> TrainingSet:
+        """Distractors are dropped; labels follow the sorted (source, pid) pairs, so several
+        sources with overlapping pid numbers stay distinct identities."""
+        kept = [r for r in records if not r.distractor]
+        if not kept:
+            raise ValueError("no training images (after dropping distractors)")
+        identities = sorted({(r.source, r.pid) for r in kept})
+        label_of = {identity: label for label, identity in enumerate(identities)}
+        return cls(
+            paths=[r.path for r in kept],
+            labels=[label_of[(r.source, r.pid)] for r in kept],
+            camids=[r.camid for r in kept],
+            pids=[pid for _, pid in identities],
+        )
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.pids)
+
+    def to_dict(self) -> dict[str, list[Any]]:
+        return asdict(self)
+
+
+class ImageListDataset(Dataset[tuple[torch.Tensor, int, int]]):
+    """(image tensor, label, camid) for each path; images decoded with PIL as RGB."""
+
+    def __init__(
+        self,
+        paths: Sequence[str],
+        labels: Sequence[int],
+        camids: Sequence[int],
+        transform: Callable[[Image.Image], torch.Tensor],
+    ) -> None:
+        if not len(paths) == len(labels) == len(camids):
+            raise ValueError(f"lengths differ: {len(paths)} paths, {len(labels)} labels, {len(camids)} camids")
+        self.paths = list(paths)
+        self.labels = list(labels)
+        self.camids = list(camids)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        with Image.open(self.paths[index]) as image:
+            rgb = image.convert("RGB")
+        return self.transform(rgb), self.labels[index], self.camids[index]
+
+
+def make_train_loader(
+    training: TrainingSet, config: ReidTrainConfig, rank: int = 0, world_size: int = 1
+) -> DataLoader:
+    """This rank's PK batches of augmented training images; call
+    `loader.batch_sampler.set_epoch(epoch)` before each epoch."""
+    dataset = ImageListDataset(training.paths, training.labels, training.camids, build_train_transform(config))
+    sampler = PKBatchSampler(
+        training.labels, config.ids_per_batch, config.images_per_id,
+        seed=config.seed, rank=rank, world_size=world_size,
+    )
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=config.loader_workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=config.loader_workers > 0,
+    )
+
+
+def make_eval_loader(
+    records: Sequence[ImageRecord], config: ReidTrainConfig, batch_size: int | None = None
+) -> DataLoader:
+    """Records in order, resized and normalised; yields (images, pids, camids)."""
+    dataset = ImageListDataset(
+        [r.path for r in records], [r.pid for r in records], [r.camid for r in records],
+        build_eval_transform(config),
+    )
+    return DataLoader(
+        dataset,
+        batch_size=batch_size or config.eval_batch_size,
+        shuffle=False,
+        num_workers=config.loader_workers,
+        pin_memory=torch.cuda.is_available(),
+    )

@@ -1,0 +1,251 @@
+"""Training the BoT baseline under Ray Train (`TorchTrainer`, one DDP rank per worker).
+
+`train_reid` is the driver side: it turns the dataset into plain lists, starts (or joins) Ray,
+runs `train_loop_per_worker` on `config.num_workers` workers and collects the final weights.
+Each epoch rank 0 reports a checkpoint directory holding
+
+    model.safetensors      the whole Re-ID model (backbone + BNNeck + classifier)
+    backbone.safetensors   the backbone alone, loadable by `timm.create_model(arch, num_classes=0)`
+    optimizer.pt           Adam's state (tensors only: read back with `weights_only=True`)
+    state.json             epochs done and the metrics history
+
+and a worker that finds a checkpoint (Ray restarting it after a failure, or a rerun into the same
+output folder) resumes from it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from safetensors.torch import load_file
+from torch import nn
+
+from factory.config import save_config
+from factory.datasets.base import ReidDataset
+from trainers.config import ReidTrainConfig
+from trainers.reid.data import TrainingSet, make_train_loader
+from trainers.reid.losses import BotLoss
+from trainers.reid.model import ReidOutput, build_reid_model
+from trainers.reid.schedule import build_lr_scheduler, build_optimizer
+from trainers.weights import save_backbone_safetensors, save_state_safetensors, unwrap_model
+
+MODEL_FILE = "model.safetensors"
+BACKBONE_FILE = "backbone.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+STATE_FILE = "state.json"
+METRICS_FILE = "metrics.json"
+CONFIG_FILE = "config.yaml"
+
+
+@dataclass(frozen=True)
+class ReidTrainResult:
+    """Where a finished `train_reid` run put its outputs, and what it measured per epoch."""
+
+    model_path: Path  # whole Re-ID model; load with `load_reid_model`
+    backbone_path: Path  # backbone alone, timm `num_classes=0` keys
+    num_classes: int
+    history: list[dict[str, float]]  # one entry per epoch (epoch, lr, loss, id_loss, triplet_loss, ...)
+    run_dir: Path  # Ray Train's run folder with the per-epoch checkpoints
+
+
+def train_reid(
+    dataset: ReidDataset, config: ReidTrainConfig, out_dir: str | Path, run_name: str = "reid_train"
+) -> ReidTrainResult:
+    """Train the BoT baseline on `dataset.train` with Ray Train; outputs go under `out_dir`.
+
+    Joins the Ray cluster of `RAY_ADDRESS` or the one already initialised, else starts a local one.
+    Writes `out_dir/{model,backbone}.safetensors`, `metrics.json` and the resolved `config.yaml`.
+    """
+    out_dir = Path(out_dir).resolve()
+    training = TrainingSet.from_records(dataset.train)
+    if training.num_classes < config.ids_per_batch:
+        raise ValueError(
+            f"{dataset.name}: {training.num_classes} training identities, fewer than "
+            f"ids_per_batch={config.ids_per_batch}"
+        )
+    save_config(config, out_dir / CONFIG_FILE)
+    if not ray.is_initialized():
+        ray.init()  # picks up RAY_ADDRESS when set, else starts a local cluster
+    use_gpu = resolve_use_gpu(config)
+    cpus = resolve_cpus_per_worker(config)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "config": config.model_dump(mode="json"),
+            "training": training.to_dict(),
+            "threads": max(1, int(cpus)),
+        },
+        scaling_config=ScalingConfig(
+            num_workers=config.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus}
+        ),
+        run_config=RunConfig(
+            storage_path=str(out_dir),
+            name=run_name,
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=1),
+        ),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"Ray Train run {out_dir / run_name} ended without a checkpoint")
+    with result.checkpoint.as_directory() as checkpoint_dir:
+        model_path = Path(shutil.copy2(Path(checkpoint_dir) / MODEL_FILE, out_dir / MODEL_FILE))
+        backbone_path = Path(shutil.copy2(Path(checkpoint_dir) / BACKBONE_FILE, out_dir / BACKBONE_FILE))
+        history = json.loads((Path(checkpoint_dir) / STATE_FILE).read_text())["history"]
+    (out_dir / METRICS_FILE).write_text(json.dumps(history, indent=2))
+    return ReidTrainResult(
+        model_path=model_path,
+        backbone_path=backbone_path,
+        num_classes=training.num_classes,
+        history=history,
+        run_dir=Path(result.path),
+    )
+
+
+def resolve_use_gpu(config: ReidTrainConfig) -> bool:
+    """`use_gpu: auto` means: if this machine or the Ray cluster has a GPU."""
+    if config.use_gpu != "auto":
+        return bool(config.use_gpu)
+    return torch.cuda.is_available() or ray.cluster_resources().get("GPU", 0) > 0
+
+
+def resolve_cpus_per_worker(config: ReidTrainConfig) -> float:
+    """The CPUs a worker reserves: `cpus_per_worker`, or the cluster's CPUs shared evenly among
+    the workers, capped at the largest node's (a worker lives on one node)."""
+    node_cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
+    largest = max(node_cpus, default=0.0)
+    if config.cpus_per_worker is not None:
+        if config.cpus_per_worker > largest:
+            raise ValueError(
+                f"cpus_per_worker={config.cpus_per_worker} but the largest Ray node has {largest} CPUs"
+            )
+        return config.cpus_per_worker
+    return max(1.0, min(largest, sum(node_cpus) // config.num_workers))
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """One DDP rank: build, restore, train `config.epochs` epochs, report every epoch."""
+    config = ReidTrainConfig.model_validate(loop_config["config"])
+    training = TrainingSet(**loop_config["training"])
+    torch.set_num_threads(int(loop_config["threads"]))
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+
+    torch.manual_seed(config.seed)  # same initial weights everywhere (DDP broadcasts rank 0's anyway)
+    model = build_reid_model(config, training.num_classes)
+    restored = _read_checkpoint(ray.train.get_checkpoint())
+    if restored is not None:
+        model.load_state_dict(restored["model"])
+    model = ray.train.torch.prepare_model(model)
+    optimizer = build_optimizer(model, config)
+    if restored is not None:
+        optimizer.load_state_dict(restored["optimizer"])
+    scheduler = build_lr_scheduler(optimizer, config)
+    start_epoch = restored["epoch"] if restored is not None else 0
+    history: list[dict[str, float]] = restored["history"] if restored is not None else []
+    with warnings.catch_warnings():  # fast-forwarding the schedule without optimizer steps is intended
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(start_epoch):
+            scheduler.step()
+
+    torch.manual_seed(config.seed + 1000 * rank + start_epoch)  # augmentations differ per rank
+    loader = make_train_loader(training, config, rank, world_size)
+    loss_fn = BotLoss(config.label_smoothing, config.triplet_margin)
+    if start_epoch >= config.epochs:  # nothing left to do: hand the restored result back
+        _report(model, optimizer, start_epoch, history, rank)
+        return
+    for epoch in range(start_epoch, config.epochs):
+        loader.batch_sampler.set_epoch(epoch)
+        lr = optimizer.param_groups[0]["lr"]
+        metrics = {"epoch": epoch + 1, "lr": lr, **train_one_epoch(model, loader, loss_fn, optimizer, device)}
+        scheduler.step()
+        history.append(metrics)
+        _report(model, optimizer, epoch + 1, history, rank)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: torch.utils.data.DataLoader,
+    loss_fn: BotLoss,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+) -> dict[str, float]:
+    """One pass over `loader`; returns mean losses, identity accuracy, time and throughput."""
+    model.train()
+    totals: dict[str, float] = {}
+    correct = seen = steps = 0
+    start = time.perf_counter()
+    for images, labels, _ in loader:
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        output: ReidOutput = model(images)
+        losses = loss_fn(output, labels)
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        optimizer.step()
+        for name, value in losses.items():
+            totals[name] = totals.get(name, 0.0) + float(value.detach())
+        correct += int((output.logits.argmax(dim=1) == labels).sum())
+        seen += len(labels)
+        steps += 1
+    if steps == 0:
+        raise RuntimeError("the PK sampler produced no batch for this rank; lower ids_per_batch")
+    seconds = time.perf_counter() - start
+    return {
+        **{name: total / steps for name, total in totals.items()},
+        "train_accuracy": correct / seen,
+        "epoch_seconds": seconds,
+        "images_per_second": seen / seconds,
+    }
+
+
+def _report(
+    model: nn.Module, optimizer: torch.optim.Optimizer, epochs_done: int, history: list[dict[str, float]], rank: int
+) -> None:
+    """`ray.train.report` on every rank (it is a barrier); rank 0 attaches the checkpoint."""
+    metrics = dict(history[-1]) if history else {"epoch": epochs_done}
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if rank == 0:
+            _write_checkpoint(Path(tmp), unwrap_model(model), optimizer, epochs_done, history)
+            checkpoint = Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _write_checkpoint(
+    directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, epochs_done: int,
+    history: list[dict[str, float]],
+) -> None:
+    save_state_safetensors(model, directory / MODEL_FILE)
+    save_backbone_safetensors(model, directory / BACKBONE_FILE)
+    torch.save(optimizer.state_dict(), directory / OPTIMIZER_FILE)
+    (directory / STATE_FILE).write_text(json.dumps({"epoch": epochs_done, "history": history}, indent=2))
+
+
+def _read_checkpoint(checkpoint: Checkpoint | None) -> dict[str, Any] | None:
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as directory:
+        path = Path(directory)
+        state = json.loads((path / STATE_FILE).read_text())
+        return {
+            "model": load_file(str(path / MODEL_FILE)),
+            # weights_only: a checkpoint folder is data, never code to run
+            "optimizer": torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True),
+            "epoch": int(state["epoch"]),
+            "history": list(state["history"]),
+        }
