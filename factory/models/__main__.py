@@ -1,0 +1,68 @@
+"""CLI: build the embedded default's demo models.
+
+    python -m factory.models --out DIR [--minutes N] [--train-source DIR] [--fp16]
+                             [--components text-to-image clip captioner] [--threads N]
+
+With `--minutes` the training steps scale from a fixed calibration (not the clock), so the same
+arguments give the same weights. The weights committed with the package were made with
+
+    python -m factory.models --out factory/models/demo_weights --fp16
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from factory.models.demo import COMPONENTS, DemoRecipe, build_demo_models
+from factory.run_config import DemoModelsConfig
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m factory.models",
+        description=(
+            "Train the tiny demo models (Stable Diffusion, BLIP-2, CLIP of the real classes) on "
+            "procedural pedestrians and save them with save_pretrained under DIR/text-to-image, "
+            "DIR/captioner and DIR/clip."
+        ),
+    )
+    parser.add_argument("--out", type=Path, required=True, help="output folder (components are replaced)")
+    parser.add_argument(
+        "--minutes", type=float, default=None,
+        help="training length on a 2-core CPU; scales every phase's steps (default: the built-in recipe)",
+    )
+    parser.add_argument(
+        "--train-source", type=Path, default=DemoModelsConfig().train_source,
+        help="where the procedural training pedestrians are generated (default: %(default)s)",
+    )
+    parser.add_argument("--fp16", action="store_true", help="save fp16 weights (half the size, for committing)")
+    parser.add_argument(
+        "--components", nargs="+", choices=COMPONENTS, default=list(COMPONENTS),
+        help="build only these (the others in OUT are kept); each is trained from the same seed either way",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None,
+        help="torch CPU threads (default: torch's choice; 1 is fastest on a machine shared with other jobs)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.minutes is not None and args.minutes <= 0:
+        print("error: --minutes must be positive", file=sys.stderr)
+        return 2
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    recipe = DemoRecipe() if args.minutes is None else DemoRecipe().scaled(args.minutes)
+    build_demo_models(args.out, args.train_source, recipe, half=args.fp16, components=args.components)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
