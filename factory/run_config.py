@@ -11,6 +11,7 @@ from pathlib import Path
 
 from pydantic import Field, model_validator
 
+from eval.downstream.config import DownstreamConfig
 from factory.config import StrictModel, load_config
 from factory.datasets.config import SourceConfig
 from factory.stage_config import (
@@ -21,6 +22,7 @@ from factory.stage_config import (
     RayConfig,
     SequenceConfig,
 )
+from trainers.pretrain.config import PretrainConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PRESET = REPO_ROOT / "configs" / "demo.yaml"
@@ -34,6 +36,12 @@ class DemoModelsConfig(StrictModel):
     enabled: bool = False
     cache_dir: Path = Path(".cache/demo-models")
     train_source: Path = Path(".cache/demo-models/pedestrians")
+    train_minutes: float | None = Field(
+        4.0,
+        gt=0,
+        description="when no committed weights are present: the training recipe scaled to about this "
+        "many minutes of a 2-core machine (steps, not wall clock); None = the full recipe",
+    )
 
 
 class RunConfig(StrictModel):
@@ -45,6 +53,8 @@ class RunConfig(StrictModel):
     output: OutputConfig = OutputConfig()
     ray: RayConfig = RayConfig()
     demo_models: DemoModelsConfig = DemoModelsConfig()
+    downstream: DownstreamConfig = DownstreamConfig()
+    pretrain: PretrainConfig = PretrainConfig()
 
     @model_validator(mode="after")
     def _unique_source_names(self) -> RunConfig:

@@ -1,0 +1,139 @@
+"""Config of the downstream evaluation (the `downstream:` section of a run preset).
+
+The grid is dataset x method x init x setting x seed; `fraction_datasets` / `fraction_methods`
+narrow where the Fs/Ss settings run (the paper runs them on Market-1501 with AGW only, Table 3,
+and the supervised setting everywhere, Table 2). Method names and `method_options` are checked
+against the method registry by `eval.downstream.runner.run_downstream` before Ray starts (the
+registry imports torch; this module stays light because every preset loads it).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from factory.config import StrictModel
+from factory.datasets.config import SourceConfig, SyntheticSpec
+from trainers.config import ReidTrainConfig
+from eval.downstream.settings import Setting
+
+InitName = Literal["ours", "imagenet", "random"]
+INIT_OURS, INIT_IMAGENET, INIT_RANDOM = "ours", "imagenet", "random"
+# ReidTrainConfig fields that a downstream grid sets per cell or per trial; setting them under
+# `downstream.train` would be silently ignored, so it is an error instead.
+_PER_CELL_TRAIN_FIELDS = {
+    "init": "downstream.inits",
+    "seed": "downstream.seeds",
+    "use_gpu": "downstream.gpus_per_trial",
+    "cpus_per_worker": "downstream.cpus_per_trial",
+    "num_workers": "(one process per trial; scale out with more trials)",
+}
+
+
+def demo_benchmark() -> SourceConfig:
+    """The embedded default's held-out benchmark: procedural pedestrians drawn with seed 7, so
+    its identities differ from those of the factory's demo source (seed 0)."""
+    return SourceConfig(
+        kind="synthetic",
+        root=Path(".cache/demo-benchmark"),
+        name="demo-benchmark",
+        generate=SyntheticSpec(ids=48, cameras=4, seed=7, images_per_camera=3),
+    )
+
+
+class DownstreamConfig(StrictModel):
+    """Downstream Re-ID evaluation of a pre-trained backbone (the paper's Sec. 4.2).
+
+    `train` is the fine-tuning recipe every cell shares (fields not given keep the BoT defaults of
+    trainers/config.py: ResNet-50, 256x128, 120 epochs); its `init` and `seed` come from `inits`
+    and `seeds`. `ours` is the backbone file given with
+    `--backbone` (or `backbone`), which must fit `train.arch`.
+    """
+
+    backbone: Path | None = Field(None, description="the backbone to evaluate (`ours`); --backbone overrides")
+    out_dir: Path = Path("outputs/downstream")
+    datasets: list[SourceConfig] = Field(default_factory=lambda: [demo_benchmark()], min_length=1)
+    methods: list[str] = Field(default_factory=lambda: ["bot", "agw"], min_length=1)
+    method_options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="per-method options, validated by the method's options model (when it runs)",
+    )
+    inits: list[InitName] = Field(default_factory=lambda: ["ours", "imagenet", "random"], min_length=1)
+    settings: list[str] = Field(default_factory=lambda: ["supervised"], min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    # Not cross-checked against `datasets` / `methods`, so `--set downstream.methods=[bot]` works
+    # on a preset that names AGW here; the runner says when no Fs/Ss cell is left.
+    fraction_datasets: list[str] = Field(
+        default_factory=list, description="dataset names the Fs/Ss settings run on; empty = all"
+    )
+    fraction_methods: list[str] = Field(
+        default_factory=list, description="methods the Fs/Ss settings run with; empty = all"
+    )
+    fs_min_images_per_id: int = Field(2, ge=1, description="Fs keeps at least this many images per identity")
+    ss_min_identities: int = Field(2, ge=2, description="Ss keeps at least this many identities")
+    train: ReidTrainConfig = Field(default_factory=lambda: ReidTrainConfig(init=INIT_RANDOM))
+    imagenet_weights: Literal["cache", "download"] = Field(
+        "download",
+        description="where `imagenet` weights may come from: the local Hugging Face cache only, "
+        "or downloaded when missing; unavailable weights are reported, never replaced",
+    )
+    cpus_per_trial: float = Field(1.0, gt=0)
+    gpus_per_trial: float | Literal["auto"] = Field(
+        "auto", description="GPUs per trial; auto = 1 when the cluster has (or can add) GPUs, else 0"
+    )
+    max_concurrent_trials: int | None = Field(None, ge=1)
+    checkpoint_every: int = Field(
+        0, ge=0, description="epochs between trial checkpoints (an interrupted trial resumes from "
+        "its last one); 0 = none, an interrupted trial restarts"
+    )
+    max_failures: int = Field(1, ge=0, description="retries of a failed trial (node loss, OOM)")
+    plots: bool = True
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _check_train(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value  # a ReidTrainConfig built in code: per-cell fields are simply overridden
+        # The neutral values are accepted, so a saved (resolved) config loads again.
+        neutral = {"init": INIT_RANDOM, "seed": 0, "use_gpu": "auto", "cpus_per_worker": None, "num_workers": 1}
+        for name in sorted(set(value) & set(_PER_CELL_TRAIN_FIELDS)):
+            if value[name] != neutral[name]:
+                raise ValueError(f"train.{name} is set per cell; use {_PER_CELL_TRAIN_FIELDS[name]} instead")
+        return {**value, "init": INIT_RANDOM}  # placeholder: each cell sets its own
+
+    @field_validator("settings")
+    @classmethod
+    def _check_settings(cls, names: list[str]) -> list[str]:
+        for name in names:
+            Setting.parse(name)  # raises ValueError naming the bad entry
+        if len(set(names)) != len(names):
+            raise ValueError(f"settings repeat an entry: {names}")
+        return names
+
+    @field_validator("methods", "inits", "seeds")
+    @classmethod
+    def _unique(cls, values: list[Any]) -> list[Any]:
+        if len(set(values)) != len(values):
+            raise ValueError(f"entries repeat: {values}")
+        return values
+
+    @field_validator("gpus_per_trial")
+    @classmethod
+    def _check_gpus(cls, value: float | str) -> float | str:
+        if value != "auto" and value < 0:
+            raise ValueError("gpus_per_trial must be >= 0 or 'auto'")
+        return value
+
+    @model_validator(mode="after")
+    def _check_grid(self) -> DownstreamConfig:
+        names = [d.source_name for d in self.datasets]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"dataset names must be unique; repeated: {repeated} (set 'name')")
+        return self
+
+    @property
+    def setting_list(self) -> list[Setting]:
+        return [Setting.parse(name) for name in self.settings]

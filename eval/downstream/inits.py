@@ -1,0 +1,124 @@
+"""The three initialisations a downstream cell starts from, resolved once in the driver.
+
+- `ours`: the evaluated backbone file (`--backbone`), checked against `train.arch` before any
+  trial starts (`WeightsMismatchError` names the missing / unexpected / mis-shaped keys).
+- `imagenet`: timm's default pretrained weights for the arch, from the local Hugging Face or
+  torch-hub cache, or downloaded when `imagenet_weights: download`. When they cannot be had the
+  cells are reported as unavailable, never trained from something else.
+- `random`: timm's initialisation under the cell's seed.
+
+Trials receive the weights as state dicts through the Ray object store, so they never touch the
+network or need the backbone file on their node.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from eval.downstream.config import INIT_IMAGENET, INIT_OURS, INIT_RANDOM
+from trainers.weights import (
+    WeightsUnavailableError,
+    build_backbone,
+    check_state_dict_matches,
+    load_backbone_safetensors,
+)
+
+
+@dataclass(frozen=True)
+class InitWeights:
+    """How a backbone is initialised: `state` (None for random) and a `digest` that changes
+    whenever the weights do (finished cells are reused only under the same digest)."""
+
+    name: str
+    available: bool
+    state: dict[str, torch.Tensor] | None = None
+    digest: str = ""
+    source: str = ""  # the file or pretrained tag, for the report
+    reason: str = ""  # why unavailable
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_ours(path: str | Path, arch: str) -> InitWeights:
+    """The evaluated backbone; raises `WeightsMismatchError` (naming keys) if it does not fit
+    `timm.create_model(arch, num_classes=0)`, `WeightsUnavailableError` if the file is missing."""
+    path = Path(path).expanduser().resolve()
+    model = build_backbone(arch, INIT_RANDOM, last_stride=2)
+    load_backbone_safetensors(model, path)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return InitWeights(INIT_OURS, True, state, digest=f"sha256:{file_sha256(path)}", source=str(path))
+
+
+def _cached_pretrained_file(arch: str, hf_cache_dir: str | Path | None) -> tuple[str, Path | None]:
+    """(pretrained tag, a local file holding its weights or None)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cfg = timm.models.get_pretrained_cfg(arch)
+    if cfg is None:
+        return arch, None
+    tag = cfg.hf_hub_id or cfg.url or arch
+    if cfg.file and Path(cfg.file).is_file():
+        return tag, Path(cfg.file)
+    if cfg.hf_hub_id:
+        for filename in dict.fromkeys([cfg.hf_hub_filename or "model.safetensors", "model.safetensors",
+                                       "pytorch_model.bin"]):
+            found = try_to_load_from_cache(cfg.hf_hub_id, filename, cache_dir=hf_cache_dir)
+            if isinstance(found, str) and Path(found).is_file():
+                return tag, Path(found)
+    if cfg.url:
+        candidate = Path(torch.hub.get_dir()) / "checkpoints" / Path(cfg.url).name
+        if candidate.is_file():
+            return tag, candidate
+    return tag, None
+
+
+def resolve_imagenet(arch: str, mode: str = "download", hf_cache_dir: str | Path | None = None) -> InitWeights:
+    """timm's ImageNet weights for `arch`: from a local cache without any network access, else
+    (mode `download`) through timm's normal download, else unavailable with the reason."""
+    tag, cached = _cached_pretrained_file(arch, hf_cache_dir)
+    try:
+        if cached is not None:
+            model = timm.create_model(arch, pretrained=True, num_classes=0, global_pool="",
+                                      pretrained_cfg_overlay={"file": str(cached)})
+        elif mode == "download":
+            model = build_backbone(arch, INIT_IMAGENET, last_stride=2)
+        else:
+            return InitWeights(
+                INIT_IMAGENET, False, digest=f"pretrained:{tag}", source=tag,
+                reason=f"ImageNet weights for {arch!r} ({tag}) are not in the local Hugging Face / "
+                "torch-hub cache and downstream.imagenet_weights is 'cache'",
+            )
+    except (WeightsUnavailableError, OSError, RuntimeError) as err:
+        return InitWeights(INIT_IMAGENET, False, digest=f"pretrained:{tag}", source=tag,
+                           reason=str(err).splitlines()[0])
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return InitWeights(INIT_IMAGENET, True, state, digest=f"pretrained:{tag}", source=str(cached or tag))
+
+
+def random_init() -> InitWeights:
+    return InitWeights(INIT_RANDOM, True, None, digest="random", source="timm default initialisation")
+
+
+def build_initialised_backbone(arch: str, init: InitWeights, last_stride: int) -> nn.Module:
+    """`arch` as a feature extractor with `init`'s weights (random weights follow the caller's
+    torch seed) and BoT's last stride when `last_stride` is 1."""
+    if not init.available:
+        raise WeightsUnavailableError(f"{init.name} weights are unavailable: {init.reason}")
+    backbone = build_backbone(arch, INIT_RANDOM, last_stride)
+    if init.state is not None:
+        # The stride trick changes no parameter, so the weights load after it just the same.
+        check_state_dict_matches(backbone, init.state, what=f"{init.name} weights ({init.source})")
+        backbone.load_state_dict(init.state, strict=True)
+    return backbone

@@ -1,0 +1,117 @@
+"""Re-ID fine-tuning methods by name: what model, loss and training recipe each cell builds.
+
+A method turns an initialised backbone (random, ImageNet or the evaluated one; the runner owns
+initialisation, so every method is compared on the same footing) into a Re-ID model whose
+training-mode output is a `ReidOutput` and whose eval-mode output is the retrieval feature, and
+gives the loss for it; the runner trains it with the BoT trainer's loop, sampler and schedule.
+New methods (MGN, SBS, BDB, ...) are added with `register_method` and named in
+`downstream.methods`; the runner never changes::
+
+    register_method(ReidMethod(
+        name="mgn", description="Multiple Granularity Network",
+        options_model=MgnOptions, build_model=build_mgn, build_loss=build_mgn_loss,
+    ))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+from torch import nn
+
+from factory.config import ConfigError, StrictModel
+from trainers.config import ReidTrainConfig
+from trainers.reid.losses import BotLoss
+from trainers.reid.model import ReidBaseline
+from eval.downstream.agw import AgwLoss, AgwModel, AgwOptions
+
+
+class NoOptions(StrictModel):
+    """A method without options of its own."""
+
+
+# (backbone, num_classes, train config, options) -> model
+ModelBuilder = Callable[[nn.Module, int, ReidTrainConfig, Any], nn.Module]
+# (model, num_classes, train config, options) -> loss module: (model output, labels) -> {"loss": ..., ...}
+LossBuilder = Callable[[nn.Module, int, ReidTrainConfig, Any], nn.Module]
+# (train config, options) -> the recipe this method trains with (optimiser, schedule, sampler P/K, ...)
+RecipeAdjuster = Callable[[ReidTrainConfig, Any], ReidTrainConfig]
+
+
+def _same_recipe(config: ReidTrainConfig, options: Any) -> ReidTrainConfig:
+    return config
+
+
+@dataclass(frozen=True)
+class ReidMethod:
+    """A registered fine-tuning method. `build_model` receives the backbone already initialised
+    (and with BoT's last stride applied when `train.last_stride` is 1)."""
+
+    name: str
+    description: str
+    build_model: ModelBuilder
+    build_loss: LossBuilder
+    options_model: type[BaseModel] = NoOptions
+    adjust_recipe: RecipeAdjuster = field(default=_same_recipe)
+
+    def options(self, raw: dict[str, Any] | None) -> BaseModel:
+        """Validated options from `downstream.method_options.<name>`."""
+        try:
+            return self.options_model.model_validate(raw or {})
+        except ValidationError as err:
+            details = "; ".join(
+                f"'{'.'.join(str(p) for p in e['loc'])}': {e['msg']}" for e in err.errors()
+            )
+            raise ConfigError(f"downstream.method_options.{self.name}: {details}") from None
+
+
+METHODS: dict[str, ReidMethod] = {}
+
+
+def register_method(method: ReidMethod, *, replace: bool = False) -> ReidMethod:
+    """Make `method` available by its name in `downstream.methods`."""
+    if method.name in METHODS and not replace:
+        raise ValueError(f"a method named {method.name!r} is already registered")
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> ReidMethod:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ConfigError(f"downstream.methods: unknown method {name!r} (registered: {', '.join(sorted(METHODS))})") from None
+
+
+def _build_bot(backbone: nn.Module, num_classes: int, config: ReidTrainConfig, options: Any) -> nn.Module:
+    return ReidBaseline(backbone, num_classes)
+
+
+def _build_bot_loss(model: nn.Module, num_classes: int, config: ReidTrainConfig, options: Any) -> nn.Module:
+    return BotLoss(config.label_smoothing, config.triplet_margin)
+
+
+def _build_agw(backbone: nn.Module, num_classes: int, config: ReidTrainConfig, options: AgwOptions) -> nn.Module:
+    return AgwModel(backbone, num_classes, options)
+
+
+def _build_agw_loss(model: nn.Module, num_classes: int, config: ReidTrainConfig, options: AgwOptions) -> nn.Module:
+    return AgwLoss(num_classes, model.feature_dim, config.label_smoothing, options)
+
+
+register_method(ReidMethod(
+    name="bot",
+    description="Bag of Tricks (Luo et al. 2019): GAP, BNNeck, label-smoothed CE + batch-hard triplet",
+    build_model=_build_bot,
+    build_loss=_build_bot_loss,
+))
+register_method(ReidMethod(
+    name="agw",
+    description="AGW (Ye et al. 2021): non-local blocks, GeM pooling, weighted regularised triplet + centre loss",
+    build_model=_build_agw,
+    build_loss=_build_agw_loss,
+    options_model=AgwOptions,
+))

@@ -1,0 +1,144 @@
+"""The paper's fine-tuning data regimes (Sec. 4.2, after LUPerson): supervised, few-shot image
+(Fs) and small-scale identity (Ss).
+
+- `supervised`: the whole training split.
+- `fsP`: every identity keeps P % of its training images (rounded half up), at least
+  `min_images_per_id` of them (default 2; an identity that has fewer keeps all it has). Two,
+  not one: the triplet losses of BoT and AGW need a positive for each anchor, and the PK sampler
+  would otherwise fill an identity's K slots with copies of one image, whose only positive is
+  an augmented copy of itself. The fraction actually kept is recorded with every result.
+- `ssP`: P % of the identities (rounded half up, at least `min_identities`, default 2) keep all
+  their images; the others are dropped.
+
+Subsets are deterministic per seed and nested: for one seed, the images of `fs10` are among those
+of `fs30`, and the identities of `ss10` among those of `ss30`, so a curve over fractions
+(the paper's Fig. 7) adds data instead of drawing a new sample at each point. They depend on the
+records' content (source, pid, path), not on their order.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from factory.datasets.base import ImageRecord
+
+SettingKind = Literal["supervised", "fs", "ss"]
+SUPERVISED = "supervised"
+PAPER_PERCENTS = (10, 30, 50, 70, 90)
+_SETTING_PATTERN = re.compile(r"^(fs|ss)(\d{1,3})$")
+# Independent random streams for the two subset kinds, so fs and ss of one seed do not share draws.
+_FS_STREAM, _SS_STREAM = 1, 2
+
+
+@dataclass(frozen=True, order=True)
+class Setting:
+    """One data regime: `supervised` (100 %), `fs<percent>` or `ss<percent>`."""
+
+    kind: SettingKind
+    percent: int = 100
+
+    def __post_init__(self) -> None:
+        if self.kind == SUPERVISED and self.percent != 100:
+            raise ValueError(f"the supervised setting uses all data, got percent={self.percent}")
+        if not 1 <= self.percent <= 100:
+            raise ValueError(f"setting percent must be in 1..100, got {self.percent}")
+
+    @classmethod
+    def parse(cls, name: str) -> Setting:
+        """`supervised`, `fs10` ... `fs100`, `ss10` ... `ss100` (any percent 1-100)."""
+        if name == SUPERVISED:
+            return cls(SUPERVISED)
+        match = _SETTING_PATTERN.match(name)
+        if match is None:
+            raise ValueError(f"unknown setting {name!r}: use 'supervised', 'fs<percent>' or 'ss<percent>' (e.g. fs30)")
+        return cls(match.group(1), int(match.group(2)))  # type: ignore[arg-type]
+
+    @property
+    def name(self) -> str:
+        return SUPERVISED if self.kind == SUPERVISED else f"{self.kind}{self.percent}"
+
+    @property
+    def label(self) -> str:
+        """As the paper writes it: `supervised`, `Fs 30%`, `Ss 50%`."""
+        return SUPERVISED if self.kind == SUPERVISED else f"{self.kind.capitalize()} {self.percent}%"
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def _round_half_up(value: float) -> int:
+    return int(np.floor(value + 0.5))
+
+
+def _identity_key(record: ImageRecord) -> tuple[str, int]:
+    return (record.source, record.pid)
+
+
+def _stable_hash(text: str) -> int:
+    """A process-independent hash (Python's `hash` of str is salted per process)."""
+    return zlib.crc32(text.encode("utf-8"))
+
+
+def _by_identity(records: Sequence[ImageRecord]) -> dict[tuple[str, int], list[ImageRecord]]:
+    groups: dict[tuple[str, int], list[ImageRecord]] = defaultdict(list)
+    for record in records:
+        if not record.distractor:  # distractors are never training identities
+            groups[_identity_key(record)].append(record)
+    for images in groups.values():
+        images.sort(key=lambda r: r.path)
+    return groups
+
+
+def few_shot_images(
+    records: Sequence[ImageRecord], percent: int, seed: int, min_images_per_id: int = 2
+) -> list[ImageRecord]:
+    """Fs: each identity keeps `percent` % of its images (half up), at least `min_images_per_id`
+    (or all it has, if fewer). Order of the result: by identity, then the seed's permutation."""
+    if not 1 <= percent <= 100:
+        raise ValueError(f"percent must be in 1..100, got {percent}")
+    if min_images_per_id < 1:
+        raise ValueError(f"min_images_per_id must be >= 1, got {min_images_per_id}")
+    kept: list[ImageRecord] = []
+    for (source, pid), images in sorted(_by_identity(records).items()):
+        count = min(len(images), max(min_images_per_id, _round_half_up(percent / 100 * len(images))))
+        rng = np.random.default_rng([seed % 2**32, _FS_STREAM, _stable_hash(f"{source}\0{pid}")])
+        order = rng.permutation(len(images))
+        kept.extend(images[i] for i in order[:count])
+    return kept
+
+
+def small_scale_identities(
+    records: Sequence[ImageRecord], percent: int, seed: int, min_identities: int = 2
+) -> list[ImageRecord]:
+    """Ss: `percent` % of the identities (half up, at least `min_identities`) keep all their
+    images. Order of the result: the records' own order."""
+    if not 1 <= percent <= 100:
+        raise ValueError(f"percent must be in 1..100, got {percent}")
+    groups = _by_identity(records)
+    identities = sorted(groups)
+    count = min(len(identities), max(min_identities, _round_half_up(percent / 100 * len(identities))))
+    order = np.random.default_rng([seed % 2**32, _SS_STREAM]).permutation(len(identities))
+    chosen = {identities[i] for i in order[:count]}
+    return [r for r in records if not r.distractor and _identity_key(r) in chosen]
+
+
+def training_subset(
+    records: Sequence[ImageRecord],
+    setting: Setting,
+    seed: int,
+    min_images_per_id: int = 2,
+    min_identities: int = 2,
+) -> list[ImageRecord]:
+    """The training records a cell fine-tunes on (distractors always dropped)."""
+    if setting.kind == "fs":
+        return few_shot_images(records, setting.percent, seed, min_images_per_id)
+    if setting.kind == "ss":
+        return small_scale_identities(records, setting.percent, seed, min_identities)
+    return [r for r in records if not r.distractor]

@@ -1,0 +1,229 @@
+"""Results of a downstream grid as the paper prints them: mAP/Rank-1 in % per cell, and the
+delta of the evaluated backbone ("ours") over ImageNet and over random initialisation in
+points ("+2.9/+1.2", Tables 2 and 3).
+
+Input is one row per cell (dataset, method, init, setting, seed) as `runner` collects them; the
+CSV keeps every cell (each seed), the Markdown averages over seeds (deltas of the means).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from eval.downstream.config import INIT_IMAGENET, INIT_OURS, INIT_RANDOM
+from eval.downstream.settings import Setting
+
+STATUS_DONE, STATUS_UNAVAILABLE, STATUS_ERROR, STATUS_MISSING = "done", "unavailable", "error", "missing"
+INIT_ORDER = (INIT_IMAGENET, INIT_OURS, INIT_RANDOM)
+INIT_LABELS = {INIT_IMAGENET: "IN", INIT_OURS: "Ours", INIT_RANDOM: "Random"}
+BASELINES = {INIT_IMAGENET: "imagenet", INIT_RANDOM: "random"}
+METRICS = ("mAP", "rank1", "rank5", "rank10", "mINP")
+CSV_COLUMNS = (
+    "dataset", "method", "init", "setting", "kind", "percent", "seed", "status",
+    *METRICS,
+    "delta_mAP_vs_imagenet", "delta_rank1_vs_imagenet", "delta_mAP_vs_random", "delta_rank1_vs_random",
+    "train_images", "train_ids", "image_fraction", "id_fraction", "epochs", "train_seconds",
+    "total_seconds", "reason",
+)
+_INTEGER_COLUMNS = ("percent", "seed", "train_images", "train_ids", "epochs")
+
+
+def results_frame(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """Cells as a frame with the CSV columns; metrics in %, per-seed deltas on `ours` rows."""
+    frame = pd.DataFrame(list(rows))
+    for column in CSV_COLUMNS:
+        if column not in frame:
+            frame[column] = "" if column == "reason" else math.nan
+    keys = ["dataset", "method", "setting", "seed"]
+    ours = frame["init"] == INIT_OURS
+    for baseline, label in BASELINES.items():
+        base = frame[(frame["init"] == baseline) & (frame["status"] == STATUS_DONE)].set_index(keys)
+        for metric in ("mAP", "rank1"):
+            column = f"delta_{metric}_vs_{label}"
+            index = pd.MultiIndex.from_frame(frame.loc[ours, keys])
+            reference = base[metric].reindex(index).to_numpy(dtype=float)
+            frame.loc[ours, column] = frame.loc[ours, metric].to_numpy(dtype=float) - reference
+    for column in _INTEGER_COLUMNS:  # nullable ints: unavailable cells have none
+        frame[column] = pd.to_numeric(frame[column], errors="coerce").round().astype("Int64")
+    return frame[list(CSV_COLUMNS)]
+
+
+def write_results_csv(frame: pd.DataFrame, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    frame.to_csv(tmp, index=False, float_format="%.2f")
+    tmp.replace(path)
+    return path
+
+
+def _pair(first: float, second: float, signed: bool = False) -> str:
+    if math.isnan(first) or math.isnan(second):
+        return "n/a"
+    return f"{first:+.1f}/{second:+.1f}" if signed else f"{first:.1f}/{second:.1f}"
+
+
+def _order(values: Sequence[str], preferred: Sequence[str]) -> list[str]:
+    rank = {v: i for i, v in enumerate(preferred)}
+    return sorted(dict.fromkeys(values), key=lambda v: (rank.get(v, len(rank)), v))
+
+
+def summarise(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per dataset x method x init x setting: status, mean mAP/Rank-1 over finished
+    seeds, the seed count, and the deltas of ours' means over the baselines' means."""
+    keys = ["dataset", "method", "init", "setting"]
+    records = []
+    for key, group in frame.groupby(keys, sort=False):
+        done = group[group["status"] == STATUS_DONE]
+        statuses = set(group["status"])
+        status = STATUS_DONE if len(done) == len(group) else (
+            STATUS_UNAVAILABLE if statuses == {STATUS_UNAVAILABLE} else
+            STATUS_ERROR if STATUS_ERROR in statuses else STATUS_MISSING if done.empty else "partial"
+        )
+        records.append({
+            **dict(zip(keys, key)), "status": status, "seeds": len(done),
+            "mAP": done["mAP"].mean() if len(done) else math.nan,
+            "rank1": done["rank1"].mean() if len(done) else math.nan,
+            "reason": "; ".join(sorted({str(r) for r in group["reason"] if isinstance(r, str) and r})),
+        })
+    summary = pd.DataFrame(records)
+    by_cell = summary.set_index(["dataset", "method", "setting", "init"])
+    for baseline, label in BASELINES.items():
+        for metric in ("mAP", "rank1"):
+            summary[f"delta_{metric}_vs_{label}"] = [
+                row[metric] - by_cell[metric].get((row["dataset"], row["method"], row["setting"], baseline), math.nan)
+                if row["init"] == INIT_OURS else math.nan
+                for _, row in summary.iterrows()
+            ]
+    return summary
+
+
+def _value(row: Mapping[str, Any] | None) -> str:
+    if row is None:
+        return "-"
+    if row["status"] in (STATUS_UNAVAILABLE, STATUS_ERROR, STATUS_MISSING):
+        return str(row["status"])
+    return _pair(row["mAP"], row["rank1"])
+
+
+def _delta(row: Mapping[str, Any] | None, label: str) -> str:
+    if row is None or row["init"] != INIT_OURS:
+        return ""
+    return _pair(row[f"delta_mAP_vs_{label}"], row[f"delta_rank1_vs_{label}"], signed=True)
+
+
+def _kept(frame: pd.DataFrame, dataset: str, method: str, setting: str) -> str:
+    """What a fraction setting actually kept (Fs raises tiny identities to the minimum)."""
+    done = frame[(frame["dataset"] == dataset) & (frame["method"] == method) & (frame["setting"] == setting)
+                 & (frame["status"] == STATUS_DONE)]
+    if done.empty:
+        return "-"
+    images = pd.to_numeric(done["image_fraction"], errors="coerce").mean()
+    ids = pd.to_numeric(done["id_fraction"], errors="coerce").mean()
+    if math.isnan(images) or math.isnan(ids):
+        return "-"
+    return f"{100 * images:.0f}% imgs, {100 * ids:.0f}% ids"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def results_markdown(
+    frame: pd.DataFrame,
+    methods: Sequence[str] = (),
+    settings: Sequence[str] = (),
+    meta: Mapping[str, Any] | None = None,
+) -> str:
+    """`results.md`: the per-cell table, then the paper's Table 2 (supervised) and Table 3
+    (Fs/Ss) layouts. `methods`/`settings` give the row order (the config's)."""
+    summary = summarise(frame)
+    method_order = _order(summary["method"].tolist(), methods)
+    setting_order = _order(summary["setting"].tolist(), settings)
+    datasets = list(dict.fromkeys(summary["dataset"]))
+    cell = {(r["dataset"], r["method"], r["setting"], r["init"]): r for _, r in summary.iterrows()}
+
+    lines = ["# Downstream Re-ID evaluation", ""]
+    for key, value in (meta or {}).items():
+        lines.append(f"- {key}: {value}")
+    lines += [
+        "",
+        "Entries are mAP/Rank-1 in % (Market-1501 protocol), averaged over seeds; deltas are "
+        "ours minus the baseline in points, as in the paper's Tables 2 and 3. `unavailable`: "
+        "those weights could not be had (see the notes); the cell was not run.",
+        "",
+        "## All cells",
+        "",
+    ]
+    rows = []
+    for dataset in datasets:
+        for method in method_order:
+            for setting in setting_order:
+                for init in INIT_ORDER:
+                    row = cell.get((dataset, method, setting, init))
+                    if row is None:
+                        continue
+                    rows.append([dataset, method.upper(), Setting.parse(setting).label, INIT_LABELS[init],
+                                 _value(row), str(row["seeds"]), _delta(row, "imagenet"), _delta(row, "random")])
+    lines += _table(["Dataset", "Method", "Setting", "Init", "mAP/Rank-1", "Seeds", "Δ vs ImageNet",
+                     "Δ vs random"], rows)
+
+    supervised = [m for m in method_order if any(k[1] == m and k[2] == "supervised" for k in cell)]
+    if supervised:
+        lines += ["", "## Supervised (Table 2 layout)", ""]
+        rows = []
+        for dataset in datasets:
+            for init, delta_label in ((INIT_IMAGENET, None), (INIT_OURS, None), (None, "imagenet"),
+                                      (INIT_RANDOM, None), (None, "random")):
+                if init is not None:
+                    rows.append([dataset, INIT_LABELS[init]] +
+                                [_value(cell.get((dataset, m, "supervised", init))) for m in supervised])
+                else:
+                    rows.append(["", f"Δ vs {'IN' if delta_label == 'imagenet' else 'random'}"] +
+                                [_delta(cell.get((dataset, m, "supervised", INIT_OURS)), delta_label) or "-"
+                                 for m in supervised])
+        lines += _table(["Dataset", "Init", *[m.upper() for m in supervised]], rows)
+
+    fractions = [s for s in setting_order if Setting.parse(s).kind in ("fs", "ss")]
+    for dataset in datasets:
+        for method in method_order:
+            present = [s for s in fractions if any(k[:3] == (dataset, method, s) for k in cell)]
+            if not present:
+                continue
+            percents = sorted({Setting.parse(s).percent for s in present})
+            lines += ["", f"## Fs / Ss on {dataset} with {method.upper()} (Table 3 layout)", ""]
+            rows = []
+            for kind in ("fs", "ss"):
+                if not any(Setting.parse(s).kind == kind for s in present):
+                    continue
+                for init, delta_label in ((INIT_IMAGENET, None), (INIT_OURS, None), (None, "imagenet"),
+                                          (INIT_RANDOM, None), (None, "random")):
+                    label = INIT_LABELS[init] if init else f"Δ vs {'IN' if delta_label == 'imagenet' else 'random'}"
+                    values = []
+                    for percent in percents:
+                        row = cell.get((dataset, method, f"{kind}{percent}", init or INIT_OURS))
+                        values.append(_value(row) if init else (_delta(row, delta_label) or "-"))
+                    rows.append([kind.capitalize(), label, *values])
+                rows.append([kind.capitalize(), "data kept", *[
+                    _kept(frame, dataset, method, f"{kind}{percent}") for percent in percents]])
+            lines += _table(["Setting", "Init", *[f"{p}%" for p in percents]], rows)
+
+    notes = summary[summary["reason"].astype(bool)]
+    if not notes.empty:
+        lines += ["", "## Notes", ""]
+        seen: set[str] = set()
+        for _, row in notes.iterrows():
+            text = f"- {row['init']} / {row['status']}: {row['reason']}"
+            if row["status"] != STATUS_UNAVAILABLE:
+                text = f"- {row['dataset']}/{row['method']}/{row['init']}/{row['setting']} {row['status']}: {row['reason']}"
+            if text not in seen:
+                seen.add(text)
+                lines.append(text)
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,51 @@
+"""The product of pre-training: `CKPT_DIR/backbone.safetensors`, checked against timm before it
+is handed out, with `backbone.json` saying how to build the model it belongs to.
+
+    model = timm.create_model(arch, num_classes=0, **model_kwargs)
+    model.load_state_dict(safetensors.torch.load_file("backbone.safetensors"))   # strict
+
+The Re-ID trainer takes the same file as `init: CKPT_DIR/backbone.safetensors`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from trainers.pretrain.config import PretrainConfig
+from trainers.pretrain.recipe import build_backbone_model
+from trainers.weights import check_state_dict_matches, save_state_safetensors
+
+BACKBONE_FILE = "backbone.safetensors"
+BACKBONE_INFO_FILE = "backbone.json"
+
+
+def verify_backbone(path: str | Path, config: PretrainConfig) -> None:
+    """Raise `trainers.weights.WeightsMismatchError` (naming the keys) unless `path` loads into
+    `timm.create_model(arch, num_classes=0, **model_kwargs)` with no missing or unexpected key."""
+    model = build_backbone_model(config)
+    state = load_file(str(path))
+    check_state_dict_matches(model, state, what=str(path))
+    model.load_state_dict(state, strict=True)
+
+
+def export_backbone(source: str | Path, destination: str | Path, config: PretrainConfig,
+                    num_classes: int | None = None) -> Path:
+    """Copy a checkpoint's backbone weights to `destination` (atomically), verified against timm,
+    and write `backbone.json` (arch, model_kwargs, pre-training classes) beside it."""
+    source, destination = Path(source), Path(destination)
+    verify_backbone(source, config)
+    model = build_backbone_model(config)
+    model.load_state_dict(load_file(str(source)), strict=True)
+    save_state_safetensors(model, destination)
+    info = {
+        "arch": config.arch,
+        "model_kwargs": config.model_kwargs,
+        "image_size": list(config.image_size),
+        "pretrain_classes": num_classes,
+        "load": f"timm.create_model({config.arch!r}, num_classes=0, **model_kwargs)",
+    }
+    (destination.parent / BACKBONE_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    return destination

@@ -1,0 +1,422 @@
+"""Pre-training under Ray Train: `TorchTrainer` (DDP, one rank per worker) fed by Ray Data.
+
+`pretrain` is the driver side. It checks the shards (before Ray starts anything), builds the
+Ray Data stream (`data.build_train_dataset`), runs `train_loop_per_worker` on `num_workers`
+workers and exports the result. Each epoch every rank calls `ray.train.report` with a checkpoint
+folder; Ray merges the ranks' files into one folder holding
+
+    model.safetensors     the whole classifier (backbone + head)
+    backbone.safetensors  the backbone, keys of `timm.create_model(arch, num_classes=0)`
+    optimizer.pt          optimizer state  } tensors and plain values only:
+    scheduler.pt          scheduler state  } read back with `torch.load(weights_only=True)`
+    rng_rank<R>.pt        rank R's torch / CUDA / numpy / python RNG states
+    state.json            epochs done, arch, classes, the per-epoch history, the epochs the loop
+                          (re)started at
+
+Ray restarts a failed worker group from the latest of these (`FailureConfig`), and a rerun into
+the same output folder resumes from it (Ray's run snapshot, or failing that the latest complete
+checkpoint folder found on disk).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from factory.config import save_config
+from trainers.pretrain.config import BatchPlan, PretrainConfig, plan_batches
+from trainers.pretrain.data import IMAGE_KEY, LABEL_KEY, BatchAugment, build_train_dataset, train_batches
+from trainers.pretrain.export import BACKBONE_FILE, export_backbone
+from trainers.pretrain.plots import write_curves
+from trainers.pretrain.recipe import (
+    backbone_state_dict,
+    build_loss,
+    build_model,
+    build_optimizer,
+    build_scheduler,
+    scheduler_matches,
+    scheduler_state,
+)
+from trainers.pretrain.shards import ShardError, ShardSummary, inspect_shards
+from trainers.weights import save_state_safetensors, unwrap_model
+
+RUN_NAME = "pretrain"
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+SCHEDULER_FILE = "scheduler.pt"
+STATE_FILE = "state.json"
+CONFIG_FILE = "config.yaml"
+RNG_FILE = "rng_rank{rank}.pt"
+
+# Worker-side progress goes through logging: Ray Train routes it to the driver once (a `print`
+# in a Ray Train worker is both teed to stdout and logged, so it shows up twice).
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PretrainResult:
+    """Where a finished `pretrain` run put its outputs, and what it measured per epoch."""
+
+    backbone_path: Path  # CKPT_DIR/backbone.safetensors
+    model_path: Path  # CKPT_DIR/model.safetensors (with the identity classifier)
+    curves_csv: Path
+    curves_png: Path
+    num_classes: int
+    history: list[dict[str, float]]  # one entry per epoch: epoch, lr, loss, train_accuracy, ...
+    starts: list[int]  # the epoch each (re)start of the training loop began at: [0] = one clean run
+    run_dir: Path  # Ray Train's run folder with the per-epoch checkpoints
+
+
+class ResumeMismatchError(ValueError):
+    """The output folder holds a run of a different model; resuming it would fail or mislead."""
+
+
+def prepare_run(data_dir: str | Path, out_dir: str | Path, config: PretrainConfig,
+                run_name: str = RUN_NAME) -> tuple[ShardSummary, BatchPlan, Path | None]:
+    """Every check that can fail before training: the shards (`ShardError`), the batch split,
+    the shards against the batch, and a previous run in `out_dir` against this config
+    (`ResumeMismatchError`). Returns the shard summary, the batch plan and the checkpoint to
+    resume from (None: start fresh). Starts nothing."""
+    summary = inspect_shards(data_dir)
+    plan = plan_batches(config.batch_size, config.num_workers, config.max_batch_per_step,
+                        even=config.mixup_enabled)
+    if summary.num_rows // plan.num_workers < plan.per_worker:
+        raise ShardError(
+            f"{summary.shards_dir} holds {summary.num_rows} images, too few for one step of "
+            f"batch_size={config.batch_size} over {config.num_workers} worker(s); lower pretrain.batch_size"
+        )
+    latest = find_latest_checkpoint(Path(out_dir) / run_name)
+    if latest is not None:
+        state = json.loads((latest / STATE_FILE).read_text())
+        ours = {"arch": config.arch, "num_classes": summary.num_classes, "model_kwargs": config.model_kwargs}
+        theirs = {key: state.get(key) for key in ours}
+        if theirs != ours:
+            raise ResumeMismatchError(
+                f"{out_dir} holds a pre-training run of {theirs}, but this one is {ours}; "
+                "use another --out to start a new run"
+            )
+    return summary, plan, latest
+
+
+def pretrain(
+    data_dir: str | Path, out_dir: str | Path, config: PretrainConfig, run_name: str = RUN_NAME
+) -> PretrainResult:
+    """Pre-train `config.arch` on `DATA_DIR/shards` by identity classification, with Ray Train.
+
+    Joins the Ray cluster of `RAY_ADDRESS` or the one already initialised, else starts a local one.
+    Resumes when `out_dir` holds checkpoints of the same model. Writes `out_dir/backbone.safetensors`
+    (+ `backbone.json`), `model.safetensors`, `curves.csv`, `curves.png` and the resolved `config.yaml`.
+    """
+    out_dir = Path(out_dir).resolve()
+    summary, plan, latest = prepare_run(data_dir, out_dir, config, run_name)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, out_dir / CONFIG_FILE)
+    if not ray.is_initialized():
+        ray.init()  # picks up RAY_ADDRESS when set, else starts a local cluster
+    use_gpu = config.use_gpu if config.use_gpu != "auto" else (
+        torch.cuda.is_available() or ray.cluster_resources().get("GPU", 0) > 0)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "config": config.model_dump(mode="json"),
+            "plan": plan.model_dump(),
+            "num_classes": summary.num_classes,
+            "out_dir": str(out_dir),
+            "run_dir": str(out_dir / run_name),
+        },
+        scaling_config=ScalingConfig(
+            num_workers=config.num_workers, use_gpu=bool(use_gpu),
+            resources_per_worker={"CPU": config.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+        ),
+        run_config=RunConfig(
+            storage_path=str(out_dir),
+            name=run_name,
+            checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoints_to_keep),
+            failure_config=FailureConfig(max_failures=config.max_failures),
+        ),
+        datasets={"train": build_train_dataset(summary.files, config)},
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"Ray Train run {out_dir / run_name} ended without a checkpoint")
+    with result.checkpoint.as_directory() as checkpoint_dir:
+        checkpoint_dir = Path(checkpoint_dir)
+        model_path = Path(shutil.copy2(checkpoint_dir / MODEL_FILE, out_dir / MODEL_FILE))
+        backbone_path = export_backbone(checkpoint_dir / BACKBONE_FILE, out_dir / BACKBONE_FILE, config,
+                                        num_classes=summary.num_classes)
+        state = json.loads((checkpoint_dir / STATE_FILE).read_text())
+    history = state["history"]
+    curves_csv, curves_png = write_curves(history, out_dir)
+    return PretrainResult(
+        backbone_path=backbone_path, model_path=model_path, curves_csv=curves_csv, curves_png=curves_png,
+        num_classes=summary.num_classes, history=history, starts=state["starts"], run_dir=Path(result.path),
+    )
+
+
+def find_latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint folder under `run_dir` with the most epochs done (None when there is none).
+    Only complete folders count: a driver killed while Ray was writing one leaves it without
+    `state.json` (written last by rank 0) or without model weights."""
+    best: tuple[int, float, Path] | None = None
+    for state_path in Path(run_dir).glob("checkpoint_*/" + STATE_FILE):
+        folder = state_path.parent
+        if not (folder / MODEL_FILE).is_file() or not (folder / OPTIMIZER_FILE).is_file():
+            continue
+        try:
+            epoch = int(json.loads(state_path.read_text())["epoch"])
+        except (ValueError, KeyError, TypeError):
+            continue
+        key = (epoch, state_path.stat().st_mtime, folder)
+        if best is None or key[:2] > best[:2]:
+            best = key
+    return best[2] if best is not None else None
+
+
+# ------------------------------------------------------------------------------------------
+# worker side
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """One DDP rank: build, restore, train the remaining epochs, report a checkpoint each epoch."""
+    config = PretrainConfig.model_validate(loop_config["config"])
+    plan = BatchPlan.model_validate(loop_config["plan"])
+    num_classes = int(loop_config["num_classes"])
+    out_dir = Path(loop_config["out_dir"])
+    torch.set_num_threads(max(1, int(config.cpus_per_worker)))
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    device = ray.train.torch.get_device()
+    on_gpu = device.type == "cuda"
+
+    torch.manual_seed(config.seed)  # same initial weights on every rank (DDP broadcasts rank 0's anyway)
+    model = build_model(config, num_classes)
+    restored = _read_checkpoint(_resume_checkpoint(Path(loop_config["run_dir"])), rank)
+    if restored is not None:
+        model.load_state_dict(restored["model"])
+    if on_gpu:
+        model = model.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(model)
+    optimizer = build_optimizer(model, config)
+    scheduler = build_scheduler(optimizer, config)
+    start_epoch, history, starts = 0, [], [0]
+    if restored is not None:
+        optimizer.load_state_dict(restored["optimizer"])
+        if scheduler_matches(scheduler, restored["scheduler"]):
+            scheduler.load_state_dict({k: v for k, v in restored["scheduler"].items() if k != "__class__"})
+        elif rank == 0:
+            logger.info("pretrain: the schedule changed since the checkpoint (epochs=%d now); "
+                        "continuing on the new schedule", config.epochs)
+        start_epoch, history = restored["epoch"], restored["history"]
+        starts = restored["starts"] + [start_epoch]
+        if restored["rng"] is not None:
+            _set_rng_state(restored["rng"])
+        else:  # e.g. resumed with more workers than saved their RNG
+            _seed_everything(config.seed + 1000 * rank + start_epoch)
+    else:
+        _seed_everything(config.seed + 1000 * rank)  # augmentation draws differ per rank
+
+    if start_epoch >= config.epochs:  # nothing left to do: hand the restored result back
+        _report(model, optimizer, scheduler, start_epoch, history, starts, rank, num_classes, config)
+        return
+    shard = ray.train.get_dataset_shard("train")
+    augment = BatchAugment(config, num_classes, device)
+    loss_fn = build_loss(config)
+    for epoch in range(start_epoch, config.epochs):
+        _maybe_inject_fault(config, epoch, rank, out_dir)
+        scheduler.step(epoch)  # timm: sets this epoch's lr from the schedule
+        lr = optimizer.param_groups[0]["lr"]
+        batches = train_batches(shard, config, plan.per_worker, device)
+        metrics = train_one_epoch(model, batches, augment, loss_fn, optimizer, plan, device)
+        history.append({"epoch": epoch + 1, "lr": lr, **metrics})
+        if rank == 0:
+            logger.info("pretrain: epoch %d/%d loss %.4f acc %.3f lr %.2e %.1f img/s", epoch + 1, config.epochs,
+                        metrics["loss"], metrics["train_accuracy"], lr, metrics["images_per_second"])
+        _report(model, optimizer, scheduler, epoch + 1, history, starts, rank, num_classes, config)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    batches: Any,
+    augment: BatchAugment,
+    loss_fn: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    plan: BatchPlan,
+    device: torch.device,
+) -> dict[str, float]:
+    """One pass over this rank's batches: each batch of `plan.per_worker` images is one optimizer
+    step, accumulated over `plan.accumulation_steps` micro-batches (DDP syncs gradients on the
+    last one only). Loss and accuracy (against the un-mixed labels) are averaged over all ranks."""
+    model.train()
+    on_gpu = device.type == "cuda"
+    ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device)
+    seen = steps = 0
+    start = time.perf_counter()
+    for batch in batches:
+        optimizer.zero_grad(set_to_none=True)
+        micro_images = batch[IMAGE_KEY].split(plan.micro_batch)
+        micro_labels = batch[LABEL_KEY].split(plan.micro_batch)
+        for index, (images, labels) in enumerate(zip(micro_images, micro_labels)):
+            inputs, targets = augment(images, labels)
+            last = index == len(micro_images) - 1
+            with model.no_sync() if ddp and not last else nullcontext():
+                with torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else nullcontext():
+                    logits = model(inputs)
+                    loss = loss_fn(logits, targets)
+                (loss / len(micro_images)).backward()
+            loss_sum += loss.detach() * len(labels)
+            correct += (logits.detach().argmax(dim=1) == labels.to(device)).sum()
+            seen += len(labels)
+        optimizer.step()
+        steps += 1
+    seconds = time.perf_counter() - start
+    totals = torch.stack([loss_sum, correct.float(), torch.tensor(float(seen), device=device)])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(totals)
+    loss_total, correct_total, seen_total = totals.tolist()
+    if seen_total == 0:
+        raise RuntimeError("no training batch this epoch: fewer images than one global batch")
+    return {
+        "loss": loss_total / seen_total,
+        "train_accuracy": correct_total / seen_total,
+        "steps": steps,  # the same on every rank
+        "images": int(seen_total),
+        "epoch_seconds": seconds,
+        "images_per_second": seen_total / seconds,
+    }
+
+
+def _maybe_inject_fault(config: PretrainConfig, epoch: int, rank: int, out_dir: Path) -> None:
+    """The `fault_injection` testing hook: die abruptly, once per output folder."""
+    injection = config.fault_injection
+    if injection is None or injection.epoch != epoch or injection.rank != rank:
+        return
+    marker = out_dir / injection.marker
+    if marker.exists():
+        return
+    marker.write_text(f"rank {rank} killed itself at the start of epoch {epoch}\n")
+    logger.warning("pretrain: fault injection: rank %d exits at epoch %d", rank, epoch)
+    os._exit(1)
+
+
+# ------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def _report(
+    model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, epochs_done: int,
+    history: list[dict[str, float]], starts: list[int], rank: int, num_classes: int, config: PretrainConfig,
+) -> None:
+    """`ray.train.report` on every rank (a barrier). Each rank contributes its RNG states; rank 0
+    also the weights, optimizer, scheduler and `state.json` (written last: marks a complete folder)."""
+    metrics = dict(history[-1]) if history else {"epoch": epochs_done}
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        torch.save(_get_rng_state(), directory / RNG_FILE.format(rank=rank))
+        if rank == 0:
+            module = unwrap_model(model)
+            save_state_safetensors(module, directory / MODEL_FILE)
+            save_file(backbone_state_dict(module), str(directory / BACKBONE_FILE))
+            torch.save(optimizer.state_dict(), directory / OPTIMIZER_FILE)
+            torch.save(scheduler_state(scheduler), directory / SCHEDULER_FILE)
+            state = {"epoch": epochs_done, "arch": config.arch, "num_classes": num_classes,
+                     "model_kwargs": config.model_kwargs, "starts": starts, "history": history}
+            (directory / STATE_FILE).write_text(json.dumps(state, indent=2))
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+
+
+def _resume_checkpoint(run_dir: Path) -> Checkpoint | None:
+    """The checkpoint to resume from: Ray's latest (after a worker failure, or restored from the run
+    snapshot on a rerun), unless a complete one with more epochs is on disk. That happens when a
+    worker dies right after `ray.train.report` returned, before the controller registered the
+    report, and on a rerun whose Ray run snapshot is missing (Ray Train v2 dropped
+    `resume_from_checkpoint`)."""
+    registered = ray.train.get_checkpoint()
+    on_disk = find_latest_checkpoint(run_dir)
+    if on_disk is None:
+        return registered
+    if registered is not None:
+        with registered.as_directory() as directory:
+            if json.loads((Path(directory) / STATE_FILE).read_text())["epoch"] >= _epochs_done(on_disk):
+                return registered
+    return Checkpoint.from_directory(str(on_disk))
+
+
+def _epochs_done(checkpoint_dir: Path) -> int:
+    return int(json.loads((checkpoint_dir / STATE_FILE).read_text())["epoch"])
+
+
+def _read_checkpoint(checkpoint: Checkpoint | None, rank: int) -> dict[str, Any] | None:
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as directory:
+        path = Path(directory)
+        state = json.loads((path / STATE_FILE).read_text())
+        rng_path = path / RNG_FILE.format(rank=rank)
+
+        def load(name: Path) -> Any:  # weights_only: a checkpoint folder is data, never code to run
+            return torch.load(name, map_location="cpu", weights_only=True)
+
+        return {
+            "model": load_file(str(path / MODEL_FILE)),
+            "optimizer": load(path / OPTIMIZER_FILE),
+            "scheduler": load(path / SCHEDULER_FILE),
+            "rng": load(rng_path) if rng_path.is_file() else None,
+            "epoch": int(state["epoch"]),
+            "history": list(state["history"]),
+            "starts": list(state["starts"]),
+        }
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _get_rng_state() -> dict[str, Any]:
+    """The RNG states the training step draws from (torch for erasing noise, numpy for Mixup's
+    lambda, python's `random` for erasing boxes), as tensors and plain values."""
+    _, keys, position, has_gauss, gauss = np.random.get_state()
+    version, python_state, gauss_next = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
+        "numpy_pos": int(position), "numpy_has_gauss": int(has_gauss), "numpy_gauss": float(gauss),
+        "python_version": int(version), "python_state": torch.tensor(python_state, dtype=torch.int64),
+        "python_gauss": gauss_next,
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"],
+                         state["numpy_has_gauss"], state["numpy_gauss"]))
+    random.setstate((state["python_version"], tuple(int(x) for x in state["python_state"].tolist()),
+                     state["python_gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
