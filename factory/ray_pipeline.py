@@ -31,7 +31,22 @@ def init_ray(config: RayConfig) -> None:
 
 
 def cluster_gpus() -> float:
-    return float(ray.cluster_resources().get("GPU", 0.0))
+    """GPUs the cluster has now, or can scale up to.
+
+    An elastic cluster (`cluster.yaml`: a CPU head, GPU worker types with `min_workers: 0`)
+    starts with no GPU at all; its actor pools must still ask for GPUs, or they would run on
+    CPUs and the autoscaler would never add a GPU node. The autoscaler (v2, the default of
+    `ray up` and KubeRay) publishes its node types to the GCS; Ray Train and Ray Data read the
+    same record through `get_max_resources_from_cluster_config`.
+    """
+    now = float(ray.cluster_resources().get("GPU", 0.0))
+    try:
+        from ray._private.state import state
+
+        reachable = (state.get_max_resources_from_cluster_config() or {}).get("GPU", 0)
+    except Exception:  # a private API: without it, the GPUs present now decide
+        reachable = 0
+    return max(now, float(reachable))
 
 
 class _StageActor:
