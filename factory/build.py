@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -168,7 +169,12 @@ def _record_row(row: dict, store: OutputStore, summary: BuildSummary, previews: 
         {"generated": generated, "kept": kept, "caption": row["caption"], "seed": row["seed"]},
     )
     if len(list(previews.glob("*.png"))) < config.output.contact_sheet_identities:
-        identity_strip(row).save(previews / f"{safe_file_stem(row['identity'])}.png")
+        # Written aside then renamed: a kill mid-write must not leave a truncated PNG that the
+        # next run's contact sheet would choke on (the ".tmp" name escapes the "*.png" glob).
+        path = previews / f"{safe_file_stem(row['identity'])}.png"
+        tmp = previews / f".{path.name}.tmp"
+        identity_strip(row).save(tmp, format="PNG")
+        os.replace(tmp, path)
     log(f"{prefix}: kept {kept}/{generated} ({row['filter_kind']}), caption: {row['caption']!r}")
 
 

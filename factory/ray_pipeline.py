@@ -25,7 +25,9 @@ def init_ray(config: RayConfig) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=config.num_cpus, include_dashboard=False, log_to_driver=True)
+        # "local" always starts a fresh cluster; a bare ray.init() would join any cluster a
+        # `ray start` left registered on this machine.
+        ray.init(address="local", num_cpus=config.num_cpus, include_dashboard=False, log_to_driver=True)
     # Progress bars per operator are Ray Data's; keep them, but not the verbose execution plan.
     ray.data.DataContext.get_current().enable_progress_bars = True
 

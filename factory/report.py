@@ -133,7 +133,12 @@ def identity_strip(row: dict, height: int = 96, per_group: int = 6) -> Image.Ima
 
 
 def write_contact_sheet(path: Path, strips: Sequence[Path]) -> Path | None:
-    images = [Image.open(p).convert("RGB") for p in strips if p.exists()]
+    images = []
+    for strip in strips:
+        try:
+            images.append(Image.open(strip).convert("RGB"))
+        except OSError:  # a preview from an older, interrupted run: skip it, it is cosmetic
+            continue
     if not images:
         return None
     width = max(i.width for i in images)
