@@ -16,9 +16,10 @@ from factory.stages.base import Stage
 StageFactory = Callable[[], Stage]
 
 
-def init_ray(config: RayConfig) -> None:
+def init_ray(config: RayConfig, progress_bars: bool = True) -> None:
     """Join the cluster named by `ray.address` / RAY_ADDRESS (e.g. inside `ray job submit`), or
-    start a local one. Idempotent."""
+    start a local one. Idempotent. `progress_bars`: Ray Data's per-operator bars (the trainers
+    turn them off: each epoch's pass over the shards would redraw them under the epoch lines)."""
     if ray.is_initialized():
         return
     address = config.address or os.environ.get("RAY_ADDRESS")
@@ -29,7 +30,7 @@ def init_ray(config: RayConfig) -> None:
         # `ray start` left registered on this machine.
         ray.init(address="local", num_cpus=config.num_cpus, include_dashboard=False, log_to_driver=True)
     # Progress bars per operator are Ray Data's; keep them, but not the verbose execution plan.
-    ray.data.DataContext.get_current().enable_progress_bars = True
+    ray.data.DataContext.get_current().enable_progress_bars = progress_bars
 
 
 def cluster_gpus() -> float:

@@ -49,7 +49,7 @@ class PretrainConfig(StrictModel):
     scheduler: str = Field("cosine", description="timm.scheduler.create_scheduler_v2 `sched`")
     warmup_epochs: int = Field(20, ge=0, description="linear warm-up from warmup_lr to lr, before the decay")
     warmup_lr: float = Field(1e-6, ge=0)
-    min_lr: float = Field(1e-5, ge=0, description="the cosine decays from lr to this at the last epoch")
+    min_lr: float = Field(1e-5, ge=0, description="the floor the cosine decays towards (reached at `epochs`)")
     batch_size: int = Field(512, ge=2, description="global batch: images per optimizer step over all workers")
     max_batch_per_step: int | None = Field(
         None, ge=2, description="most images one worker pushes through the model at once; a smaller "

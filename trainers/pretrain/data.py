@@ -71,8 +71,10 @@ def build_train_transform(config: PretrainConfig) -> Callable[[Image.Image], tor
 
 
 class DecodeAugment:
-    """Ray Data stage: a batch of shard rows (`image` struct with `bytes`, `pid`) -> `image`
-    uint8 (N, 3, H, W) and `label` int64 (N,). Augmentation draws are random per call."""
+    """A batch of shard rows (`image` struct with `bytes`, `pid`) -> `image` uint8 (N, 3, H, W) and
+    `label` int64 (N,), the labels being the dense pids. Augmentation draws differ on every call.
+
+    `seed_process`: give each process fresh entropy on first use (Ray Data's task processes)."""
 
     def __init__(self, config: PretrainConfig, seed_process: bool = True) -> None:
         self.transform = build_train_transform(config)
@@ -95,7 +97,7 @@ class DecodeAugment:
 class DecodeCollate(ArrowBatchCollateFn):
     """`DecodeAugment` as the `collate_fn` of `iter_torch_batches` (`decode_on: trainer`): Ray runs
     it in the training worker's prefetch threads; returns CPU tensors, Ray moves them to the device.
-    It leaves the process RNGs alone: they belong to the training step (and its checkpoints)."""
+    It never reseeds the process RNGs: they belong to the training step and its checkpoints."""
 
     def __init__(self, config: PretrainConfig) -> None:
         super().__init__()
@@ -111,7 +113,7 @@ def build_train_dataset(files: Sequence[str | Path], config: PretrainConfig) -> 
     `decode_on: ray_data`, decode + augment in `map_batches` tasks of `decode_cpus` CPUs each
     (with `decode_on: trainer` the stream stays encoded; see `train_batches`). With `cache_shards`
     the encoded rows are read here, once, and later epochs start from the object store."""
-    dataset = ray.data.read_parquet([str(f) for f in files], columns=["image", "pid"])
+    dataset = ray.data.read_parquet([str(f) for f in files]).select_columns(["image", "pid"])  # pushed down
     if config.cache_shards:
         dataset = dataset.materialize()
     dataset = dataset.randomize_block_order()

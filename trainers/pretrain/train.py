@@ -44,6 +44,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from factory.config import save_config
+from factory.ray_pipeline import cluster_gpus, init_ray
+from factory.stage_config import RayConfig
 from trainers.pretrain.config import BatchPlan, PretrainConfig, plan_batches
 from trainers.pretrain.data import IMAGE_KEY, LABEL_KEY, BatchAugment, build_train_dataset, train_batches
 from trainers.pretrain.export import BACKBONE_FILE, export_backbone
@@ -131,10 +133,9 @@ def pretrain(
     summary, plan, latest = prepare_run(data_dir, out_dir, config, run_name)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, out_dir / CONFIG_FILE)
-    if not ray.is_initialized():
-        ray.init()  # picks up RAY_ADDRESS when set, else starts a local cluster
-    use_gpu = config.use_gpu if config.use_gpu != "auto" else (
-        torch.cuda.is_available() or ray.cluster_resources().get("GPU", 0) > 0)
+    init_ray(RayConfig(), progress_bars=False)  # RAY_ADDRESS (e.g. inside `ray job submit`), else local
+    # auto: GPUs the elastic cluster has or can scale to, so the request makes the autoscaler add them
+    use_gpu = config.use_gpu if config.use_gpu != "auto" else (torch.cuda.is_available() or cluster_gpus() > 0)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -175,12 +176,12 @@ def pretrain(
 
 def find_latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The checkpoint folder under `run_dir` with the most epochs done (None when there is none).
-    Only complete folders count: a driver killed while Ray was writing one leaves it without
-    `state.json` (written last by rank 0) or without model weights."""
+    Only folders holding all of rank 0's files count: a process killed while Ray was copying a
+    checkpoint into place can leave one incomplete."""
     best: tuple[int, float, Path] | None = None
     for state_path in Path(run_dir).glob("checkpoint_*/" + STATE_FILE):
         folder = state_path.parent
-        if not (folder / MODEL_FILE).is_file() or not (folder / OPTIMIZER_FILE).is_file():
+        if not all((folder / name).is_file() for name in (MODEL_FILE, OPTIMIZER_FILE, SCHEDULER_FILE)):
             continue
         try:
             epoch = int(json.loads(state_path.read_text())["epoch"])
@@ -286,7 +287,7 @@ def train_one_epoch(
                     loss = loss_fn(logits, targets)
                 (loss / len(micro_images)).backward()
             loss_sum += loss.detach() * len(labels)
-            correct += (logits.detach().argmax(dim=1) == labels.to(device)).sum()
+            correct += (logits.detach().argmax(dim=1) == labels).sum()
             seen += len(labels)
         optimizer.step()
         steps += 1

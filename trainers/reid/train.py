@@ -35,6 +35,8 @@ from torch import nn
 
 from factory.config import save_config
 from factory.datasets.base import ReidDataset
+from factory.ray_pipeline import cluster_gpus, init_ray
+from factory.stage_config import RayConfig
 from trainers.config import ReidTrainConfig
 from trainers.reid.data import TrainingSet, make_train_loader
 from trainers.reid.losses import BotLoss
@@ -77,8 +79,7 @@ def train_reid(
             f"ids_per_batch={config.ids_per_batch}"
         )
     save_config(config, out_dir / CONFIG_FILE)
-    if not ray.is_initialized():
-        ray.init()  # picks up RAY_ADDRESS when set, else starts a local cluster
+    init_ray(RayConfig(), progress_bars=False)  # RAY_ADDRESS (e.g. inside `ray job submit`), else local
     use_gpu = resolve_use_gpu(config)
     cpus = resolve_cpus_per_worker(config)
     trainer = TorchTrainer(
@@ -116,10 +117,11 @@ def train_reid(
 
 
 def resolve_use_gpu(config: ReidTrainConfig) -> bool:
-    """`use_gpu: auto` means: if this machine or the Ray cluster has a GPU."""
+    """`use_gpu: auto` means: if this machine has a GPU, or the Ray cluster has or can scale to one
+    (an elastic cluster's GPU nodes only start once something asks for a GPU)."""
     if config.use_gpu != "auto":
         return bool(config.use_gpu)
-    return torch.cuda.is_available() or ray.cluster_resources().get("GPU", 0) > 0
+    return torch.cuda.is_available() or cluster_gpus() > 0
 
 
 def resolve_cpus_per_worker(config: ReidTrainConfig) -> float:
