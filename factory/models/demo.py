@@ -85,9 +85,9 @@ class DemoRecipe:
     a build is reproducible. The default is the recipe of the committed weights."""
 
     seed: int = 1000
-    ids: int = 150
-    cameras: int = 4
-    images_per_camera: int = 3
+    ids: int = 300  # per split; both splits are used: 600 identities
+    cameras: int = 9  # as many camera styles as Market names allow: colours must survive new ones
+    images_per_camera: int = 2
     clip_steps: int = 400
     autoencoder_steps: int = 1000
     text_to_image_steps: int = 3000

@@ -131,6 +131,23 @@ def _flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.where(mask[:, None, None, None], x.flip(-1), x)
 
 
+class _CameraJitter:
+    """Random brightness and per-channel gain on normalised pixel values: what a new camera's
+    light does to colours. Makes colour words survive cameras the models never saw."""
+
+    def __init__(self, image_processor, strength: float = 0.15) -> None:
+        self.mean = torch.tensor(image_processor.image_mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(image_processor.image_std).view(1, 3, 1, 1)
+        self.strength = strength
+
+    def __call__(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        n = pixels.shape[0]
+        brightness = 1 + self.strength * (2 * torch.rand(n, 1, 1, 1, generator=generator) - 1)
+        cast = 1 + self.strength / 2 * (2 * torch.rand(n, 3, 1, 1, generator=generator) - 1)
+        rgb = (pixels * self.std + self.mean) * brightness * cast
+        return (rgb.clamp(0, 1) - self.mean) / self.std
+
+
 # ---------------------------------------------------------------------------------------------
 # Text-to-image
 
@@ -290,6 +307,7 @@ def train_captioner(
         return context + target, [-100] * len(context) + target
 
     probe = _AttributeProbe.for_rows(attributes, model) if attributes is not None else None
+    jitter = _CameraJitter(processor.image_processor)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad] + (list(probe.parameters()) if probe else [])
     language = {id(p) for p in model.language_model.parameters()}
@@ -315,7 +333,7 @@ def train_captioner(
             input_ids[row, : len(ids)] = torch.tensor(ids)
             labels[row, : len(ids)] = torch.tensor(target)
             attention[row, : len(ids)] = 1
-        pixels = _flip(pixel_values[index], generator)
+        pixels = jitter(_flip(pixel_values[index], generator), generator)
         features = model.get_image_features(pixel_values=pixels, return_dict=True)
         loss = model(
             pixel_values=None, mm_encoder_outputs={"image": features},
@@ -406,7 +424,8 @@ def train_clip(
     negative, a noise field's the second. Texts are matched back to images only for descriptions."""
     filter_config = FilterConfig()
     fixed_texts = [filter_config.clip_positive, *filter_config.clip_negatives]
-    negatives = [empty_scenes(256, seed), blurry_noise(256, seed)][: len(filter_config.clip_negatives)]
+    count = min(256, len(images))
+    negatives = [empty_scenes(count, seed), blurry_noise(count, seed)][: len(filter_config.clip_negatives)]
     person_pixels = processor(images=list(images), return_tensors="pt")["pixel_values"]
     negative_pixels = [processor(images=n, return_tensors="pt")["pixel_values"] for n in negatives]
     unique = sorted(set(descriptions))
@@ -417,6 +436,7 @@ def train_clip(
     text_index = torch.tensor([unique.index(d) for d in descriptions])
     fixed_rows = torch.arange(len(unique), len(unique) + len(fixed_texts))
     per_negative = max(1, batch_size // 8)
+    jitter = _CameraJitter(processor.image_processor)
 
     model.train()
     optimizer, schedule = _training(model.parameters(), lr, steps, weight_decay=0.1)
@@ -429,7 +449,7 @@ def train_clip(
             seen.setdefault(int(text_index[i]), i)
         people = torch.tensor(list(seen.values()))
         rows = torch.cat([torch.tensor(list(seen.keys())), fixed_rows])
-        pixel_batches = [_flip(person_pixels[people], generator)]
+        pixel_batches = [jitter(_flip(person_pixels[people], generator), generator)]
         for pixels in negative_pixels:
             pick = torch.randint(0, len(pixels), (per_negative,), generator=generator)
             pixel_batches.append(pixels[pick])
