@@ -83,7 +83,7 @@ def run(config: RunConfig, out_dir: Path | None = None, log=print) -> BuildSumma
     from factory.stages.generate import GenerationStage
 
     started = time.perf_counter()
-    out_dir = Path(out_dir or config.output.dir)
+    out_dir = Path(out_dir or config.output.dir).resolve()  # absolute: records under it are compared by path
     summary = BuildSummary(out_dir=str(out_dir))
 
     resolve_models(config, log)

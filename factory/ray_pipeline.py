@@ -28,7 +28,9 @@ def init_ray(config: RayConfig, progress_bars: bool = True) -> None:
     else:
         # "local" always starts a fresh cluster; a bare ray.init() would join any cluster a
         # `ray start` left registered on this machine.
-        ray.init(address="local", num_cpus=config.num_cpus, include_dashboard=False, log_to_driver=True)
+        # The dashboard (127.0.0.1 only) serves the State API, which Ray Train's placement-group
+        # cleaner polls every second; without it every training second logs a warning.
+        ray.init(address="local", num_cpus=config.num_cpus, include_dashboard=None, log_to_driver=True)
     # Progress bars per operator are Ray Data's; keep them, but not the verbose execution plan.
     ray.data.DataContext.get_current().enable_progress_bars = progress_bars
 

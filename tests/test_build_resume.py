@@ -95,3 +95,36 @@ def test_failed_identity_is_recorded_then_retried(setup: dict[str, Path]) -> Non
     output = _finish(_build(setup["preset"], out))
     manifest = json.loads((out / "manifest.json").read_text())
     assert "4 already done" in output and manifest["failed"] == {} and len(manifest["identities"]) == 5
+
+
+def test_corrupt_and_truncated_source_images_are_quarantined_and_the_run_completes(
+    setup: dict[str, Path],
+) -> None:
+    """A copy of the source with one image overwritten by junk and one cut in half. The build
+    trains its own filter model on that copy (no checkpoint configured) and still finishes."""
+    import shutil
+
+    from factory.config import load_config
+    from factory.datasets.market import load_market1501
+    from factory.run_config import RunConfig
+    from factory.sequences import plan_identities
+
+    source = setup["root"] / "damaged_source"
+    shutil.copytree(setup["source"], source)
+    preset = small_preset(setup["root"] / "damaged.yaml", source, setup["sd"], setup["blip"], None)
+    # damage two images the build will read: the first planned identity's sequence
+    first = plan_identities([load_market1501(source)], load_config(RunConfig, preset).sequences)[0]
+    corrupt, truncated = Path(first.records[0].path), Path(first.records[1].path)
+    corrupt.write_bytes(b"this is not a jpeg")
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
+    out = setup["root"] / "damaged_out"
+    output = _finish(_build(preset, out, "--set", "filter.reid.epochs=2", "--set", "filter.reid.milestones=[1]",
+                            "--set", "filter.reid.warmup_epochs=0", "--set", "filter.reid.ids_per_batch=4"))
+
+    quarantine = json.loads((out / "quarantine.json").read_text())
+    quarantined = {Path(entry["path"]).name for entry in quarantine["images"]}
+    assert quarantined == {corrupt.name, truncated.name}, quarantine
+    assert "quarantined" in output and (out / "filter_models" / "synthetic" / "filter_model.json").is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["images_quarantined"] == len(quarantined)
+    assert summary["identities_failed"] == 0 and summary["kept"] > 0

@@ -48,7 +48,7 @@ class FilterModelSpec:
 
     def save(self, directory: Path) -> None:
         meta = {
-            "weights": str(self.weights.relative_to(directory)),
+            "weights": str(Path(self.weights).resolve().relative_to(Path(directory).resolve())),
             "config": self.config.model_dump(mode="json"),
             "labels": {str(k): v for k, v in self.labels.items()},
         }

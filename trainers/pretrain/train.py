@@ -46,6 +46,7 @@ from torch import nn
 from factory.config import save_config
 from factory.ray_pipeline import cluster_gpus, init_ray
 from factory.stage_config import RayConfig
+from trainers.ray_logging import quiet_ray_train_reports
 from trainers.pretrain.config import BatchPlan, PretrainConfig, plan_batches
 from trainers.pretrain.data import IMAGE_KEY, LABEL_KEY, BatchAugment, build_train_dataset, train_batches
 from trainers.pretrain.export import BACKBONE_FILE, export_backbone
@@ -204,6 +205,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     num_classes = int(loop_config["num_classes"])
     out_dir = Path(loop_config["out_dir"])
     torch.set_num_threads(max(1, int(config.cpus_per_worker)))
+    quiet_ray_train_reports()
     context = ray.train.get_context()
     rank = context.get_world_rank()
     device = ray.train.torch.get_device()

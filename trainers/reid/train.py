@@ -16,6 +16,7 @@ output folder) resumes from it.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
 import time
@@ -38,6 +39,7 @@ from factory.datasets.base import ReidDataset
 from factory.ray_pipeline import cluster_gpus, init_ray
 from factory.stage_config import RayConfig
 from trainers.config import ReidTrainConfig
+from trainers.ray_logging import quiet_ray_train_reports
 from trainers.reid.data import TrainingSet, make_train_loader
 from trainers.reid.losses import BotLoss
 from trainers.reid.model import ReidOutput, build_reid_model
@@ -50,6 +52,9 @@ OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "state.json"
 METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.yaml"
+
+# Worker-side progress goes through logging: Ray Train routes it to the driver once.
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -143,6 +148,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     config = ReidTrainConfig.model_validate(loop_config["config"])
     training = TrainingSet(**loop_config["training"])
     torch.set_num_threads(int(loop_config["threads"]))
+    quiet_ray_train_reports()
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
@@ -176,6 +182,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         metrics = {"epoch": epoch + 1, "lr": lr, **train_one_epoch(model, loader, loss_fn, optimizer, device)}
         scheduler.step()
         history.append(metrics)
+        if rank == 0:
+            logger.info("reid: epoch %d/%d loss %.4f acc %.3f lr %.2e %.1f img/s", epoch + 1, config.epochs,
+                        metrics["loss"], metrics["train_accuracy"], lr, metrics["images_per_second"])
         _report(model, optimizer, epoch + 1, history, rank)
 
 
