@@ -109,11 +109,11 @@ def run(config: RunConfig, out_dir: Path | None = None, log=print) -> BuildSumma
         log(f"[read] quarantined {len(read_report.quarantined)} unreadable images -> {out_dir / 'quarantine.json'}")
 
     if table.num_rows:
+        ray_pipeline.init_ray(config.ray)  # before the filter model's Ray Train run: the build's settings win
         t0 = time.perf_counter()
         filter_models = ensure_filter_models(datasets, config.filter, out_dir / "filter_models", log=log)
         summary.add_seconds("filter_model", time.perf_counter() - t0)
 
-        ray_pipeline.init_ray(config.ray)
         use_gpus = ray_pipeline.cluster_gpus() > 0
         threads = 1 if use_gpus else None
         caption = functools.partial(CaptionStage, config.caption, config.caption.num_gpus)
