@@ -1,9 +1,9 @@
 """The product's main job on the embedded default, end to end, as a user runs it:
 `python -m factory.build --out DIR` (configs/demo.yaml), then the outputs of SPEC "Interfaces".
 
-The full-demo checks are marked `slow` until the demo models' weights are committed (without
-them the first run trains the tiny models, minutes of CPU); the end-to-end pipeline is covered
-in the default selection by tests/test_build_resume.py with random tiny models."""
+The demo models come from the weights committed in factory/models/demo_weights (installed into
+.cache/demo-models on first use), so the whole demo runs in the default selection: a few CPU
+minutes. Its shards then feed `python -m trainers.pretrain`, as a user would chain them."""
 
 from __future__ import annotations
 
@@ -34,7 +34,6 @@ def demo_out(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     return out, result.stdout + result.stderr
 
 
-@pytest.mark.slow
 def test_demo_prints_progress_and_summary(demo_out: tuple[Path, str]) -> None:
     out, log = demo_out
     assert "== factory.build summary ==" in log
@@ -44,7 +43,6 @@ def test_demo_prints_progress_and_summary(demo_out: tuple[Path, str]) -> None:
     assert summary["identities_failed"] == 0
 
 
-@pytest.mark.slow
 def test_demo_outputs_match_the_interface(demo_out: tuple[Path, str]) -> None:
     out, _ = demo_out
     shards = sorted((out / "shards").glob("*.parquet"))
@@ -67,7 +65,6 @@ def test_demo_outputs_match_the_interface(demo_out: tuple[Path, str]) -> None:
     assert yaml.safe_load((out / "config.yaml").read_text())["caption"]["iir_token"] == "zwx"
 
 
-@pytest.mark.slow
 def test_demo_shards_readable_by_ray_pandas_and_hf_datasets(demo_out: tuple[Path, str]) -> None:
     import datasets
     import pandas as pd
@@ -99,3 +96,25 @@ def test_paper_preset_without_weights_stops_early_naming_the_model(tmp_path: Pat
     assert "--set generation.base_model=" in result.stderr and "cache" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "o" / "shards").exists()
+
+
+def test_demo_shards_pretrain_a_backbone_timm_loads(demo_out: tuple[Path, str], tmp_path: Path) -> None:
+    """The demo's shards as `trainers.pretrain` input (the demo preset's `pretrain` section, cut to
+    2 epochs here; `-m slow` in tests/test_pretrain.py runs it whole)."""
+    import timm
+    from safetensors.torch import load_file
+
+    out, _ = demo_out
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    result = subprocess.run(
+        [sys.executable, "-m", "trainers.pretrain", "--data", str(out), "--out", str(tmp_path / "ckpt"),
+         "--set", "pretrain.epochs=2", "--set", "pretrain.warmup_epochs=1"],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+    assert "pretrain: done" in result.stdout
+    arch = load_config(RunConfig, REPO_ROOT / "configs" / "demo.yaml").pretrain.arch
+    loaded = timm.create_model(arch, num_classes=0).load_state_dict(
+        load_file(str(tmp_path / "ckpt" / "backbone.safetensors")), strict=True)
+    assert not loaded.missing_keys and not loaded.unexpected_keys
+    assert (tmp_path / "ckpt" / "curves.png").stat().st_size > 0
