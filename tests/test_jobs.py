@@ -149,6 +149,25 @@ def preset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return small_preset(root / "preset.yaml", source, sd, blip, save_filter_model(root / "filter", source))
 
 
+def _submit_and_wait(head: Head, name: str, entrypoint: list[str], timeout: float = 900) -> str:
+    """`ray job submit --working-dir REPO -- ENTRYPOINT`; poll until it ends; assert SUCCEEDED;
+    return the job's logs."""
+    submission_id = f"{name}-{secrets.token_hex(4)}"
+    submit = subprocess.run(
+        [str(VENV_BIN / "ray"), "job", "submit", "--address", head.url, "--submission-id", submission_id,
+         "--working-dir", str(REPO_ROOT), "--no-wait", "--", *entrypoint],
+        env=head.env, capture_output=True, text=True, timeout=300,
+    )
+    assert submit.returncode == 0, submit.stdout + submit.stderr
+    deadline = time.monotonic() + timeout
+    while (status := head.get(f"/api/jobs/{submission_id}")["status"]) not in {"SUCCEEDED", "FAILED", "STOPPED"}:
+        assert time.monotonic() < deadline, f"job still {status}"
+        time.sleep(5)
+    logs = head.get(f"/api/jobs/{submission_id}/logs")["logs"]
+    assert status == "SUCCEEDED", logs[-4000:]
+    return logs
+
+
 def test_job_server_rejects_requests_without_the_token(head: Head) -> None:
     with pytest.raises(urllib.error.HTTPError) as refused:
         head.get("/api/jobs/", authenticated=False)
@@ -158,23 +177,7 @@ def test_job_server_rejects_requests_without_the_token(head: Head) -> None:
 @pytest.mark.slow
 def test_build_submitted_as_a_job_succeeds_and_writes_shards(head: Head, preset: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    submission_id = f"factory-build-{secrets.token_hex(4)}"
-    submit = subprocess.run(
-        [
-            str(VENV_BIN / "ray"), "job", "submit", "--address", head.url, "--submission-id", submission_id,
-            "--working-dir", str(REPO_ROOT), "--no-wait",
-            "--", "python", "-m", "factory.build", "--config", str(preset), "--out", str(out),
-        ],  # fmt: skip
-        env=head.env, capture_output=True, text=True, timeout=300,
-    )
-    assert submit.returncode == 0, submit.stdout + submit.stderr
-
-    deadline = time.monotonic() + 900
-    while (status := head.get(f"/api/jobs/{submission_id}")["status"]) not in {"SUCCEEDED", "FAILED", "STOPPED"}:
-        assert time.monotonic() < deadline, f"job still {status}"
-        time.sleep(5)
-    logs = head.get(f"/api/jobs/{submission_id}/logs")["logs"]
-    assert status == "SUCCEEDED", logs[-4000:]
+    logs = _submit_and_wait(head, "factory-build", ["python", "-m", "factory.build", "--config", str(preset), "--out", str(out)])
 
     # It joined the head (RAY_ADDRESS from the job) instead of starting a Ray of its own.
     assert "Connecting to existing Ray cluster" in logs
@@ -189,3 +192,25 @@ def test_build_submitted_as_a_job_succeeds_and_writes_shards(head: Head, preset:
     uploaded = {path.name for path in copies[0].iterdir()}
     assert {"factory", "pyproject.toml", "uv.lock", "configs"} <= uploaded
     assert not {".venv", ".cache", "outputs"} & uploaded
+
+
+@pytest.mark.slow
+def test_pretraining_submitted_as_a_job_joins_the_cluster(head: Head, tmp_path: Path) -> None:
+    """The trainer, like the build, runs inside `ray job submit` unchanged: it joins the head
+    through the job's RAY_ADDRESS and its Ray Train run writes the backbone."""
+    from factory.datasets.config import SyntheticSpec
+    from factory.datasets.market import load_market1501
+    from factory.datasets.synthetic import generate_synthetic_dataset
+    from trainers.pretrain.shards import write_shards
+
+    source = generate_synthetic_dataset(tmp_path / "source", SyntheticSpec(ids=6, cameras=2, images_per_camera=3, seed=0))
+    write_shards(load_market1501(source).train, tmp_path / "data", image_size=(64, 32), rows_per_shard=64)
+    out = tmp_path / "ckpt"
+    overrides = ["pretrain.arch=resnet18", "pretrain.image_size=[64,32]", "pretrain.batch_size=8",
+                 "pretrain.epochs=2", "pretrain.warmup_epochs=1", "pretrain.decode_on=trainer"]
+    logs = _submit_and_wait(head, "pretrain", [
+        "python", "-m", "trainers.pretrain", "--data", str(tmp_path / "data"), "--out", str(out),
+        *[arg for o in overrides for arg in ("--set", o)]])
+    assert "Connecting to existing Ray cluster" in logs
+    assert "pretrain: done" in logs
+    assert (out / "backbone.safetensors").stat().st_size > 0

@@ -257,13 +257,6 @@ class DiversityInjectionGenerator:
     def restore_base_weights(self) -> None:
         self.unet.load_state_dict(self._base_state)
 
-    def base_fingerprint(self) -> str:
-        digest = hashlib.sha256()
-        for name, tensor in sorted(self._base_state.items()):
-            digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-        return digest.hexdigest()
-
     # -- one identity ------------------------------------------------------------------------
     def process_identity(
         self,
