@@ -395,7 +395,7 @@ def test_small_grid_under_tune_then_rerun_trains_nothing(ray_cluster, workspace:
     assert all(count_executions(out, c) == 1 for c in plan_cells(config) if c.init != "imagenet")
 
 
-@pytest.mark.slow  # 1-2 minutes on a busy 2-core machine
+# In the default selection: the one real Ray Tune run of the suite (about a minute on 2 cores).
 def test_reduced_grid_under_tune_then_rerun_reuses_everything(ray_cluster, workspace: dict[str, Path]) -> None:
     out = workspace["root"] / "grid"
     config = _tiny_grid(workspace["root"])
