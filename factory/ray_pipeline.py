@@ -54,6 +54,16 @@ def cluster_gpus() -> float:
     return max(now, float(reachable))
 
 
+
+def resolve_use_gpu(setting: bool | str) -> bool:
+    """A trainer's `use_gpu`: True/False as given; `auto` means this machine has a GPU, or the
+    cluster has or can scale to one (an elastic cluster's GPU nodes start only once asked for)."""
+    if setting != "auto":
+        return bool(setting)
+    import torch  # only the trainers ask; the factory's driver needs no torch for this
+
+    return torch.cuda.is_available() or cluster_gpus() > 0
+
 class _StageActor:
     """Actor body: builds the stage and runs its `setup` once (models load here, once per actor)."""
 

@@ -154,14 +154,7 @@ def load_captioner(
     config_key: str = "caption.model",
 ) -> tuple[Blip2ForConditionalGeneration, Blip2Processor]:
     """BLIP-2 (`Blip2ForConditionalGeneration`, eval mode, on `device`) and its processor."""
-    check_model_available(model_id, config_key)
-    kwargs = _load_kwargs(model_id)
-    try:
-        model = Blip2ForConditionalGeneration.from_pretrained(model_id, dtype=resolve_dtype(dtype, device), **kwargs)
-        processor = Blip2Processor.from_pretrained(model_id, **kwargs)
-    except OSError as err:
-        raise _not_available(model_id, f"loading failed ({err})", config_key) from err
-    return model.to(device).eval(), processor
+    return _load_model_and_processor(Blip2ForConditionalGeneration, Blip2Processor, model_id, device, dtype, config_key)
 
 
 def load_clip(
@@ -171,11 +164,18 @@ def load_clip(
     config_key: str = "filter.clip_model",
 ) -> tuple[CLIPModel, CLIPProcessor]:
     """`CLIPModel` (eval mode, on `device`) and its `CLIPProcessor`."""
+    return _load_model_and_processor(CLIPModel, CLIPProcessor, model_id, device, dtype, config_key)
+
+
+def _load_model_and_processor(model_class, processor_class, model_id: str, device: str | torch.device,
+                              dtype: DTypeLike, config_key: str):
+    """`model_class.from_pretrained` (eval mode, on `device`) and `processor_class.from_pretrained`,
+    with the availability check and the named error of every loader here."""
     check_model_available(model_id, config_key)
     kwargs = _load_kwargs(model_id)
     try:
-        model = CLIPModel.from_pretrained(model_id, dtype=resolve_dtype(dtype, device), **kwargs)
-        processor = CLIPProcessor.from_pretrained(model_id, **kwargs)
+        model = model_class.from_pretrained(model_id, dtype=resolve_dtype(dtype, device), **kwargs)
+        processor = processor_class.from_pretrained(model_id, **kwargs)
     except OSError as err:
         raise _not_available(model_id, f"loading failed ({err})", config_key) from err
     return model.to(device).eval(), processor

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from safetensors.torch import load_file
+from torch import nn
 
 from trainers.pretrain.config import PretrainConfig
 from trainers.pretrain.recipe import build_backbone_model
@@ -22,13 +23,14 @@ BACKBONE_FILE = "backbone.safetensors"
 BACKBONE_INFO_FILE = "backbone.json"
 
 
-def verify_backbone(path: str | Path, config: PretrainConfig) -> None:
-    """Raise `trainers.weights.WeightsMismatchError` (naming the keys) unless `path` loads into
-    `timm.create_model(arch, num_classes=0, **model_kwargs)` with no missing or unexpected key."""
+def verify_backbone(path: str | Path, config: PretrainConfig) -> nn.Module:
+    """`timm.create_model(arch, num_classes=0, **model_kwargs)` with the weights of `path` loaded;
+    `trainers.weights.WeightsMismatchError` (naming the keys) on any missing or unexpected key."""
     model = build_backbone_model(config)
     state = load_file(str(path))
     check_state_dict_matches(model, state, what=str(path))
     model.load_state_dict(state, strict=True)
+    return model
 
 
 def export_backbone(source: str | Path, destination: str | Path, config: PretrainConfig,
@@ -36,10 +38,7 @@ def export_backbone(source: str | Path, destination: str | Path, config: Pretrai
     """Copy a checkpoint's backbone weights to `destination` (atomically), verified against timm,
     and write `backbone.json` (arch, model_kwargs, pre-training classes) beside it."""
     source, destination = Path(source), Path(destination)
-    verify_backbone(source, config)
-    model = build_backbone_model(config)
-    model.load_state_dict(load_file(str(source)), strict=True)
-    save_state_safetensors(model, destination)
+    save_state_safetensors(verify_backbone(source, config), destination)
     info = {
         "arch": config.arch,
         "model_kwargs": config.model_kwargs,

@@ -44,7 +44,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from factory.config import save_config
-from factory.ray_pipeline import cluster_gpus, init_ray
+from factory.ray_pipeline import init_ray, resolve_use_gpu
 from factory.stage_config import RayConfig
 from trainers.ray_logging import quiet_ray_train_reports
 from trainers.pretrain.config import BatchPlan, PretrainConfig, plan_batches
@@ -135,8 +135,7 @@ def pretrain(
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, out_dir / CONFIG_FILE)
     init_ray(RayConfig(), progress_bars=False)  # RAY_ADDRESS (e.g. inside `ray job submit`), else local
-    # auto: GPUs the elastic cluster has or can scale to, so the request makes the autoscaler add them
-    use_gpu = config.use_gpu if config.use_gpu != "auto" else (torch.cuda.is_available() or cluster_gpus() > 0)
+    use_gpu = resolve_use_gpu(config.use_gpu)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={

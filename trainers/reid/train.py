@@ -36,7 +36,7 @@ from torch import nn
 
 from factory.config import save_config
 from factory.datasets.base import ReidDataset
-from factory.ray_pipeline import cluster_gpus, init_ray
+from factory.ray_pipeline import init_ray, resolve_use_gpu
 from factory.stage_config import RayConfig
 from trainers.config import ReidTrainConfig
 from trainers.ray_logging import quiet_ray_train_reports
@@ -85,7 +85,7 @@ def train_reid(
         )
     save_config(config, out_dir / CONFIG_FILE)
     init_ray(RayConfig(), progress_bars=False)  # RAY_ADDRESS (e.g. inside `ray job submit`), else local
-    use_gpu = resolve_use_gpu(config)
+    use_gpu = resolve_use_gpu(config.use_gpu)
     cpus = resolve_cpus_per_worker(config)
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -119,14 +119,6 @@ def train_reid(
         history=history,
         run_dir=Path(result.path),
     )
-
-
-def resolve_use_gpu(config: ReidTrainConfig) -> bool:
-    """`use_gpu: auto` means: if this machine has a GPU, or the Ray cluster has or can scale to one
-    (an elastic cluster's GPU nodes only start once something asks for a GPU)."""
-    if config.use_gpu != "auto":
-        return bool(config.use_gpu)
-    return torch.cuda.is_available() or cluster_gpus() > 0
 
 
 def resolve_cpus_per_worker(config: ReidTrainConfig) -> float:
