@@ -64,6 +64,7 @@ def resolve_use_gpu(setting: bool | str) -> bool:
 
     return torch.cuda.is_available() or cluster_gpus() > 0
 
+
 class _StageActor:
     """Actor body: builds the stage and runs its `setup` once (models load here, once per actor)."""
 
