@@ -5,6 +5,8 @@ Adapters only list files and parse names, so empty files stand in for images.
 
 from __future__ import annotations
 
+import re
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -135,6 +137,49 @@ def test_market_symlink_escaping_root(market_root: Path, tmp_path: Path) -> None
     outside = tmp_path / "secret.jpg"
     outside.touch()
     (market_root / "bounding_box_train" / "0009_c1s1_000001_00.jpg").symlink_to(outside)
+    with pytest.raises(DatasetError, match="escapes"):
+        load_market1501(market_root)
+
+
+def test_market_reports_every_problem_at_once(market_root: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "secret.jpg"
+    outside.touch()
+    escaping = [
+        "bounding_box_train/0009_c1s1_000001_00.jpg",
+        "query/0010_c2s1_000002_00.jpg",
+        "bounding_box_test/0011_c3s1_000003_00.jpg",
+    ]
+    for name in escaping:
+        (market_root / name).symlink_to(outside)
+    malformed = ["bounding_box_train/person_12.jpg", "bounding_box_test/img_0042.jpg"]
+    touch(market_root, malformed)
+    with pytest.raises(DatasetError) as caught:
+        load_market1501(market_root)
+    message = str(caught.value)
+    first, *problems = message.splitlines()
+    assert "market1501" in first and "5 problems" in first and "nothing was read" in first
+    assert len(problems) == 5
+    for name in escaping + malformed:
+        assert sum(Path(name).name in line for line in problems) == 1, name
+    assert sum("escapes" in line for line in problems) == 3
+    assert sum("does not match Market naming" in line for line in problems) == 2
+
+
+def test_market_problem_list_is_capped(market_root: Path) -> None:
+    touch(market_root, [f"bounding_box_train/bad_{i:02d}.jpg" for i in range(30)])
+    with pytest.raises(DatasetError) as caught:
+        load_market1501(market_root)
+    first, *rest = str(caught.value).splitlines()
+    assert "30 problems" in first
+    assert len(rest) == 21 and rest[-1].strip() == "... and 10 more"
+    assert all("does not match Market naming" in line for line in rest[:20])
+
+
+def test_market_split_folder_symlinked_outside_root(market_root: Path, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    touch(elsewhere, ["0005_c1s1_000001_00.jpg"])
+    shutil.rmtree(market_root / "query")
+    (market_root / "query").symlink_to(elsewhere, target_is_directory=True)
     with pytest.raises(DatasetError, match="escapes"):
         load_market1501(market_root)
 
@@ -273,6 +318,22 @@ def test_msmt17_escaping_path(tmp_path: Path) -> None:
         load_msmt17(root)
 
 
+def test_msmt17_reports_every_bad_line(tmp_path: Path) -> None:
+    root = make_msmt(tmp_path / "d", "train", "test")
+    write(root / "list_train.txt", (
+        "0000/0000_000_01_0303morning_0015_0.jpg 0\n"
+        "../../../etc/0000_000_01_0303morning_0015_0.jpg 0\n"
+    ))
+    write(root / "list_gallery.txt", "0000/0000_001_15_0113noon_0002_0.jpg zero\n")
+    with pytest.raises(DatasetError) as caught:
+        load_msmt17(root)
+    first, *problems = str(caught.value).splitlines()
+    assert "2 problems" in first
+    assert len(problems) == 2
+    assert "list_train.txt:2: " in problems[0] and "escapes" in problems[0]
+    assert "list_gallery.txt:1: pid must be an integer" in problems[1]
+
+
 # ---------------------------------------------------------------------------------------------
 # Airport
 
@@ -394,6 +455,31 @@ def test_csv_errors(tmp_path: Path) -> None:
     write(tmp_path / "l.csv", "path,pid,camid\n../x.jpg,1,0\n")
     with pytest.raises(DatasetError, match=r"l\.csv:2: .*escapes"):
         load_csv(tmp_path, list_file=Path("l.csv"))
+
+
+def test_csv_reports_every_bad_line(tmp_path: Path) -> None:
+    write(tmp_path / "l.csv", "path,pid,camid\n../x.jpg,1,0\na.jpg,1,0\nb.jpg,1\nc.jpg,1,-2\n")
+    with pytest.raises(DatasetError) as caught:
+        load_csv(tmp_path, list_file=Path("l.csv"))
+    message = str(caught.value)
+    assert "3 problems" in message.splitlines()[0]
+    for located_reason in (r"l\.csv:2: .*escapes", r"l\.csv:4: expected 3 columns", r"l\.csv:5: "):
+        assert re.search(located_reason, message), located_reason
+    assert "l.csv:3" not in message
+
+
+def test_folder_reports_every_bad_identity_folder(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    touch(outside, ["o.jpg"])
+    root = tmp_path / "data"
+    touch(root, ["alice/a.jpg", "bob/b.jpg", "7/c.jpg"])
+    (root / "8").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(DatasetError) as caught:
+        load_folder(root)
+    first, *problems = str(caught.value).splitlines()
+    assert "3 problems" in first and len(problems) == 3
+    assert sum("alice" in line or "bob" in line for line in problems) == 2
+    assert any("'8'" in line and "escapes" in line for line in problems)
 
 
 # ---------------------------------------------------------------------------------------------

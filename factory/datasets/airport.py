@@ -14,6 +14,8 @@ plain list (default `<root>/list.txt`, or `list_file`, relative to `root` unless
 - PID is an integer; -1 marks junk (dropped), 0 a distractor (gallery/query only, flagged)
 - CAMID is 0-based
 - SPLIT is `train` (default), `query` or `gallery`; FRAME (default -1) orders a camera's frames
+
+Every malformed or escaping line is reported in one error; nothing is read when any exists.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 
 from factory.datasets.base import DatasetError, ImageRecord, ReidDataset, require_dir
 from factory.datasets.generic import (
+    ProblemCollector,
     iter_list_lines,
     located,
     make_record,
@@ -55,8 +58,10 @@ def load_airport(root: Path, list_file: Path | None = None, source: str = "airpo
     root = require_dir(Path(root), f"{source} dataset root")
     path = resolve_list_file(root, list_file, DEFAULT_AIRPORT_LIST)
     dataset = ReidDataset(name=source, root=root)
+    problems = ProblemCollector(source)
     for lineno, fields in iter_list_lines(path):
-        record = _airport_record(root, fields, source, f"{path}:{lineno}")
+        record = problems.check(_airport_record, root, fields, source, f"{path}:{lineno}")
         if record is not None:
             getattr(dataset, record.split).append(record)
+    problems.raise_if_any(root)
     return require_train_identities(dataset, path)

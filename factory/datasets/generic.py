@@ -21,16 +21,22 @@ Market names also give sequence and frame.
 `csv` layout: `list_file` (default `<root>/list.csv`) with a header row naming the columns
 `path,pid,camid` and optionally `split` (train|query|gallery, default train), `frame` and
 `sequence`; `path` is relative to `root`, `camid` is 0-based.
+
+Per-entry problems (a path escaping the root, a malformed name or list line, a bad pid/camid) are
+gathered by a `ProblemCollector` while one dataset loads and reported together in one
+`DatasetError`, so a broken tree is fixed in one pass instead of one error per run. The dataset is
+refused as a whole when any exists. Structural problems (missing root, folder or list file, bad CSV
+header, no training identities) still raise at once.
 """
 
 from __future__ import annotations
 
 import csv
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import get_args
+from typing import ParamSpec, TypeVar, get_args
 
 from factory.datasets.base import (
     DatasetError,
@@ -55,6 +61,51 @@ CAMERA_TAG = re.compile(r"_c(?P<cam>\d)")  # the camera part alone, for free-for
 DEFAULT_CSV_NAME = "list.csv"
 CSV_REQUIRED = ("path", "pid", "camid")
 CSV_OPTIONAL = ("split", "frame", "sequence")
+MAX_LISTED_PROBLEMS = 20  # a tree with thousands of bad names must not produce a megabyte message
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class ProblemCollector:
+    """The per-entry problems of one dataset load, raised together as one `DatasetError`.
+
+    Adapters run each entry (one image, one list line) through `check`; a `DatasetError` it raises
+    is recorded instead of propagating, so every bad entry is reported, not only the first. The
+    entry yields no record, and `raise_if_any` at the end of the load refuses the whole dataset:
+    nothing from a listing with problems (in particular nothing outside the root) is returned.
+    """
+
+    def __init__(self, source: str, limit: int = MAX_LISTED_PROBLEMS) -> None:
+        self.source = source
+        self.limit = limit
+        self.problems: list[str] = []
+
+    def check(self, entry: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T | None:
+        """`entry(*args, **kwargs)`, or None after recording the `DatasetError` it raised.
+
+        None is also what a dropped (junk) entry returns; either way there is no record to keep,
+        and a recorded problem makes `raise_if_any` refuse the dataset.
+        """
+        try:
+            return entry(*args, **kwargs)
+        except DatasetError as err:
+            self.problems.append(str(err))
+            return None
+
+    def raise_if_any(self, where: Path) -> None:
+        """Raise one `DatasetError` listing the recorded problems (at most `limit` of them, then
+        a count of the rest), the total in its first line; do nothing when there are none."""
+        total = len(self.problems)
+        if total == 0:
+            return
+        noun = "problem" if total == 1 else "problems"
+        head = f"{self.source} at {where}: {total} {noun} in the dataset listing"
+        lines = [f"{head} (nothing was read):"]
+        lines.extend(f"  {problem}" for problem in self.problems[: self.limit])
+        if total > self.limit:
+            lines.append(f"  ... and {total - self.limit} more")
+        raise DatasetError("\n".join(lines))
 
 
 def list_images(directory: Path) -> list[Path]:
@@ -187,14 +238,26 @@ def _folder_record(
     )
 
 
-def _read_pid_folders(root: Path, split_dir: Path, split: Split, source: str) -> list[ImageRecord]:
+def _pid_folder(root: Path, pid_dir: Path) -> int:
+    """The pid a `folder` identity folder names; the folder must lie inside `root` (a symlink
+    pointing outside would make us list a foreign directory)."""
+    if not re.fullmatch(r"-?\d+", pid_dir.name):
+        raise DatasetError(f"{pid_dir}: identity folder names must be integers")
+    confined_path(root, pid_dir.relative_to(root))
+    return int(pid_dir.name)
+
+
+def _read_pid_folders(
+    root: Path, split_dir: Path, split: Split, source: str, problems: ProblemCollector
+) -> list[ImageRecord]:
+    confined_path(root, split_dir.relative_to(root))  # structural: refuse before listing it
     records: list[ImageRecord] = []
     for pid_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
-        if not re.fullmatch(r"-?\d+", pid_dir.name):
-            raise DatasetError(f"{pid_dir}: identity folder names must be integers")
-        pid = int(pid_dir.name)
+        pid = problems.check(_pid_folder, root, pid_dir)
+        if pid is None:
+            continue  # recorded; its images are not even listed
         for image in list_images(pid_dir):
-            record = _folder_record(root, image, pid, split, source)
+            record = problems.check(_folder_record, root, image, pid, split, source)
             if record is not None:
                 records.append(record)
     return records
@@ -204,17 +267,26 @@ def load_folder(root: Path, source: str = "folder") -> ReidDataset:
     """Read `root/<pid>/<images>` (all train) or `root/<split>/<pid>/<images>` (see module doc)."""
     root = require_dir(Path(root), f"{source} dataset root")
     dataset = ReidDataset(name=source, root=root)
+    problems = ProblemCollector(source)
     if not any((root / split).is_dir() for split in SPLITS):
-        dataset.train = _read_pid_folders(root, root, "train", source)
-        return require_train_identities(dataset, root)
-    require_dir(root / "train", f"{source} train split")
-    for split in SPLITS:
-        if (root / split).is_dir():
-            getattr(dataset, split).extend(_read_pid_folders(root, root / split, split, source))
+        dataset.train = _read_pid_folders(root, root, "train", source, problems)
+    else:
+        require_dir(root / "train", f"{source} train split")
+        for split in SPLITS:
+            if (root / split).is_dir():
+                rows = _read_pid_folders(root, root / split, split, source, problems)
+                getattr(dataset, split).extend(rows)
+    problems.raise_if_any(root)
     return require_train_identities(dataset, root)
 
 
-def _csv_record(root: Path, row: dict[str, str], source: str, where: str) -> ImageRecord | None:
+def _csv_record(
+    root: Path, row: dict[str, str], columns: int, source: str, where: str
+) -> ImageRecord | None:
+    # DictReader puts surplus fields under the key None and fills missing ones with None
+    if None in row or any(row.get(c) is None for c in CSV_REQUIRED):
+        raise DatasetError(f"{where}: expected {columns} columns")
+
     def optional_int(name: str, default: int) -> int:
         value = (row.get(name) or "").strip()
         return parse_int(value, name, where) if value else default
@@ -247,14 +319,15 @@ def load_csv(root: Path, list_file: Path | None = None, source: str = "csv") -> 
     root = require_dir(Path(root), f"{source} dataset root")
     path = resolve_list_file(root, list_file, DEFAULT_CSV_NAME)
     dataset = ReidDataset(name=source, root=root)
+    problems = ProblemCollector(source)
     with path.open(encoding="utf-8", newline="") as handle:
         reader = csv.DictReader(handle)
         _check_csv_header(reader.fieldnames, path)
+        columns = len(reader.fieldnames or [])
         for row in reader:
             where = f"{path}:{reader.line_num}"
-            if None in row or any(row.get(c) is None for c in CSV_REQUIRED):
-                raise DatasetError(f"{where}: expected {len(reader.fieldnames or [])} columns")
-            record = _csv_record(root, row, source, where)
+            record = problems.check(_csv_record, root, row, columns, source, where)
             if record is not None:
                 getattr(dataset, record.split).append(record)
+    problems.raise_if_any(root)
     return require_train_identities(dataset, path)

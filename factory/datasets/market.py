@@ -9,15 +9,16 @@ Layout under `root`::
 File names follow `PPPP_cCsS_FFFFFF_NN.jpg` (`0002_c1s1_000451_03.jpg`: pid 2, camera 1 -> camid
 0, sequence 1, frame 451), parsed as in fast-reid with `([-\\d]+)_c(\\d)`. Junk (`-1_...`) is
 dropped; distractors (`0000_...`) are kept in query/gallery flagged `distractor=True` and dropped
-from train.
+from train. Every malformed name and every symlink escaping `root` is reported in one error.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from factory.datasets.base import ImageRecord, ReidDataset, Split, require_dir
+from factory.datasets.base import ImageRecord, ReidDataset, Split, confined_path, require_dir
 from factory.datasets.generic import (
+    ProblemCollector,
     list_images,
     make_record,
     parse_market_name,
@@ -31,15 +32,29 @@ MARKET_SPLIT_DIRS: dict[Split, str] = {
 }
 
 
-def read_market_split(root: Path, directory: Path, split: Split, source: str) -> list[ImageRecord]:
-    """Records of one Market-layout folder; `root` is the confinement root of the paths."""
+def _market_record(root: Path, image: Path, split: Split, source: str) -> ImageRecord | None:
+    """The record of one Market-named image (None when dropped); raises `DatasetError` on a
+    malformed name or a path escaping `root`."""
+    pid, camid, sequence, frame = parse_market_name(image)
+    return make_record(
+        root, image.relative_to(root), source=source, pid=pid, camid=camid, split=split,
+        frame=frame, sequence=sequence,
+    )
+
+
+def read_market_split(
+    root: Path, directory: Path, split: Split, source: str, problems: ProblemCollector
+) -> list[ImageRecord]:
+    """Records of one Market-layout folder; `root` is the confinement root of the paths.
+
+    Per-image problems go to `problems` (the caller raises them all at the end of the load).
+    """
+    require_dir(directory, f"{source} {split} folder")
+    # structural: a split folder symlinked outside `root` is refused before it is listed
+    confined_path(root, directory.relative_to(root))
     records: list[ImageRecord] = []
-    for image in list_images(require_dir(directory, f"{source} {split} folder")):
-        pid, camid, sequence, frame = parse_market_name(image)
-        record = make_record(
-            root, image.relative_to(root), source=source, pid=pid, camid=camid, split=split,
-            frame=frame, sequence=sequence,
-        )
+    for image in list_images(directory):
+        record = problems.check(_market_record, root, image, split, source)
         if record is not None:
             records.append(record)
     return records
@@ -50,8 +65,11 @@ def read_market_layout(root: Path, source: str, layout_dir: Path | None = None) 
     root = require_dir(Path(root), f"{source} dataset root")
     layout_dir = root if layout_dir is None else require_dir(layout_dir, f"{source} folder")
     dataset = ReidDataset(name=source, root=root)
+    problems = ProblemCollector(source)
     for split, folder in MARKET_SPLIT_DIRS.items():
-        getattr(dataset, split).extend(read_market_split(root, layout_dir / folder, split, source))
+        rows = read_market_split(root, layout_dir / folder, split, source, problems)
+        getattr(dataset, split).extend(rows)
+    problems.raise_if_any(layout_dir)  # before the empty check: an all-bad tree names its entries
     return require_train_identities(dataset, layout_dir)
 
 

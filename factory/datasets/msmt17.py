@@ -11,6 +11,7 @@ relative to the train folder (train/val lists) or the test folder (query/gallery
 that already starts with that folder's name (`train/0000/...`) is taken relative to `root`.
 Camera = third `_` field of RELPATH minus 1 (`01` -> camid 0), frame = fifth field (`0015`).
 train = list_train + list_val. In MSMT17 pid 0 is a real person: there are no distractors.
+Every malformed or escaping line of the four lists is reported in one error.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from factory.datasets.base import DatasetError, ImageRecord, ReidDataset, Split, confined_path
 from factory.datasets.generic import (
+    ProblemCollector,
     iter_list_lines,
     located,
     parse_int,
@@ -95,6 +97,7 @@ def load_msmt17(root: Path, variant: str | None = None, source: str = "msmt17") 
     base, layout = detect_msmt17(root, variant)
     folders = {"train": layout.train_dir, "test": layout.test_dir}
     dataset = ReidDataset(name=source, root=base)
+    problems = ProblemCollector(source)
     for list_name, folder_key, split in MSMT17_LISTS:
         list_path = base / list_name
         if not list_path.is_file():
@@ -102,5 +105,10 @@ def load_msmt17(root: Path, variant: str | None = None, source: str = "msmt17") 
         rows = getattr(dataset, split)
         for lineno, fields in iter_list_lines(list_path):
             where = f"{list_path}:{lineno}"
-            rows.append(_msmt17_record(base, folders[folder_key], fields, split, source, where))
+            record = problems.check(
+                _msmt17_record, base, folders[folder_key], fields, split, source, where
+            )
+            if record is not None:
+                rows.append(record)
+    problems.raise_if_any(base)  # one error for all four lists
     return require_train_identities(dataset, base)
