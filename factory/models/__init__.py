@@ -1,19 +1,25 @@
-"""Models of the factory: loading hub ids or local folders offline (`loading`), tiny seeded
-instances of the real architectures (`tiny`), and the embedded default's trained demo models
-(`demo`)."""
+"""Models of the factory: where a model lives (`locate`, light: no torch), loading hub ids or
+local folders offline (`loading`), tiny seeded instances of the real architectures (`tiny`), and
+the embedded default's trained demo models (`demo`).
 
-from factory.models.loading import (
-    ModelNotAvailableError,
-    check_model_available,
-    load_captioner,
-    load_clip,
-    load_text_to_image,
-)
+The loaders are imported lazily, so `factory.models.locate` (used by the build's check phase)
+does not pull torch, diffusers and transformers in with the package.
+"""
 
-__all__ = [
-    "ModelNotAvailableError",
-    "check_model_available",
-    "load_captioner",
-    "load_clip",
-    "load_text_to_image",
-]
+from __future__ import annotations
+
+from typing import Any
+
+from factory.models.locate import ModelNotAvailableError, check_model_available
+
+_LOADERS = ("load_captioner", "load_clip", "load_text_to_image")
+
+__all__ = ["ModelNotAvailableError", "check_model_available", *_LOADERS]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LOADERS:
+        from factory.models import loading
+
+        return getattr(loading, name)
+    raise AttributeError(f"module 'factory.models' has no attribute {name!r}")

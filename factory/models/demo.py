@@ -34,21 +34,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-import torch
-
 from factory.datasets.config import SyntheticSpec
-from factory.datasets.synthetic import ensure_synthetic_dataset
-from factory.models.loading import MARKER_FILES, load_captioner, load_clip, load_text_to_image
-from factory.models.tiny import tiny_blip2, tiny_clip, tiny_stable_diffusion
-from factory.models.tokenizers import train_clip_tokenizer, train_opt_tokenizer, write_vocab_files
-from factory.models.training import (
-    PedestrianCorpus,
-    pipeline_pixels,
-    train_autoencoder,
-    train_captioner,
-    train_clip,
-    train_text_to_image,
-)
+from factory.models.locate import MARKER_FILES
 from factory.run_config import DemoModelsConfig
 
 Log = Callable[[str], None]
@@ -159,6 +146,19 @@ def build_demo_models(
     trained from the same seed whatever else is built, so subsets built separately equal a full
     build); VERSION is written once all components are present. `half` saves fp16 weights.
     """
+    # Training code only when training: a build that finds its demo models installed imports none of it.
+    from factory.datasets.synthetic import ensure_synthetic_dataset
+    from factory.models.tiny import tiny_blip2, tiny_clip, tiny_stable_diffusion
+    from factory.models.tokenizers import train_clip_tokenizer, train_opt_tokenizer
+    from factory.models.training import (
+        PedestrianCorpus,
+        pipeline_pixels,
+        train_autoencoder,
+        train_captioner,
+        train_clip,
+        train_text_to_image,
+    )
+
     unknown = sorted(set(components) - set(COMPONENTS))
     if unknown:
         raise ValueError(f"unknown components {unknown}; choose from {list(COMPONENTS)}")
@@ -208,6 +208,10 @@ def build_demo_models(
 def install_demo_models(source: Path, out: Path, log: Log = print) -> DemoModelPaths:
     """Load a complete build (e.g. the committed fp16 weights) through the regular loaders and
     save it into `out` in fp32, stamped with VERSION."""
+    import torch
+
+    from factory.models.loading import load_captioner, load_clip, load_text_to_image
+
     with _staging(out) as staging:
         _save(load_text_to_image(str(source / TEXT_TO_IMAGE), "cpu", torch.float32), staging / TEXT_TO_IMAGE)
         _save(load_captioner(str(source / CAPTIONER), "cpu", torch.float32), staging / CAPTIONER)
@@ -221,6 +225,10 @@ def install_demo_models(source: Path, out: Path, log: Log = print) -> DemoModelP
 def _save(model, directory: Path, half: bool = False) -> None:
     """`save_pretrained` a pipeline or a (model, processor) pair; also write the tokenizers'
     vocab.json/merges.txt, the layout hub repos ship."""
+    import torch
+
+    from factory.models.tokenizers import write_vocab_files
+
     if isinstance(model, tuple):
         model, processor = model
         processor.save_pretrained(directory)

@@ -15,90 +15,22 @@ validate every model id before it starts Ray or loads anything.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import torch
 from diffusers import StableDiffusionPipeline
-from huggingface_hub import try_to_load_from_cache
-from huggingface_hub.errors import HFValidationError
 from transformers import Blip2ForConditionalGeneration, Blip2Processor, CLIPModel, CLIPProcessor
 
+from factory.models.locate import (  # noqa: F401  (re-exported: the loaders' public API)
+    MARKER_FILES,
+    ModelNotAvailableError,
+    _looks_like_path,
+    _not_available,
+    check_model_available,
+    downloads_allowed,
+    hub_cache_dir,
+)
+
 DTypeLike = torch.dtype | str | None
-# Files whose presence marks a loadable folder: a diffusers pipeline or a transformers model.
-MARKER_FILES = ("model_index.json", "config.json")
-_ALLOW_VALUES = {"0", "false", "no", "off"}
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-class ModelNotAvailableError(RuntimeError):
-    """A model id is neither a usable local directory nor in the Hugging Face cache (and
-    downloads are not allowed). The message names the id and how to provide it."""
-
-
-def downloads_allowed() -> bool:
-    """True only when `HF_HUB_OFFLINE` is explicitly set to a false value (`0`, `false`, ...)."""
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _ALLOW_VALUES
-
-
-def hub_cache_dir() -> Path:
-    """The hub cache the loaders read, resolved from the environment at call time
-    (`HF_HUB_CACHE`, else `HF_HOME/hub`, else `~/.cache/huggingface/hub`)."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    home = os.environ.get("HF_HOME") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface"
-    )
-    return Path(home).expanduser() / "hub"
-
-
-def _looks_like_path(model_id: str) -> bool:
-    # Hub ids are "name" or "org/name"; anything else with a separator, or that exists, is a path.
-    return (
-        model_id.startswith(("/", "./", "../", "~", "\\"))
-        or model_id.count("/") > 1
-        or Path(model_id).expanduser().exists()
-    )
-
-
-def _not_available(model_id: str, reason: str, config_key: str | None) -> ModelNotAvailableError:
-    key = config_key or "<section>.<model key>"
-    return ModelNotAvailableError(
-        f"model {model_id!r} is not available: {reason}. No download was attempted "
-        f"(offline unless HF_HUB_OFFLINE=0). Provide it in one of these ways:\n"
-        f"  - point the config at a local copy (a save_pretrained folder): --set {key}=/path/to/model\n"
-        f"  - pre-populate the Hugging Face cache: on a machine with internet run "
-        f"`hf download {model_id}` (formerly `huggingface-cli download {model_id}`), then copy "
-        f"~/.cache/huggingface to this machine (or point HF_HOME at the copy)\n"
-        f"  - or allow downloads with HF_HUB_OFFLINE=0"
-    )
-
-
-def check_model_available(model_id: str, config_key: str | None = None) -> None:
-    """Raise `ModelNotAvailableError` unless `model_id` can be loaded without the network.
-
-    Cheap: looks for `model_index.json` / `config.json` in a local directory or in the hub
-    cache's snapshot of the id, reading no weights. With downloads allowed (HF_HUB_OFFLINE=0) a
-    hub id that is not cached passes (it will be downloaded). `config_key` (e.g.
-    `generation.base_model`) is named in the error message.
-    """
-    if _looks_like_path(model_id):
-        path = Path(model_id).expanduser()
-        if not path.is_dir():
-            raise _not_available(model_id, f"no directory at {path.resolve()}", config_key)
-        if not any((path / marker).is_file() for marker in MARKER_FILES):
-            raise _not_available(
-                model_id, f"{path.resolve()} has neither {' nor '.join(MARKER_FILES)}", config_key
-            )
-        return
-    cache = hub_cache_dir()
-    try:
-        cached = [try_to_load_from_cache(model_id, marker, cache_dir=cache) for marker in MARKER_FILES]
-    except HFValidationError as err:
-        raise _not_available(model_id, f"neither a directory nor a valid hub id ({err})", config_key) from err
-    if any(isinstance(found, str) for found in cached) or downloads_allowed():
-        return
-    raise _not_available(model_id, f"not a local directory and not in the Hugging Face cache at {cache}", config_key)
 
 
 def resolve_dtype(dtype: DTypeLike, device: str | torch.device) -> torch.dtype:
