@@ -51,7 +51,7 @@ def main() -> int:
     results = {}
     for label, steps in (("base model (no fine-tune)", 0), ("fine-tuned (DI)", config.generation.train_steps)):
         generation = config.generation.model_copy(update={"train_steps": steps})
-        stage = GenerationStage(generation, config.output, config.caption.iir_token, num_threads=1)
+        stage = GenerationStage(generation, config.output, num_threads=1)
         stage.setup()
         rows = filtering.process_batch(stage.process_batch(captioned)).to_pylist()
         scores = [s for row in rows for s in row["scores"]]

@@ -90,7 +90,7 @@ def main() -> int:
         def loader(model_id: str, device: str):
             return load_text_to_image(model_id, device, torch.float32)
 
-    stage = GenerationStage(config.generation, config.output, config.caption.iir_token, num_gpus, args.threads, loader=loader)
+    stage = GenerationStage(config.generation, config.output, num_gpus, args.threads, loader=loader)
     start = time.perf_counter()
     stage.setup()
     setup_seconds = time.perf_counter() - start

@@ -19,19 +19,65 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from factory.config import ConfigError, save_config
+from factory.config import ConfigError, config_origin, save_config
 from factory.datasets.base import DatasetError, ReidDataset
-from factory.report import BuildSummary, identity_strip, write_contact_sheet, write_dataset_card
-from factory.run_config import RunConfig, load_run_config
+from factory.models.locate import ModelNotAvailableError
+from factory.preflight import check_config, check_models, check_sources, raise_problems
+from factory.report import BuildSummary, error_class, identity_strip, write_contact_sheet, write_dataset_card
+from factory.run_config import DEFAULT_PRESET, RunConfig, load_run_config
 from factory.schema import STAGED_SCHEMA
 from factory.sequences import plan_identities, read_sequences
 from factory.store import OutputStore, safe_file_stem
 
 
+# What to change when the circuit breaker trips, by a phrase of the error (else the generic hint).
+FAILURE_HINTS: tuple[tuple[str, str], ...] = (
+    ("out of memory", "lower generation.sample_batch_size or generation.train_batch_size, or set "
+                      "generation.mixed_precision=bf16 and generation.gradient_checkpointing=true"),
+    ("divisible by", "generation.resolution must suit the model (see the check phase's rules)"),
+    ("debug_fail_identities", "remove the injected failures (generation.debug_fail_identities)"),
+)
+
+
+class BuildAborted(RuntimeError):
+    """The build stopped early on a systematic failure; finished work is kept."""
+
+
+class BuildFailed(RuntimeError):
+    """More identities failed than `generation.max_failed_identities` tolerates."""
+
+
+class CircuitBreaker:
+    """Trips when the first `limit` identities of a run all fail with the same error class: a
+    systematic failure (a bad setting, a broken node image) would otherwise fail every identity
+    of a plan that may be days of GPU time. Any success disarms it for the rest of the run."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.classes: list[str] = []
+        self.armed = limit > 0
+
+    def record(self, ok: bool, error: str = "") -> str | None:
+        """Feed one finished identity; returns the reason to stop, or None."""
+        if not self.armed:
+            return None
+        if ok:
+            self.armed = False
+            return None
+        self.classes.append(error_class(error))
+        if len(self.classes) >= self.limit and len(set(self.classes)) == 1:
+            hint = next((h for phrase, h in FAILURE_HINTS if phrase in error.lower()),
+                        "fix the cause and rerun the same command (finished identities are kept); "
+                        "generation.circuit_breaker=0 lets every identity run")
+            return (f"the first {self.limit} identities all failed with {self.classes[0]} "
+                    f"(last: {error[:300]}); {hint}")
+        return None
+
+
 def resolve_models(config: RunConfig, log=print) -> RunConfig:
     """Make sure every model the run needs is available *before* anything heavy starts:
     bootstrap the embedded default's tiny models, or check hub ids / local paths exist."""
-    from factory.models.loading import check_model_available
+    from factory.models.locate import check_model_available
 
     if config.demo_models.enabled:
         from factory.models.demo import ensure_demo_models
@@ -74,26 +120,37 @@ def staged_rows(row: dict) -> pa.Table:
     )
 
 
-def run(config: RunConfig, out_dir: Path | None = None, log=print) -> BuildSummary:
-    """Run the whole factory for `config`; returns the summary (also printed and saved)."""
+def run(config: RunConfig, out_dir: Path | None = None, log=print, origin: str = "the config") -> BuildSummary:
+    """Run the whole factory for `config`; returns the summary (also printed and saved).
+
+    The check phase (`factory.preflight`) comes first: every value the models or the data
+    cannot take is refused with `PreflightError` before Ray starts, a model loads or anything is
+    written. Failed identities are recorded and the run goes on; `BuildAborted` ends it early
+    when the first identities all fail alike (`generation.circuit_breaker`), after writing what
+    it has. `origin` (the preset and overrides) is named in the check phase's errors.
+    """
+    started = time.perf_counter()
+    out_dir = Path(out_dir or config.output.dir).resolve()  # absolute: records under it are compared by path
+    summary = BuildSummary(out_dir=str(out_dir))
+
+    raise_problems(check_config(config), origin)
+    resolve_models(config, log)
+    raise_problems(check_models(config), origin)
+    datasets = load_sources(config, log)
+    plan = plan_identities(datasets, config.sequences)
+    if not plan:
+        raise DatasetError("no identities to generate from: the sources have no training identities")
+    raise_problems(check_sources(config, datasets, plan, out_dir / "filter_models"), origin)
+
+    # Ray, torch and the stages only now: the check phase above answers in a second or two.
     from factory import ray_pipeline
     from factory.filter_models import ensure_filter_models
     from factory.stages.caption import CaptionStage
     from factory.stages.filter import FilterStage
     from factory.stages.generate import GenerationStage
 
-    started = time.perf_counter()
-    out_dir = Path(out_dir or config.output.dir).resolve()  # absolute: records under it are compared by path
-    summary = BuildSummary(out_dir=str(out_dir))
-
-    resolve_models(config, log)
-    datasets = load_sources(config, log)
     store = OutputStore(out_dir)
     save_config(config, out_dir / "config.yaml")
-
-    plan = plan_identities(datasets, config.sequences)
-    if not plan:
-        raise DatasetError("no identities to generate from: the sources have no training identities")
     summary.identities_planned = len(plan)
     todo = [seq for seq in plan if seq.key not in store.done]
     summary.identities_skipped_done = len(plan) - len(todo)
@@ -121,7 +178,6 @@ def run(config: RunConfig, out_dir: Path | None = None, log=print) -> BuildSumma
             GenerationStage,
             config.generation,
             config.output,
-            config.caption.iir_token,
             config.generation.num_gpus,
             threads,
             config.generation.debug_fail_identities,
@@ -133,17 +189,36 @@ def run(config: RunConfig, out_dir: Path | None = None, log=print) -> BuildSumma
 
         previews = out_dir / "previews"
         previews.mkdir(exist_ok=True)
-        for row in ray_pipeline.iter_rows(dataset):
+        breaker = CircuitBreaker(config.generation.circuit_breaker)
+        rows = ray_pipeline.iter_rows(dataset)
+        for row in rows:
             _record_row(row, store, summary, previews, config, len(todo), log)
+            summary.aborted = breaker.record(row["status"] == "ok", row["error"])
+            if summary.aborted:
+                log(f"[stop] {summary.aborted}")
+                rows.close()  # ends the streaming execution: no more identities start
+                break
 
     result = store.finalize(config.output.rows_per_shard)
     summary.output_identities, summary.output_images = result.identities, result.images
+    summary.add_dataset_totals(store.manifest)
     strips = sorted(previews.glob("*.png"))[: config.output.contact_sheet_identities] if (previews := out_dir / "previews").exists() else []
     write_contact_sheet(out_dir / "contact_sheet.png", strips)
     summary.wall_seconds = time.perf_counter() - started
     write_dataset_card(out_dir / "README.md", config, summary, store.manifest)
     store.write_json("summary.json", summary.as_dict())
     log(summary.render())
+    if summary.aborted:
+        raise BuildAborted(f"build stopped early: {summary.aborted}")
+    tolerated = config.generation.max_failed_identities
+    if summary.identities_failed > tolerated:
+        groups = "; ".join(f"{g['count']} x {name} ({', '.join(g['identities'][:5])}{' ...' if g['count'] > 5 else ''})"
+                           for name, g in summary.failures_by_error().items())
+        raise BuildFailed(
+            f"{summary.identities_failed} identities failed (tolerated: generation.max_failed_identities={tolerated}): "
+            f"{groups}. Their errors are in {out_dir / 'summary.json'}; rerun the same command to retry them "
+            "(finished identities are kept)"
+        )
     return summary
 
 
@@ -155,7 +230,7 @@ def _record_row(row: dict, store: OutputStore, summary: BuildSummary, previews: 
         summary.add_seconds(phase, seconds)
     prefix = f"[{summary.identities_processed}/{total}] {row['identity']}"
     if row["status"] != "ok":
-        summary.identities_failed += 1
+        summary.record_failure(row["identity"], row["error"])
         store.record_failure(row["identity"], row["error"], row["attempts"])
         log(f"{prefix}: FAILED after {row['attempts']} attempts: {row['error']}")
         return
@@ -194,20 +269,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 done; 1 identities failed beyond `generation.max_failed_identities`, or
+    the build stopped early on a systematic failure (everything finished is written either way);
+    2 refused before any heavy work (config, models, data)."""
     args = build_parser().parse_args(argv)
     try:
         config = load_run_config(args.config, args.overrides)
-        run(config, args.out)
-    except (ConfigError, DatasetError) as err:
+        run(config, args.out, origin=config_origin(args.config or DEFAULT_PRESET, args.overrides))
+    except (ConfigError, DatasetError, ModelNotAvailableError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except Exception as err:
-        from factory.models.loading import ModelNotAvailableError
-
-        if isinstance(err, ModelNotAvailableError):
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        raise
+    except (BuildAborted, BuildFailed) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, PositiveInt, ValidationError
 
 BASE_KEY = "base"
+# (height, width) everywhere in this project; a zero or negative side is refused at load time.
+ImageSize = tuple[PositiveInt, PositiveInt]
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -116,6 +118,14 @@ def _format_validation_error(err: ValidationError, origin: str) -> str:
     return f"invalid config ({origin}):\n" + "\n".join(lines)
 
 
+def config_origin(path: str | Path | None, overrides: Sequence[str] = ()) -> str:
+    """Where a config came from, as error messages name it: `configs/demo.yaml with --set a=1`."""
+    origin = str(path) if path is not None else "defaults"
+    if overrides:
+        origin += " with --set " + " ".join(overrides)
+    return origin
+
+
 def load_config(
     model: type[M],
     path: str | Path | None = None,
@@ -127,9 +137,7 @@ def load_config(
     """
     data = _read_yaml(Path(path)) if path is not None else {}
     data = apply_overrides(data, overrides)
-    origin = str(path) if path is not None else "defaults"
-    if overrides:
-        origin += " with --set " + " ".join(overrides)
+    origin = config_origin(path, overrides)
     try:
         return model.model_validate(data)
     except ValidationError as err:

@@ -16,6 +16,10 @@ from factory.run_config import RunConfig
 
 @dataclass
 class BuildSummary:
+    """What a build did. `generated`/`kept` count this run; `total_*` the whole dataset (every
+    identity done so far, this run and earlier ones), so a rerun with nothing left to do still
+    reports what the output holds."""
+
     out_dir: str
     identities_planned: int = 0
     identities_skipped_done: int = 0
@@ -25,44 +29,85 @@ class BuildSummary:
     images_quarantined: int = 0
     generated: int = 0
     kept: int = 0
+    total_identities_done: int = 0
+    total_generated: int = 0
+    total_kept: int = 0
     output_identities: int = 0
     output_images: int = 0
+    failures: dict[str, str] = field(default_factory=dict)  # identity -> "ErrorClass: message"
+    aborted: str | None = None  # why the build stopped early (the circuit breaker), else None
     stage_seconds: dict[str, float] = field(default_factory=dict)
     wall_seconds: float = 0.0
 
     @property
     def acceptance_rate(self) -> float:
-        return self.kept / self.generated if self.generated else 0.0
+        """Kept / generated over the whole dataset."""
+        return self.total_kept / self.total_generated if self.total_generated else 0.0
 
     def add_seconds(self, stage: str, seconds: float) -> None:
         self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + seconds
 
+    def record_failure(self, identity: str, error: str) -> None:
+        self.identities_failed += 1
+        self.failures[identity] = error
+
+    def add_dataset_totals(self, manifest: dict) -> None:
+        done = manifest.get("identities", {}).values()
+        self.total_identities_done = len(done)
+        self.total_generated = sum(entry.get("generated", 0) for entry in done)
+        self.total_kept = sum(entry.get("kept", 0) for entry in done)
+
+    def failures_by_error(self) -> dict[str, dict]:
+        """Failed identities grouped by error class: count, one example message, the identities."""
+        groups: dict[str, dict] = {}
+        for identity, error in sorted(self.failures.items()):
+            group = groups.setdefault(error_class(error), {"count": 0, "example": error, "identities": []})
+            group["count"] += 1
+            group["identities"].append(identity)
+        return groups
+
     def as_dict(self) -> dict:
-        return {**asdict(self), "acceptance_rate": self.acceptance_rate}
+        return {**asdict(self), "acceptance_rate": self.acceptance_rate, "failures_by_error": self.failures_by_error()}
 
     def render(self) -> str:
         stages = ", ".join(f"{k} {v:.1f}s" for k, v in sorted(self.stage_seconds.items()))
-        return "\n".join(
-            [
-                "== factory.build summary ==",
-                f"output:          {self.out_dir}",
-                f"identities:      {self.identities_processed} processed this run, "
-                f"{self.identities_skipped_done} already done, {self.identities_failed} failed, "
-                f"{self.identities_skipped_input} skipped (too few readable images)",
-                f"images:          {self.generated} generated, {self.kept} kept "
-                f"(acceptance {100 * self.acceptance_rate:.1f}%), {self.images_quarantined} source images quarantined",
-                f"dataset:         {self.output_images} images of {self.output_identities} identities in shards/",
-                f"stage seconds:   {stages or '-'} (summed over actors)",
-                f"wall time:       {self.wall_seconds:.1f}s",
-            ]
-        )
+        if self.identities_processed:
+            this_run = (f"{self.generated} generated, {self.kept} kept "
+                        f"({100 * self.kept / self.generated if self.generated else 0:.1f}%) this run")
+        else:
+            this_run = (f"nothing generated this run ({self.identities_skipped_done} of "
+                        f"{self.identities_planned} planned identities were already done)")
+        lines = [
+            "== factory.build summary ==",
+            f"output:          {self.out_dir}",
+            f"identities:      {self.identities_processed} processed this run, "
+            f"{self.identities_skipped_done} already done, {self.identities_failed} failed, "
+            f"{self.identities_skipped_input} skipped (too few readable images)",
+            f"images:          {this_run}; {self.images_quarantined} source images quarantined",
+            f"dataset:         {self.output_images} images of {self.output_identities} identities in shards/ "
+            f"(all runs: {self.total_identities_done} identities done, {self.total_generated} generated, "
+            f"{self.total_kept} kept, acceptance {100 * self.acceptance_rate:.1f}%)",
+        ]
+        for name, group in self.failures_by_error().items():
+            shown = ", ".join(group["identities"][:8]) + (" ..." if group["count"] > 8 else "")
+            lines.append(f"failed:          {group['count']} x {name}, e.g. {group['example'][:200]!r}: {shown}")
+        if self.aborted:
+            lines.append(f"stopped early:   {self.aborted}")
+        lines += [
+            f"stage seconds:   {stages or '-'} (summed over actors)",
+            f"wall time:       {self.wall_seconds:.1f}s",
+        ]
+        return "\n".join(lines)
+
+
+def error_class(error: str) -> str:
+    """`RuntimeError` of `"RuntimeError: boom"` (the stages record errors as `Class: message`)."""
+    name, sep, _ = error.partition(":")
+    return name.strip() if sep and name.strip().isidentifier() else "Error"
 
 
 def write_dataset_card(path: Path, config: RunConfig, summary: BuildSummary, manifest: dict) -> None:
-    done = manifest.get("identities", {})
-    generated = sum(e.get("generated", 0) for e in done.values())
-    kept = sum(e.get("kept", 0) for e in done.values())
-    rate = kept / generated if generated else 0.0
+    generated, kept, rate = summary.total_generated, summary.total_kept, summary.acceptance_rate
     sources = ", ".join(f"{s.source_name} ({s.kind}: {s.root})" for s in config.sources)
     g, f = config.generation, config.filter
     text = f"""# Diffusion-ReID synthetic dataset

@@ -8,11 +8,8 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from factory.config import StrictModel
+from factory.config import ImageSize, StrictModel
 from trainers.config import ReidTrainConfig
-
-Size = tuple[int, int]  # (height, width) everywhere in this project
-
 
 class Concurrency(StrictModel):
     """Actor-pool size handed to Ray Data: it autoscales between `min` and `max` actors."""
@@ -73,7 +70,7 @@ class GenerationConfig(StrictModel):
     """Per-identity DreamBooth fine-tune with the Fine-Grain-Specific Prior Preservation Loss."""
 
     base_model: str = "CompVis/stable-diffusion-v1-4"
-    resolution: Size = (512, 512)
+    resolution: ImageSize = (512, 512)
     reference_images: int = Field(200, ge=0, description="size of the Attribute Reference Set")
     train_steps: int = Field(1000, ge=0)
     learning_rate: float = Field(2e-6, gt=0)
@@ -86,12 +83,21 @@ class GenerationConfig(StrictModel):
     sample_batch_size: int = Field(10, ge=1)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
-    use_8bit_adam: bool = False
+    use_8bit_adam: bool = Field(False, description="bitsandbytes' AdamW8bit; the check phase refuses it where bitsandbytes cannot load")
     max_grad_norm: float = Field(1.0, gt=0)
     variations: VariationConfig = VariationConfig()
     concurrency: Concurrency = Concurrency()
     num_gpus: float = Field(1.0, ge=0, description="GPUs per generation actor when the cluster has GPUs")
     max_retries: int = Field(1, ge=0, description="retries of a failing identity before it is recorded as failed")
+    max_failed_identities: int = Field(
+        0, ge=0,
+        description="failed identities a build tolerates and still exits 0 (very large runs); more -> exit 1",
+    )
+    circuit_breaker: int = Field(
+        3, ge=0,
+        description="stop the build at once when the first N identities of a run all fail with the same "
+        "error class (a systematic failure); 0 = never stop early",
+    )
     seed: int = 0
     debug_fail_identities: list[str] = Field(
         [], description="fault injection: identities ('source/pid') whose generation always raises"
@@ -118,7 +124,7 @@ class FilterConfig(StrictModel):
 
 class OutputConfig(StrictModel):
     dir: Path = Path("outputs/demo")
-    image_size: Size = (256, 128)
+    image_size: ImageSize = (256, 128)
     image_format: Literal["jpeg", "png"] = "jpeg"
     jpeg_quality: int = Field(95, ge=1, le=100)
     rows_per_shard: int = Field(4096, ge=1)

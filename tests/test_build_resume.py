@@ -41,9 +41,9 @@ def _build(preset: Path, out: Path, *extra: str) -> subprocess.Popen:
     )
 
 
-def _finish(process: subprocess.Popen, timeout: float = 600) -> str:
+def _finish(process: subprocess.Popen, timeout: float = 600, expect: int = 0) -> str:
     output, _ = process.communicate(timeout=timeout)
-    assert process.returncode == 0, output[-4000:]
+    assert process.returncode == expect, output[-4000:]
     return output
 
 
@@ -85,16 +85,56 @@ def test_sigkill_mid_build_then_rerun_matches_uninterrupted(setup: dict[str, Pat
 
 def test_failed_identity_is_recorded_then_retried(setup: dict[str, Path]) -> None:
     out = setup["root"] / "failing"
-    output = _finish(_build(setup["preset"], out, "--set", "generation.debug_fail_identities=[synthetic/2]",
-                            "--set", "generation.max_retries=1"))
+    fault = ["--set", "generation.debug_fail_identities=[synthetic/2]", "--set", "generation.max_retries=1"]
+    # A build with a failed identity writes everything else, then exits 1 naming the failure.
+    output = _finish(_build(setup["preset"], out, *fault), expect=1)
     manifest = json.loads((out / "manifest.json").read_text())
     assert "synthetic/2" in manifest["failed"] and manifest["failed"]["synthetic/2"]["attempts"] == 2
     assert len(manifest["identities"]) == 4 and "1 failed" in output
-    assert "synthetic/2" not in set(pd.read_parquet(out / "shards")["identity"])
+    assert "1 identities failed (tolerated: generation.max_failed_identities=0)" in output
+    assert "RuntimeError (synthetic/2)" in output
+    shards = pd.read_parquet(out / "shards")
+    assert set(shards["identity"]) == set(manifest["identities"]) and "synthetic/2" not in set(shards["identity"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["failures_by_error"]["RuntimeError"]["identities"] == ["synthetic/2"]
+    # The documented tolerance: the same failure within max_failed_identities exits 0.
+    _finish(_build(setup["preset"], out, *fault, "--set", "generation.max_failed_identities=1"))
     # A rerun without the fault finishes the failed identity and only it.
     output = _finish(_build(setup["preset"], out))
     manifest = json.loads((out / "manifest.json").read_text())
     assert "4 already done" in output and manifest["failed"] == {} and len(manifest["identities"]) == 5
+    # Nothing left: the summary reports the dataset's totals, not this run's zeros.
+    output = _finish(_build(setup["preset"], out))
+    summary = json.loads((out / "summary.json").read_text())
+    totals = manifest["identities"].values()
+    generated, kept = sum(e["generated"] for e in totals), sum(e["kept"] for e in totals)
+    assert "nothing generated this run (5 of 5 planned identities were already done)" in output
+    assert summary["generated"] == 0 and summary["total_generated"] == generated and summary["total_kept"] == kept
+    assert summary["acceptance_rate"] == pytest.approx(kept / generated) and generated > 0
+    assert f"acceptance rate {100 * kept / generated:.1f}%" in (out / "README.md").read_text()
+
+
+def test_systematic_failure_stops_the_build_after_k_identities(setup: dict[str, Path]) -> None:
+    """Every identity fails alike: the circuit breaker stops after the first 3 instead of
+    spending the whole plan, and the build exits 1 with the error and what to change."""
+    from factory.config import load_config
+    from factory.datasets.market import load_market1501
+    from factory.run_config import RunConfig
+    from factory.sequences import plan_identities
+
+    config = load_config(RunConfig, setup["preset"], ["sequences.max_identities=8"])
+    planned = [s.key for s in plan_identities([load_market1501(setup["source"], "synthetic")], config.sequences)]
+    assert len(planned) == 8
+    out = setup["root"] / "systematic"
+    output = _finish(_build(setup["preset"], out, "--set", "sequences.max_identities=8",
+                            "--set", f"generation.debug_fail_identities=[{','.join(planned)}]",
+                            "--set", "generation.max_retries=0"), expect=1)
+    assert "build stopped early: the first 3 identities all failed with RuntimeError" in output
+    assert "remove the injected failures (generation.debug_fail_identities)" in output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert len(manifest["failed"]) == 3 and manifest["identities"] == {}, "stopped at K, not after the plan"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["aborted"] and summary["identities_processed"] == 3
 
 
 def test_corrupt_and_truncated_source_images_are_quarantined_and_the_run_completes(

@@ -94,7 +94,7 @@ def _captioned_rows(n: int) -> pa.Table:
 
 def test_stage_loads_model_once_and_is_reproducible(tiny_sd_dir: Path) -> None:
     output = OutputConfig(image_size=(32, 16), image_format="png")
-    stage = GenerationStage(_tiny_config(base_model=str(tiny_sd_dir)), output, "zwx", num_threads=1)
+    stage = GenerationStage(_tiny_config(base_model=str(tiny_sd_dir)), output, num_threads=1)
     stage.setup()
     first = stage.process_batch(_captioned_rows(2))
     second = stage.process_batch(_captioned_rows(2))
@@ -110,7 +110,7 @@ def test_stage_loads_model_once_and_is_reproducible(tiny_sd_dir: Path) -> None:
 def test_failing_identity_is_retried_then_recorded(tiny_sd_dir: Path) -> None:
     output = OutputConfig(image_size=(32, 16))
     config = _tiny_config(base_model=str(tiny_sd_dir), max_retries=2)
-    stage = GenerationStage(config, output, "zwx", num_threads=1, fail_identities=["demo/0"])
+    stage = GenerationStage(config, output, num_threads=1, fail_identities=["demo/0"])
     stage.setup()
     before = module_fingerprint(stage.generator.unet)
     result = stage.process_batch(_captioned_rows(2)).to_pylist()
@@ -120,6 +120,11 @@ def test_failing_identity_is_retried_then_recorded(tiny_sd_dir: Path) -> None:
 
 
 def test_vocabulary_word_as_iir_is_refused(tiny_sd_dir: Path) -> None:
-    stage = GenerationStage(_tiny_config(base_model=str(tiny_sd_dir)), OutputConfig(), "person")
-    with pytest.raises(ValueError, match="vocabulary"):
-        stage.setup()
+    """Refused by the check phase from the model's tokenizer files, before any model loads."""
+    from factory.preflight import check_models
+    from factory.run_config import load_run_config
+
+    config = load_run_config(overrides=[f"generation.base_model={tiny_sd_dir}", "caption.iir_token=person"])
+    problems = [p for p in check_models(config) if p.key == "caption.iir_token"]
+    assert problems and "text encoder's tokenizer already knows it" in problems[0].reason
+    assert problems[0].file is not None and "/tokenizer/" in problems[0].file  # vocab.json or tokenizer.json

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from factory.stage_config import CaptionConfig
-from factory.stages.caption import build_prompts, check_iir_token, clean_caption, merge_captions
+from factory.preflight import known_word_forms
+from factory.stages.caption import build_prompts, clean_caption, merge_captions
 
 
 def test_merge_keeps_phrases_most_captions_agree_on() -> None:
@@ -36,15 +37,9 @@ def test_clean_caption_strips_prompt_echo() -> None:
     assert clean_caption(prompt + " A Red  shirt.", prompt) == "a red shirt"
 
 
-class _Vocab:
-    def __init__(self, words: list[str]) -> None:
-        self.words = words
-
-    def get_vocab(self) -> dict[str, int]:
-        return {w: i for i, w in enumerate(self.words)}
-
-
 def test_iir_token_must_not_be_a_vocabulary_word() -> None:
-    check_iir_token(_Vocab(["red</w>", "shirt</w>"]), "zwx")
-    with pytest.raises(ValueError, match="vocabulary"):
-        check_iir_token(_Vocab(["red</w>", "sks</w>"]), "sks")
+    clip_vocab = {"red</w>": 0, "shirt</w>": 1, "sks</w>": 2}
+    assert known_word_forms(clip_vocab, "zwx") == []
+    assert known_word_forms(clip_vocab, "sks") == ["sks</w>"]
+    assert known_word_forms(clip_vocab, "SKS") == ["sks</w>"]  # CLIP lower-cases its input
+    assert known_word_forms({"\u0120sks": 0}, "sks") == ["\u0120sks"]  # GPT-2 / OPT byte-level BPE

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from factory.config import StrictModel
+from factory.config import ImageSize, StrictModel
 
 
 class ReidTrainConfig(StrictModel):
@@ -20,7 +20,7 @@ class ReidTrainConfig(StrictModel):
     arch: str = "resnet50"
     init: str = "imagenet"
     last_stride: Literal[1, 2] = 1
-    image_size: tuple[int, int] = (256, 128)
+    image_size: ImageSize = (256, 128)
     epochs: int = Field(120, ge=1)
     base_lr: float = Field(3.5e-4, gt=0)
     weight_decay: float = Field(5e-4, ge=0)

@@ -58,17 +58,6 @@ def build_prompts(caption: str, config: CaptionConfig) -> tuple[str, str]:
     return prompt, reference
 
 
-def check_iir_token(tokenizer, iir_token: str) -> None:
-    """The paper's IIR is 'a meaningless text not in CLIP's vocabulary'. Refuse a token that the
-    text encoder's tokenizer knows as a whole word, since it would carry prior meaning."""
-    vocab = tokenizer.get_vocab()
-    if f"{iir_token.lower()}</w>" in vocab or iir_token.lower() in vocab:
-        raise ValueError(
-            f"caption.iir_token {iir_token!r} is a word in the text encoder's vocabulary; "
-            "choose a meaningless string (e.g. 'zwx') so it carries no prior meaning"
-        )
-
-
 def _pick_device(num_gpus: float) -> str:
     return "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
 

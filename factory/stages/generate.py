@@ -113,12 +113,11 @@ class IdentityOutput:
 
 def _make_optimizer(params, config: GenerationConfig) -> torch.optim.Optimizer:
     if config.use_8bit_adam:
-        try:
-            import bitsandbytes as bnb  # optional: only where installed (CUDA machines)
+        # No silent fallback to AdamW: the build's check phase has refused this setting where
+        # bitsandbytes cannot load, so an ImportError here is a real fault of this node.
+        import bitsandbytes as bnb
 
-            return bnb.optim.AdamW8bit(params, lr=config.learning_rate)
-        except ImportError:
-            print("generation.use_8bit_adam: bitsandbytes is not installed; using torch AdamW")
+        return bnb.optim.AdamW8bit(params, lr=config.learning_rate)
     return torch.optim.AdamW(params, lr=config.learning_rate)
 
 
@@ -307,7 +306,6 @@ class GenerationStage(Stage):
         self,
         config: GenerationConfig,
         output: OutputConfig,
-        iir_token: str,
         num_gpus: float = 0.0,
         num_threads: int | None = None,
         fail_identities: Sequence[str] = (),
@@ -315,7 +313,6 @@ class GenerationStage(Stage):
     ) -> None:
         self.config = config
         self.output = output
-        self.iir_token = iir_token
         self.num_gpus = num_gpus
         self.num_threads = num_threads
         self.fail_identities = set(fail_identities)
@@ -328,15 +325,14 @@ class GenerationStage(Stage):
         return StageResources(1, c.min, c.max, float(self.num_threads or 1), self.num_gpus)
 
     def setup(self) -> None:
-        from factory.stages.caption import check_iir_token
-
+        # The IIR token was checked against this model's tokenizer by the build's check phase
+        # (factory.preflight), before any model loaded.
         if self.num_threads:
             # Same thread count on every actor keeps CPU results bit-reproducible across reruns.
             torch.set_num_threads(self.num_threads)
         device = "cuda" if self.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         pipeline = self.loader(self.config.base_model, device)
         self.model_loads += 1
-        check_iir_token(pipeline.tokenizer, self.iir_token)
         self.generator = DiversityInjectionGenerator(pipeline, self.config, device)
 
     def _run_identity(self, row: dict) -> IdentityOutput:

@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Exit status: 0 trained and exported; 1 training failed (resumable); 2 refused before training."""
     args = build_parser().parse_args(argv)
     # Heavy imports (torch, timm, Ray) after argument parsing: `--help` and config errors are instant.
     from trainers.pretrain.shards import ShardError
@@ -51,12 +52,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if latest is not None:
         print(f"pretrain: resuming from {latest}", flush=True)
     import ray.data
+    import ray.train
 
     # One line per epoch (from rank 0) is the progress report; Ray Data's per-operator bars,
     # redrawn by every epoch's pass over the shards, would bury it.
     ray.data.DataContext.get_current().enable_progress_bars = False
     start = time.perf_counter()
-    result = pretrain(args.data, args.out, config)
+    try:
+        result = pretrain(args.data, args.out, config)
+    except ray.train.TrainingFailedError as err:
+        # Workers failed more often than pretrain.max_failures allows: a non-zero exit, with the
+        # last checkpoint left in --out for the same command to resume from.
+        print(f"error: pre-training failed after {time.perf_counter() - start:.0f} s: {err}", file=sys.stderr)
+        print(f"pretrain: rerun the same command to resume from the last checkpoint in {args.out}", file=sys.stderr)
+        return 1
     last = result.history[-1] if result.history else {}
     print(f"pretrain: done in {time.perf_counter() - start:.0f} s; {len(result.history)} epochs, "
           f"final loss {last.get('loss', float('nan')):.4f}, train accuracy {last.get('train_accuracy', 0):.3f}")

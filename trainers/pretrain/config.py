@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from factory.config import StrictModel
+from factory.config import ImageSize, StrictModel
 
 
 class FaultInjection(StrictModel):
@@ -39,7 +39,7 @@ class PretrainConfig(StrictModel):
         description="passed to timm.create_model as is (e.g. drop_path_rate, img_size for ViT/Swin); "
         "the export loads with timm.create_model(arch, num_classes=0, **model_kwargs)",
     )
-    image_size: tuple[int, int] = Field((256, 128), description="(height, width) fed to the model")
+    image_size: ImageSize = Field((256, 128), description="(height, width) fed to the model")
 
     # optimisation (timm names)
     epochs: int = Field(300, ge=1)
