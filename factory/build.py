@@ -23,7 +23,7 @@ from factory.config import ConfigError, config_origin, save_config
 from factory.datasets.base import DatasetError, ReidDataset
 from factory.models.locate import ModelNotAvailableError
 from factory.preflight import check_config, check_models, check_sources, raise_problems
-from factory.report import BuildSummary, error_class, identity_strip, write_contact_sheet, write_dataset_card
+from factory.report import BuildSummary, PlanClock, error_class, identity_strip, write_contact_sheet, write_dataset_card
 from factory.run_config import DEFAULT_PRESET, RunConfig, load_run_config
 from factory.schema import STAGED_SCHEMA
 from factory.sequences import plan_identities, read_sequences
@@ -57,8 +57,11 @@ class CircuitBreaker:
         self.classes: list[str] = []
         self.armed = limit > 0
 
-    def record(self, ok: bool, error: str = "") -> str | None:
+    def record(self, ok: bool, error: str = "", attempts: int = 1) -> str | None:
         """Feed one finished identity; returns the reason to stop, or None."""
+        if not ok and error_class(error) == "OutOfMemoryError" and attempts >= 2:
+            # Out of memory twice: every identity of this plan will be, on this GPU. Stop at once.
+            return f"an identity ran out of GPU memory {attempts} times: {error[:400]}; {FAILURE_HINTS[0][1]}"
         if not self.armed:
             return None
         if ok:
@@ -181,6 +184,7 @@ def run(config: RunConfig, out_dir: Path | None = None, log=print, origin: str =
             config.generation.num_gpus,
             threads,
             config.generation.debug_fail_identities,
+            reference_dir=str(out_dir / "reference_sets"),
         )
         filtering = functools.partial(FilterStage, config.filter, filter_models, config.filter.num_gpus)
         dataset = ray_pipeline.dataset_of_rows(table)
@@ -190,10 +194,12 @@ def run(config: RunConfig, out_dir: Path | None = None, log=print, origin: str =
         previews = out_dir / "previews"
         previews.mkdir(exist_ok=True)
         breaker = CircuitBreaker(config.generation.circuit_breaker)
+        clock = PlanClock(total=len(todo))
+        summary.gpus = use_gpus
         rows = ray_pipeline.iter_rows(dataset)
         for row in rows:
-            _record_row(row, store, summary, previews, config, len(todo), log)
-            summary.aborted = breaker.record(row["status"] == "ok", row["error"])
+            _record_row(row, store, summary, previews, config, clock, use_gpus, log)
+            summary.aborted = breaker.record(row["status"] == "ok", row["error"], row["attempts"])
             if summary.aborted:
                 log(f"[stop] {summary.aborted}")
                 rows.close()  # ends the streaming execution: no more identities start
@@ -222,18 +228,33 @@ def run(config: RunConfig, out_dir: Path | None = None, log=print, origin: str =
     return summary
 
 
-def _record_row(row: dict, store: OutputStore, summary: BuildSummary, previews: Path, config: RunConfig, total: int, log) -> None:
+def identity_cost(row: dict, config: RunConfig, use_gpus: bool) -> tuple[dict[str, float], float]:
+    """Seconds per phase of one identity, and its GPU-seconds: each phase's seconds times the
+    GPUs its actor holds (0 on a cluster without GPUs)."""
+    generation_phases = json.loads(row["timings"] or "{}")
+    seconds = {"caption": row["caption_seconds"], **generation_phases, "filter": row["filter_seconds"] or 0.0}
+    if not use_gpus:
+        return seconds, 0.0
+    gpus = {"caption": config.caption.num_gpus, "filter": config.filter.num_gpus}
+    gpu_seconds = sum(s * gpus.get(phase, config.generation.num_gpus) for phase, s in seconds.items())
+    return seconds, gpu_seconds
+
+
+def _record_row(row: dict, store: OutputStore, summary: BuildSummary, previews: Path, config: RunConfig,
+                clock: PlanClock, use_gpus: bool, log) -> None:
     summary.identities_processed += 1
-    summary.add_seconds("caption", row["caption_seconds"])
-    summary.add_seconds("filter", row["filter_seconds"] or 0.0)
-    for phase, seconds in json.loads(row["timings"] or "{}").items():
-        summary.add_seconds(phase, seconds)
-    prefix = f"[{summary.identities_processed}/{total}] {row['identity']}"
+    seconds, gpu_seconds = identity_cost(row, config, use_gpus)
+    for phase, value in seconds.items():
+        summary.add_seconds(phase, value)
+    prefix = f"[{summary.identities_processed}/{clock.total}] {row['identity']}"
+    progress = clock.tick()
     if row["status"] != "ok":
         summary.record_failure(row["identity"], row["error"])
         store.record_failure(row["identity"], row["error"], row["attempts"])
-        log(f"{prefix}: FAILED after {row['attempts']} attempts: {row['error']}")
+        log(f"{prefix}: FAILED after {row['attempts']} attempts: {row['error']} | {progress}")
         return
+    summary.add_identity_cost(sum(seconds.values()), gpu_seconds)
+    summary.references_reused += bool(row["reference_reused"])
     kept = sum(row["kept"])
     generated = len(row["generated"])
     summary.generated += generated
@@ -241,7 +262,10 @@ def _record_row(row: dict, store: OutputStore, summary: BuildSummary, previews: 
     store.record_identity(
         row["identity"],
         staged_rows(row),
-        {"generated": generated, "kept": kept, "caption": row["caption"], "seed": row["seed"]},
+        {"generated": generated, "kept": kept, "caption": row["caption"], "seed": row["seed"],
+         "reference_reused": bool(row["reference_reused"]),
+         "seconds": {phase: round(value, 3) for phase, value in seconds.items()},
+         "gpu_seconds": round(gpu_seconds, 3)},
     )
     if len(list(previews.glob("*.png"))) < config.output.contact_sheet_identities:
         # Written aside then renamed: a kill mid-write must not leave a truncated PNG that the
@@ -250,7 +274,8 @@ def _record_row(row: dict, store: OutputStore, summary: BuildSummary, previews: 
         tmp = previews / f".{path.name}.tmp"
         identity_strip(row).save(tmp, format="PNG")
         os.replace(tmp, path)
-    log(f"{prefix}: kept {kept}/{generated} ({row['filter_kind']}), caption: {row['caption']!r}")
+    log(f"{prefix}: kept {kept}/{generated} ({row['filter_kind']}) in {sum(seconds.values()):.1f} s | {progress} | "
+        f"caption: {row['caption']!r}")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -33,6 +33,7 @@ from factory.datasets.base import ReidDataset
 from factory.models.locate import read_model_json
 from factory.run_config import RunConfig
 from factory.sequences import IdentitySequence
+from factory.stage_config import fault_target
 
 # Stable Diffusion's pipelines refuse sizes that are not multiples of 8 (`check_inputs`),
 # whatever the VAE; the VAE itself needs multiples of its own downsampling factor.
@@ -175,11 +176,12 @@ def filter_checkpoints_name_sources(config: RunConfig) -> Iterable[Problem]:
 def debug_failures_name_identities(config: RunConfig) -> Iterable[Problem]:
     names = {s.source_name for s in config.sources}
     for entry in config.generation.debug_fail_identities:
-        source, _, pid = entry.rpartition("/")
-        if source not in names or not pid.lstrip("-").isdigit():
+        identity, kind = fault_target(entry)
+        source, _, pid = identity.rpartition("/")
+        if source not in names or not pid.lstrip("-").isdigit() or kind not in ("error", "oom"):
             yield Problem(
                 "generation.debug_fail_identities", entry,
-                f"not an identity 'SOURCE/PID' of the configured sources {sorted(names)}",
+                f"not an identity 'SOURCE/PID[:oom]' of the configured sources {sorted(names)}",
             )
 
 
@@ -298,7 +300,7 @@ def check_sources(
                 problems.extend(_trainable_problems(config, dataset))
     planned = {sequence.key for sequence in plan}
     for entry in config.generation.debug_fail_identities:
-        if entry not in planned:
+        if fault_target(entry)[0] not in planned:
             problems.append(Problem("generation.debug_fail_identities", entry,
                                     f"not among the {len(planned)} planned identities"))
     return problems

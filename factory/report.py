@@ -4,6 +4,7 @@ contact sheet (source sequence | reference set | kept | rejected, with scores)."
 from __future__ import annotations
 
 import io
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,6 +39,10 @@ class BuildSummary:
     aborted: str | None = None  # why the build stopped early (the circuit breaker), else None
     stage_seconds: dict[str, float] = field(default_factory=dict)
     wall_seconds: float = 0.0
+    gpus: bool = False  # whether the stages ran on GPUs (else costs are CPU actor-seconds)
+    references_reused: int = 0  # identities whose Attribute Reference Set was shared, this run
+    identity_seconds: float = 0.0  # summed over the identities generated this run (all phases)
+    gpu_seconds: float = 0.0
 
     @property
     def acceptance_rate(self) -> float:
@@ -46,6 +51,21 @@ class BuildSummary:
 
     def add_seconds(self, stage: str, seconds: float) -> None:
         self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + seconds
+
+    def add_identity_cost(self, seconds: float, gpu_seconds: float) -> None:
+        self.identity_seconds += seconds
+        self.gpu_seconds += gpu_seconds
+
+    def plan_projection(self) -> str | None:
+        """The whole plan's cost at this run's measured rate, e.g. '5183 identities ~ 576.0
+        GPU-hours at 400 GPU-s per identity'."""
+        done = self.identities_processed - self.identities_failed
+        if done <= 0:
+            return None
+        per_identity, unit = ((self.gpu_seconds / done, "GPU") if self.gpus else (self.identity_seconds / done, "actor"))
+        hours = per_identity * self.identities_planned / 3600
+        return (f"{self.identities_planned} planned identities ~ {hours:.2f} {unit}-hours at the measured "
+                f"{per_identity:.1f} {unit}-s per identity")
 
     def record_failure(self, identity: str, error: str) -> None:
         self.identities_failed += 1
@@ -67,7 +87,8 @@ class BuildSummary:
         return groups
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "acceptance_rate": self.acceptance_rate, "failures_by_error": self.failures_by_error()}
+        return {**asdict(self), "acceptance_rate": self.acceptance_rate, "failures_by_error": self.failures_by_error(),
+                "plan_projection": self.plan_projection()}
 
     def render(self) -> str:
         stages = ", ".join(f"{k} {v:.1f}s" for k, v in sorted(self.stage_seconds.items()))
@@ -84,6 +105,8 @@ class BuildSummary:
             f"{self.identities_skipped_done} already done, {self.identities_failed} failed, "
             f"{self.identities_skipped_input} skipped (too few readable images)",
             f"images:          {this_run}; {self.images_quarantined} source images quarantined",
+            f"reference sets:  {self.references_reused} of {self.identities_processed - self.identities_failed} "
+            "shared with an identity of the same reference prompt (this run)",
             f"dataset:         {self.output_images} images of {self.output_identities} identities in shards/ "
             f"(all runs: {self.total_identities_done} identities done, {self.total_generated} generated, "
             f"{self.total_kept} kept, acceptance {100 * self.acceptance_rate:.1f}%)",
@@ -93,11 +116,37 @@ class BuildSummary:
             lines.append(f"failed:          {group['count']} x {name}, e.g. {group['example'][:200]!r}: {shown}")
         if self.aborted:
             lines.append(f"stopped early:   {self.aborted}")
+        if self.plan_projection():
+            lines.append(f"cost:            {self.plan_projection()}")
         lines += [
             f"stage seconds:   {stages or '-'} (summed over actors)",
             f"wall time:       {self.wall_seconds:.1f}s",
         ]
         return "\n".join(lines)
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
+
+
+@dataclass
+class PlanClock:
+    """Progress of this run's planned identities: elapsed time, throughput and an ETA, for the
+    per-identity log line (Ray Data's bars show no ETA for batches that take minutes)."""
+
+    total: int
+    started: float = field(default_factory=time.perf_counter)
+    done: int = 0
+
+    def tick(self, now: float | None = None) -> str:
+        """Count one finished identity; `now` (default: the clock) for tests and replays."""
+        self.done += 1
+        elapsed = max((time.perf_counter() if now is None else now) - self.started, 1e-9)
+        rate = self.done / elapsed
+        eta = (self.total - self.done) / rate
+        return f"{_clock(elapsed)} elapsed, {rate * 3600:.0f} identities/h, ETA {_clock(eta)}"
 
 
 def error_class(error: str) -> str:
@@ -128,6 +177,8 @@ fine-tuning with the Fine-Grain-Specific Prior Preservation Loss, {f.kind} filte
 | fine-tune | {g.train_steps} steps, lr {g.learning_rate}, lambda {g.prior_loss_weight}, {g.reference_images} reference images |
 | samples per identity | {g.samples_per_identity}, {g.num_inference_steps} steps, guidance {g.guidance_scale} |
 | filter | {f.kind}, threshold {f.threshold} |
+| measured cost | {summary.plan_projection() or "nothing generated this run"} |
+| reference sets reused | {sum(bool(e.get("reference_reused")) for e in manifest.get("identities", {}).values())} of {summary.total_identities_done} identities |
 | stored size | {config.output.image_size[0]}x{config.output.image_size[1]} {config.output.image_format} |
 
 Read it with `ray.data.read_parquet("shards")`, `pandas.read_parquet("shards")` or

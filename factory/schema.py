@@ -47,6 +47,7 @@ GENERATION_FIELDS = [
     ("timings", pa.string()),  # JSON {phase: seconds}
     ("model_loads", pa.int64()),  # base-model loads by the actor so far (must stay 1)
     ("attempts", pa.int64()),
+    ("reference_reused", pa.bool_()),  # the Attribute Reference Set was shared with an earlier identity
 ]
 GENERATED_SCHEMA = pa.schema(list(CAPTIONED_SCHEMA) + [pa.field(n, t) for n, t in GENERATION_FIELDS])
 

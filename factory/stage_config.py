@@ -66,6 +66,19 @@ class VariationConfig(StrictModel):
     scene: list[str] = ["on a city street", "on a campus", "in an airport hall", "in a park"]
 
 
+SchedulerName = Literal["model", "pndm", "ddim", "dpmsolver++", "unipc", "euler_a"]
+
+
+class LoraSettings(StrictModel):
+    """`generation.finetune: lora`: a peft LoRA adapter on the UNet's attention projections,
+    trained per identity and dropped afterwards (the base weights are never written)."""
+
+    rank: int = Field(16, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    target_modules: list[str] = Field(["to_q", "to_k", "to_v", "to_out.0"], min_length=1)
+    learning_rate: float = Field(1e-4, gt=0, description="LoRA's own rate (adapters need far more than 2e-6)")
+
+
 class GenerationConfig(StrictModel):
     """Per-identity DreamBooth fine-tune with the Fine-Grain-Specific Prior Preservation Loss."""
 
@@ -80,7 +93,18 @@ class GenerationConfig(StrictModel):
     num_inference_steps: int = Field(50, ge=1)
     reference_inference_steps: int | None = Field(None, ge=1, description="defaults to num_inference_steps")
     guidance_scale: float = Field(7.5, ge=0)
+    scheduler: SchedulerName = Field(
+        "model", description="sampler for the reference set and the samples: 'model' keeps the one the model "
+        "ships (SD v1.4: PNDM); fine-tuning always adds DDPM noise",
+    )
     sample_batch_size: int = Field(10, ge=1)
+    vae_batch_size: int = Field(8, ge=1, description="images per VAE encode/decode call (bounds VAE activation memory)")
+    reuse_reference_sets: bool = Field(
+        True, description="identities with the same reference prompt share one Attribute Reference Set, "
+        "stored as latents under DIR/reference_sets/",
+    )
+    finetune: Literal["full", "lora"] = Field("full", description="full: the paper's whole-UNet fine-tune; lora: peft adapter")
+    lora: LoraSettings = LoraSettings()
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
     use_8bit_adam: bool = Field(False, description="bitsandbytes' AdamW8bit; the check phase refuses it where bitsandbytes cannot load")
@@ -100,8 +124,16 @@ class GenerationConfig(StrictModel):
     )
     seed: int = 0
     debug_fail_identities: list[str] = Field(
-        [], description="fault injection: identities ('source/pid') whose generation always raises"
+        [], description="fault injection: identities ('source/pid') whose generation always raises "
+        "(RuntimeError; 'source/pid:oom' raises CUDA's OutOfMemoryError)",
     )
+
+
+def fault_target(entry: str) -> tuple[str, str]:
+    """`generation.debug_fail_identities` entry -> (identity, kind): `synthetic/3` ->
+    ("synthetic/3", "error"), `synthetic/3:oom` -> ("synthetic/3", "oom")."""
+    identity, _, kind = entry.partition(":")
+    return identity, kind or "error"
 
 
 class FilterConfig(StrictModel):

@@ -68,7 +68,8 @@ def test_base_weights_bit_identical_after_identity(tiny_sd_dir: Path) -> None:
     generator = DiversityInjectionGenerator(load_text_to_image(str(tiny_sd_dir), "cpu", torch.float32), _tiny_config())
     before = module_fingerprint(generator.unet)
     images = [_person((200, 30, 30)), _person((190, 40, 40))]
-    generator.fine_tune(images, "a photo of zwx person", images, "a photo of a person", seed=1)
+    reference = generator.sample_latents(["a photo of a person"] * 2, [1, 2], steps=2)
+    generator.fine_tune(images, "a photo of zwx person", reference, "a photo of a person", seed=1)
     assert module_fingerprint(generator.unet) != before, "fine-tuning must change the UNet"
     generator.restore_base_weights()
     assert module_fingerprint(generator.unet) == before
@@ -77,6 +78,64 @@ def test_base_weights_bit_identical_after_identity(tiny_sd_dir: Path) -> None:
     assert len(output.images) == 3 and len(output.reference_images) == 2
     assert set(output.timings) == {"reference_set", "fine_tune", "sample"}
     assert output.images[0].size == (16, 32)
+
+
+def test_lora_fine_tune_changes_the_output_and_leaves_the_base_bit_identical(tiny_sd_dir: Path) -> None:
+    """`generation.finetune: lora`: a peft adapter trained per identity, dropped afterwards; no
+    CPU copy of the base weights is kept, none is needed."""
+    from factory.models.loading import load_text_to_image
+
+    config = _tiny_config(finetune="lora", lora={"rank": 4, "alpha": 4, "learning_rate": 1e-2})
+    generator = DiversityInjectionGenerator(load_text_to_image(str(tiny_sd_dir), "cpu", torch.float32), config)
+    assert generator._base_state is None
+    before = module_fingerprint(generator.unet)
+    base_images = generator.generate_images(["a photo of zwx person"], [5], steps=2)
+    images = [_person((200, 30, 30)), _person((190, 40, 40))]
+    reference = generator.sample_latents(["a photo of a person"] * 2, [1, 2], steps=2)
+    losses = generator.fine_tune(images, "a photo of zwx person", reference, "a photo of a person", seed=1)
+    assert len(losses) == config.train_steps
+    assert "identity" in generator.unet.peft_config and any("lora" in n for n, _ in generator.unet.named_parameters())
+    tuned = generator.generate_images(["a photo of zwx person"], [5], steps=2)
+    assert tuned[0].tobytes() != base_images[0].tobytes(), "the adapter must change what is sampled"
+    generator.restore_base_weights()
+    assert not getattr(generator.unet, "peft_config", {}), "the adapter is dropped"
+    assert module_fingerprint(generator.unet) == before
+    assert generator.generate_images(["a photo of zwx person"], [5], steps=2)[0].tobytes() == base_images[0].tobytes()
+
+
+@pytest.mark.parametrize("scheduler", ["pndm", "ddim", "dpmsolver++", "unipc", "euler_a"])
+def test_scheduler_choice_samples_and_training_keeps_ddpm_noise(tiny_sd_dir: Path, scheduler: str) -> None:
+    import diffusers
+
+    from factory.models.loading import load_text_to_image
+    from factory.stages.generate import SCHEDULERS
+
+    generator = DiversityInjectionGenerator(
+        load_text_to_image(str(tiny_sd_dir), "cpu", torch.float32), _tiny_config(scheduler=scheduler)
+    )
+    assert type(generator.pipe.scheduler) is getattr(diffusers, SCHEDULERS[scheduler][0])
+    assert type(generator.train_scheduler) is diffusers.DDPMScheduler
+    assert generator.pipe.scheduler.config.beta_schedule == generator.train_scheduler.config.beta_schedule
+    latents = generator.sample_latents(["a photo of a person"] * 3, [1, 2, 3], steps=3)
+    assert latents.shape[0] == 3 and torch.isfinite(latents).all()
+
+
+def test_vae_runs_in_chunks_of_vae_batch_size(tiny_sd_dir: Path) -> None:
+    """The memory plan: no VAE call sees more than `vae_batch_size` images (the paper's 200
+    reference images at 512x512 in one encoder call need ~25 GiB for the first conv alone)."""
+    from factory.models.loading import load_text_to_image
+
+    generator = DiversityInjectionGenerator(
+        load_text_to_image(str(tiny_sd_dir), "cpu", torch.float32), _tiny_config(vae_batch_size=2, sample_batch_size=5)
+    )
+    batches: list[int] = []
+    for module in (generator.vae.encoder, generator.vae.decoder):
+        module.register_forward_pre_hook(lambda _m, args: batches.append(args[0].shape[0]))
+    mean, std = generator.encode_images([_person((200, 30, 30))] * 5)
+    assert mean.shape[0] == 5 and mean.dtype == torch.float32 and batches == [2, 2, 1]
+    batches.clear()
+    images = generator.generate_images(["a photo of a person"] * 5, list(range(5)), steps=2)
+    assert len(images) == 5 and batches == [2, 2, 1]
 
 
 def _captioned_rows(n: int) -> pa.Table:
@@ -128,3 +187,58 @@ def test_vocabulary_word_as_iir_is_refused(tiny_sd_dir: Path) -> None:
     problems = [p for p in check_models(config) if p.key == "caption.iir_token"]
     assert problems and "text encoder's tokenizer already knows it" in problems[0].reason
     assert problems[0].file is not None and "/tokenizer/" in problems[0].file  # vocab.json or tokenizer.json
+
+
+def test_out_of_memory_names_phase_and_memory_and_trips_the_breaker(tiny_sd_dir: Path) -> None:
+    """An identity out of memory on every attempt reports the phase and the memory figures; the
+    build's circuit breaker stops on the second OOM instead of failing every identity."""
+    from factory.build import CircuitBreaker
+
+    config = _tiny_config(base_model=str(tiny_sd_dir), max_retries=1)
+    stage = GenerationStage(config, OutputConfig(image_size=(32, 16)), num_threads=1, fail_identities=["demo/0:oom"])
+    stage.setup()
+    failed, ok = stage.process_batch(_captioned_rows(2)).to_pylist()
+    assert failed["status"] == "failed" and failed["attempts"] == 2 and ok["status"] == "ok"
+    assert failed["error"].startswith("OutOfMemoryError: CUDA out of memory")
+    assert "phase reference_set" in failed["error"] and "peak RSS" in failed["error"]
+    breaker = CircuitBreaker(limit=3)
+    assert breaker.record(True) is None  # a success disarms the K-alike rule, never the OOM rule
+    reason = breaker.record(False, failed["error"], failed["attempts"])
+    assert reason is not None and "out of GPU memory 2 times" in reason and "gradient_checkpointing" in reason
+
+
+def test_circuit_breaker_needs_k_alike_failures_first() -> None:
+    from factory.build import CircuitBreaker
+
+    breaker = CircuitBreaker(limit=3)
+    assert breaker.record(False, "ValueError: a") is None and breaker.record(False, "ValueError: b") is None
+    assert "the first 3 identities all failed with ValueError" in breaker.record(False, "ValueError: c")
+    mixed = CircuitBreaker(limit=2)
+    assert mixed.record(False, "ValueError: a") is None and mixed.record(False, "KeyError: b") is None
+    assert CircuitBreaker(limit=0).record(False, "ValueError: a") is None
+
+
+def test_identities_with_one_reference_prompt_share_one_reference_set(tiny_sd_dir: Path, tmp_path: Path) -> None:
+    """Reuse is exact: a shared set is the one that would have been sampled (its seeds come from
+    the prompt, not the identity), so outputs equal a run without reuse; another actor (or a
+    rerun) finds the set under the output location."""
+    output = OutputConfig(image_size=(32, 16), image_format="png")
+    config = _tiny_config(base_model=str(tiny_sd_dir))
+    rows = _captioned_rows(2)  # two identities, one reference prompt
+    shared = GenerationStage(config, output, num_threads=1, reference_dir=str(tmp_path / "refs"))
+    shared.setup()
+    first = shared.process_batch(rows).to_pylist()
+    assert [r["reference_reused"] for r in first] == [False, True]
+    assert len(list((tmp_path / "refs").glob("*.safetensors"))) == 1
+    other_actor = GenerationStage(config, output, num_threads=1, reference_dir=str(tmp_path / "refs"))
+    other_actor.setup()
+    again = other_actor.process_batch(rows).to_pylist()
+    assert [r["reference_reused"] for r in again] == [True, True]
+    alone = GenerationStage(config.model_copy(update={"reuse_reference_sets": False}), output, num_threads=1,
+                            reference_dir=str(tmp_path / "unused"))
+    alone.setup()
+    plain = alone.process_batch(rows).to_pylist()
+    assert not (tmp_path / "unused").exists() and [r["reference_reused"] for r in plain] == [False, False]
+    for a, b, c in zip(first, again, plain):
+        assert a["generated"] == b["generated"] == c["generated"]
+        assert a["reference_preview"] == b["reference_preview"] == c["reference_preview"]

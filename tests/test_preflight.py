@@ -78,7 +78,7 @@ RULES = [
     ("checkpoint-for-unknown-source", ["filter.reid_checkpoints={market1501: /nowhere}"],
      "filter.reid_checkpoints.market1501", "no source is named 'market1501'"),
     ("fault-injection-malformed", ["generation.debug_fail_identities=[nonsense]"],
-     "generation.debug_fail_identities", "not an identity 'SOURCE/PID'"),
+     "generation.debug_fail_identities", "not an identity 'SOURCE/PID[:oom]'"),
     # phase 2: the model's own files
     ("resolution-not-multiple-of-8", ["generation.resolution=[63,32]"], "generation.resolution",
      "multiples of 8"),

@@ -14,11 +14,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import random
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -28,7 +31,7 @@ from PIL import Image
 
 from factory.schema import CAPTIONED_SCHEMA, GENERATION_FIELDS, append_columns, require_columns
 from factory.sequences import stable_seed
-from factory.stage_config import GenerationConfig, OutputConfig, VariationConfig
+from factory.stage_config import GenerationConfig, OutputConfig, VariationConfig, fault_target
 from factory.stages.base import Stage, StageResources
 
 
@@ -106,48 +109,138 @@ class IdentityOutput:
     images: list[Image.Image]
     seeds: list[int]
     prompts: list[str]
-    reference_images: list[Image.Image]
+    reference_images: list[Image.Image]  # previews only: the set itself stays latents
     timings: dict[str, float] = field(default_factory=dict)
     losses: list[float] = field(default_factory=list)
+    reference_reused: bool = False  # the set came from the store (another identity's prompt)
+
+
+# Sampler choice: diffusers' scheduler classes built `from_config` of the model's own scheduler,
+# so the noise schedule (betas, timestep spacing) stays the model's.
+SCHEDULERS: dict[str, tuple[str, dict]] = {
+    "pndm": ("PNDMScheduler", {}),
+    "ddim": ("DDIMScheduler", {}),
+    "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+}
+MIXED_PRECISION_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+LORA_ADAPTER = "identity"
+REFERENCE_PREVIEWS = 4  # reference images decoded for the contact sheet; the rest stay latents
+
+
+def sampling_scheduler(model_scheduler, name: str):
+    """The scheduler `name` configured like `model_scheduler`; `model` keeps it as it is."""
+    if name == "model":
+        return model_scheduler
+    import diffusers
+
+    class_name, options = SCHEDULERS[name]
+    return getattr(diffusers, class_name).from_config(model_scheduler.config, **options)
+
+
+def reference_set_key(config: GenerationConfig, reference_prompt: str) -> str:
+    """What an Attribute Reference Set depends on, hashed: identities whose LPE prompt without
+    the IIR is the same share one set (model, prompt, sampler, steps, guidance, size, count, seed)."""
+    fields = {
+        "model": config.base_model, "prompt": reference_prompt, "scheduler": config.scheduler,
+        "steps": config.reference_inference_steps or config.num_inference_steps, "guidance": config.guidance_scale,
+        "resolution": list(config.resolution), "count": config.reference_images, "seed": config.seed,
+    }
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
+
+
+class ReferenceSetStore:
+    """Attribute Reference Sets as latents under the output location (`DIR/reference_sets/`),
+    one safetensors file per key, written atomically by the actor that sampled it, so another
+    actor (or a rerun) with the same reference prompt loads it instead of sampling it again."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+
+    def _path(self, key: str) -> Path:
+        return self.root / f"{key}.safetensors"
+
+    def get(self, key: str) -> torch.Tensor | None:
+        from safetensors.torch import load_file
+
+        path = self._path(key)
+        try:
+            return load_file(str(path))["latents"] if path.is_file() else None
+        except Exception:  # a damaged file: sample the set again (and rewrite it)
+            return None
+
+    def put(self, key: str, latents: torch.Tensor) -> None:
+        from safetensors.torch import save_file
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".{key}.{uuid.uuid4().hex}.tmp"
+        save_file({"latents": latents.detach().cpu().contiguous()}, str(tmp))
+        os.replace(tmp, self._path(key))
 
 
 def _make_optimizer(params, config: GenerationConfig) -> torch.optim.Optimizer:
+    lr = config.lora.learning_rate if config.finetune == "lora" else config.learning_rate
     if config.use_8bit_adam:
         # No silent fallback to AdamW: the build's check phase has refused this setting where
         # bitsandbytes cannot load, so an ImportError here is a real fault of this node.
         import bitsandbytes as bnb
 
-        return bnb.optim.AdamW8bit(params, lr=config.learning_rate)
-    return torch.optim.AdamW(params, lr=config.learning_rate)
+        return bnb.optim.AdamW8bit(params, lr=lr)
+    return torch.optim.AdamW(params, lr=lr)
 
 
 class DiversityInjectionGenerator:
-    """Per-identity fine-tune-and-sample around one loaded `StableDiffusionPipeline`."""
+    """Per-identity fine-tune-and-sample around one loaded `StableDiffusionPipeline`.
 
-    def __init__(self, pipeline, config: GenerationConfig, device: str = "cpu") -> None:
+    Memory plan (the paper recipe on one 24 GB GPU): the frozen VAE and text encoder run in the
+    mixed-precision dtype; the VAE encodes and decodes `vae_batch_size` images at a time; the
+    Attribute Reference Set stays latents (only a few previews are decoded); the base UNet
+    weights are kept on the CPU (pinned) for the restore, or not at all with LoRA (the adapter is
+    dropped); gradients and optimizer state are freed before sampling.
+    """
+
+    def __init__(
+        self, pipeline, config: GenerationConfig, device: str = "cpu", references: ReferenceSetStore | None = None
+    ) -> None:
         from diffusers import DDPMScheduler
 
+        self.references = references
         self.pipe = pipeline
         self.config = config
         self.device = device
         self.pipe.set_progress_bar_config(disable=True)
         self.unet = pipeline.unet
+        frozen_dtype = MIXED_PRECISION_DTYPES.get(config.mixed_precision)
         self.vae = pipeline.vae.requires_grad_(False)
         self.text_encoder = pipeline.text_encoder.requires_grad_(False)
+        if frozen_dtype is not None:
+            self.vae.to(dtype=frozen_dtype)
+            self.text_encoder.to(dtype=frozen_dtype)
         self.tokenizer = pipeline.tokenizer
         # Training noise follows the model's own schedule (SD v1.4: scaled-linear DDPM betas).
         self.train_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+        self.pipe.scheduler = sampling_scheduler(pipeline.scheduler, config.scheduler)
         self.loss_fn = PriorPreservationLoss(config.prior_loss_weight)
         if config.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
-        # The base weights, kept once in memory: restoring them is a copy, not a disk reload.
-        self._base_state = {k: v.detach().clone() for k, v in self.unet.state_dict().items()}
+        self.phase = "setup"  # the phase running now, named when an identity fails
+        self.on_phase: Callable[[str], None] | None = None  # fault injection: called as each phase starts
+        # Full fine-tune: the base weights, kept once in CPU memory (pinned for fast copies to a
+        # GPU); restoring them is a copy, not a disk reload. LoRA never touches them.
+        self._base_state: dict[str, torch.Tensor] | None = None
+        if config.finetune == "full":
+            pin = device.startswith("cuda")
+            self._base_state = {
+                k: (v.detach().to("cpu", copy=True).pin_memory() if pin else v.detach().to("cpu", copy=True))
+                for k, v in self.unet.state_dict().items()
+            }
 
     # -- building blocks -------------------------------------------------------------------
     def _autocast(self):
         if self.config.mixed_precision == "no":
             return nullcontext()
-        dtype = torch.float16 if self.config.mixed_precision == "fp16" else torch.bfloat16
+        dtype = MIXED_PRECISION_DTYPES[self.config.mixed_precision]
         return torch.autocast(device_type="cuda" if self.device.startswith("cuda") else "cpu", dtype=dtype)
 
     @torch.no_grad()
@@ -159,77 +252,120 @@ class DiversityInjectionGenerator:
 
     @torch.no_grad()
     def encode_images(self, images: Sequence[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
-        """VAE posterior (mean, std) of images resized to the training resolution."""
+        """VAE posterior (mean, std), float32, of images resized to the training resolution,
+        `vae_batch_size` images per encoder call."""
         height, width = self.config.resolution
-        arrays = [
-            np.asarray(img.convert("RGB").resize((width, height), Image.Resampling.BICUBIC), dtype=np.float32)
-            for img in images
-        ]
-        pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1.0
-        dist = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist
-        return dist.mean, dist.std
+        means, stds = [], []
+        for start in range(0, len(images), self.config.vae_batch_size):
+            chunk = images[start : start + self.config.vae_batch_size]
+            arrays = [
+                np.asarray(img.convert("RGB").resize((width, height), Image.Resampling.BICUBIC), dtype=np.float32)
+                for img in chunk
+            ]
+            pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1.0
+            dist = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist
+            means.append(dist.mean.float())
+            stds.append(dist.std.float())
+        return torch.cat(means), torch.cat(stds)
 
-    def generate_images(self, prompts: Sequence[str], seeds: Sequence[int], steps: int) -> list[Image.Image]:
-        """Sample one image per (prompt, seed); each image depends only on its own seed."""
-        height, width = self.config.resolution
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> list[Image.Image]:
+        """Scaled latents -> PIL images, `vae_batch_size` at a time (as the pipeline decodes)."""
         images: list[Image.Image] = []
+        scaling = self.vae.config.scaling_factor
+        for start in range(0, latents.shape[0], self.config.vae_batch_size):
+            chunk = latents[start : start + self.config.vae_batch_size].to(self.vae.dtype) / scaling
+            with self._autocast():
+                pixels = self.vae.decode(chunk, return_dict=False)[0]
+            images.extend(self.pipe.image_processor.postprocess(pixels, output_type="pil"))
+        return images
+
+    def sample_latents(self, prompts: Sequence[str], seeds: Sequence[int], steps: int) -> torch.Tensor:
+        """Sample one scaled latent per (prompt, seed), `sample_batch_size` per pipeline call;
+        each latent depends only on its own seed."""
+        height, width = self.config.resolution
+        chunks: list[torch.Tensor] = []
         batch = self.config.sample_batch_size
         self.unet.eval()
         for start in range(0, len(prompts), batch):
-            chunk_prompts = list(prompts[start : start + batch])
             generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds[start : start + batch]]
             with torch.inference_mode(), self._autocast():
                 result = self.pipe(
-                    prompt=chunk_prompts,
+                    prompt=list(prompts[start : start + batch]),
                     height=height,
                     width=width,
                     num_inference_steps=steps,
                     guidance_scale=self.config.guidance_scale,
                     generator=generators,
-                    output_type="pil",
+                    output_type="latent",
                 )
-            images.extend(result.images)
-        return images
+            chunks.append(result.images.float().clone())  # a normal tensor, usable by the fine-tune's autograd
+        if not chunks:
+            return torch.empty(0)
+        return torch.cat(chunks)
+
+    def generate_images(self, prompts: Sequence[str], seeds: Sequence[int], steps: int) -> list[Image.Image]:
+        """Sample and decode one image per (prompt, seed)."""
+        latents = self.sample_latents(prompts, seeds, steps)
+        return self.decode_latents(latents) if latents.numel() else []
+
+    def _trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """Full: the whole UNet. LoRA: a fresh adapter on the attention projections (peft),
+        the base weights frozen so they stay bit-identical."""
+        if self.config.finetune == "full":
+            self.unet.requires_grad_(True)
+            return [p for p in self.unet.parameters() if p.requires_grad]
+        from peft import LoraConfig
+
+        lora = self.config.lora
+        self.unet.requires_grad_(False)
+        self.unet.add_adapter(
+            LoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=list(lora.target_modules),
+                       init_lora_weights="gaussian"),
+            adapter_name=LORA_ADAPTER,
+        )
+        return [p for p in self.unet.parameters() if p.requires_grad]
 
     def fine_tune(
         self,
         instance_images: Sequence[Image.Image],
         instance_prompt: str,
-        reference_images: Sequence[Image.Image],
+        reference_latents: torch.Tensor,
         reference_prompt: str,
         seed: int,
     ) -> list[float]:
-        """DreamBooth-style fine-tuning of the UNet with the prior-preservation loss (Eq. 1)."""
+        """DreamBooth-style fine-tuning of the UNet with the prior-preservation loss (Eq. 1).
+        The Attribute Reference Set comes as the sampler's own (scaled) latents: no decode and
+        re-encode round trip through the VAE."""
         cfg = self.config
         if cfg.train_steps == 0:
             return []
         generator = torch.Generator("cpu").manual_seed(seed)
         inst_mean, inst_std = self.encode_images(instance_images)
         inst_text = self.encode_prompt(instance_prompt)
-        use_prior = cfg.prior_loss_weight > 0 and len(reference_images) > 0
+        use_prior = cfg.prior_loss_weight > 0 and reference_latents.shape[0] > 0
         if use_prior:
-            ref_mean, ref_std = self.encode_images(reference_images)
+            ref_latents = reference_latents.to(self.device)
             ref_text = self.encode_prompt(reference_prompt)
         scaling = self.vae.config.scaling_factor
         num_timesteps = self.train_scheduler.config.num_train_timesteps
         prediction_type = self.train_scheduler.config.prediction_type
 
-        optimizer = _make_optimizer([p for p in self.unet.parameters() if p.requires_grad], cfg)
+        params = self._trainable_parameters()
+        optimizer = _make_optimizer(params, cfg)
         scaler = torch.amp.GradScaler("cuda", enabled=cfg.mixed_precision == "fp16" and self.device.startswith("cuda"))
         losses: list[float] = []
         self.unet.train()
         b = cfg.train_batch_size
         for _ in range(cfg.train_steps):
             idx = torch.randint(0, inst_mean.shape[0], (b,), generator=generator)
-            means, stds, texts = [inst_mean[idx]], [inst_std[idx]], [inst_text.expand(b, -1, -1)]
+            eps = torch.randn(inst_mean[idx].shape, generator=generator).to(self.device)
+            parts, texts = [(inst_mean[idx] + inst_std[idx] * eps) * scaling], [inst_text.expand(b, -1, -1)]
             if use_prior:
-                ridx = torch.randint(0, ref_mean.shape[0], (b,), generator=generator)
-                means.append(ref_mean[ridx])
-                stds.append(ref_std[ridx])
+                ridx = torch.randint(0, ref_latents.shape[0], (b,), generator=generator)
+                parts.append(ref_latents[ridx.to(ref_latents.device)])
                 texts.append(ref_text.expand(b, -1, -1))
-            mean, std, text = torch.cat(means), torch.cat(stds), torch.cat(texts)
-            eps = torch.randn(mean.shape, generator=generator).to(self.device, mean.dtype)
-            latents = (mean + std * eps) * scaling
+            latents, text = torch.cat(parts), torch.cat(texts)
             noise = torch.randn(latents.shape, generator=generator).to(self.device, latents.dtype)
             timesteps = torch.randint(0, num_timesteps, (latents.shape[0],), generator=generator).to(self.device)
             noisy = self.train_scheduler.add_noise(latents, noise, timesteps)
@@ -245,18 +381,51 @@ class DiversityInjectionGenerator:
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(terms.total).backward()
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(self.unet.parameters(), cfg.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             scaler.step(optimizer)
             scaler.update()
             losses.append(float(terms.total.detach()))
+        # Sampling needs neither gradients nor optimizer state: free them now, not at the next
+        # identity (on a 24 GB GPU they are most of the fine-tune's footprint).
+        optimizer.zero_grad(set_to_none=True)
+        del optimizer, params
+        self.unet.requires_grad_(False)
         self.unet.eval()
         return losses
 
     @torch.no_grad()
     def restore_base_weights(self) -> None:
+        """Back to the base model: drop the LoRA adapter, or copy the base weights back."""
+        if self.config.finetune == "lora":
+            if getattr(self.unet, "peft_config", None):
+                # Removes the peft layers themselves (not only the adapter's weights), so the
+                # UNet is again the base module tree with its untouched base weights.
+                self.unet.unload_lora()
+            return
+        assert self._base_state is not None
         self.unet.load_state_dict(self._base_state)
 
     # -- one identity ------------------------------------------------------------------------
+    def reference_set(self, reference_prompt: str) -> tuple[torch.Tensor, bool]:
+        """The Attribute Reference Set of `reference_prompt` as latents, from the base model, and
+        whether it was reused. Its seeds derive from the run's seed and the prompt, not from the
+        identity, so a reused set is exactly the one that would be sampled again."""
+        cfg = self.config
+        key = reference_set_key(cfg, reference_prompt)
+        if self.references is not None and (stored := self.references.get(key)) is not None:
+            return stored.to(self.device), True
+        seeds = [stable_seed(cfg.seed, "reference", reference_prompt, i) for i in range(cfg.reference_images)]
+        steps = cfg.reference_inference_steps or cfg.num_inference_steps
+        latents = self.sample_latents([reference_prompt] * len(seeds), seeds, steps)
+        if self.references is not None and latents.numel():
+            self.references.put(key, latents)
+        return latents, False
+
+    def _enter(self, phase: str) -> None:
+        self.phase = phase
+        if self.on_phase is not None:
+            self.on_phase(phase)
+
     def process_identity(
         self,
         instance_images: Sequence[Image.Image],
@@ -267,16 +436,18 @@ class DiversityInjectionGenerator:
         cfg = self.config
         timings: dict[str, float] = {}
         try:
+            self._enter("reference_set")
             start = time.perf_counter()
-            ref_seeds = [stable_seed(identity_seed, "reference", i) for i in range(cfg.reference_images)]
-            ref_steps = cfg.reference_inference_steps or cfg.num_inference_steps
-            reference = self.generate_images([reference_prompt] * len(ref_seeds), ref_seeds, ref_steps)
+            reference, reused = self.reference_set(reference_prompt)
+            previews = self.decode_latents(reference[:REFERENCE_PREVIEWS]) if reference.numel() else []
             timings["reference_set"] = time.perf_counter() - start
 
+            self._enter("fine_tune")
             start = time.perf_counter()
             losses = self.fine_tune(instance_images, prompt, reference, reference_prompt, stable_seed(identity_seed, "train"))
             timings["fine_tune"] = time.perf_counter() - start
 
+            self._enter("sample")
             start = time.perf_counter()
             seeds = [stable_seed(identity_seed, "sample", i) for i in range(cfg.samples_per_identity)]
             prompts = [sample_prompt(prompt, cfg.variations, random.Random(s)) for s in seeds]
@@ -285,10 +456,21 @@ class DiversityInjectionGenerator:
         finally:
             # Whatever happened, the next identity starts from the base model.
             self.restore_base_weights()
-        return IdentityOutput(images, seeds, prompts, reference, timings, losses)
+        return IdentityOutput(images, seeds, prompts, previews, timings, losses, reused)
 
 
 PipelineLoader = Callable[[str, str], object]
+
+
+def memory_figures(device: str) -> str:
+    """Peak memory so far, for failure messages: CUDA peak allocated of the device's total, or
+    the process's peak RSS on CPU."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+        return f"peak allocated {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB of {total / 2**30:.1f} GiB"
+    import resource
+
+    return f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB"
 
 
 def _default_loader(model_id: str, device: str):
@@ -310,12 +492,14 @@ class GenerationStage(Stage):
         num_threads: int | None = None,
         fail_identities: Sequence[str] = (),
         loader: PipelineLoader | None = None,
+        reference_dir: str | None = None,
     ) -> None:
         self.config = config
+        self.reference_dir = reference_dir if config.reuse_reference_sets else None
         self.output = output
         self.num_gpus = num_gpus
         self.num_threads = num_threads
-        self.fail_identities = set(fail_identities)
+        self.fail_identities = dict(fault_target(entry) for entry in fail_identities)
         self.loader = loader or _default_loader
         self.generator: DiversityInjectionGenerator | None = None
         self.model_loads = 0
@@ -333,12 +517,25 @@ class GenerationStage(Stage):
         device = "cuda" if self.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         pipeline = self.loader(self.config.base_model, device)
         self.model_loads += 1
-        self.generator = DiversityInjectionGenerator(pipeline, self.config, device)
+        references = ReferenceSetStore(self.reference_dir) if self.reference_dir else None
+        self.generator = DiversityInjectionGenerator(pipeline, self.config, device, references)
+
+    def _fault(self, identity: str) -> Callable[[str], None] | None:
+        """The injected failure of `identity` (generation.debug_fail_identities), raised as its
+        first phase starts: `RuntimeError`, or CUDA's `OutOfMemoryError` for `SOURCE/PID:oom`."""
+        kind = self.fail_identities.get(identity)
+        if kind is None:
+            return None
+
+        def fail(phase: str) -> None:
+            message = f"injected failure for {identity} in {phase} (generation.debug_fail_identities)"
+            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory: {message}") if kind == "oom" else RuntimeError(message)
+
+        return fail
 
     def _run_identity(self, row: dict) -> IdentityOutput:
         assert self.generator is not None, "call setup() first"
-        if row["identity"] in self.fail_identities:
-            raise RuntimeError(f"injected failure for {row['identity']} (generation.debug_fail_identities)")
+        self.generator.on_phase = self._fault(row["identity"])
         images = [Image.open(io.BytesIO(b)).convert("RGB") for b in row["image_bytes"]]
         return self.generator.process_identity(images, row["prompt"], row["reference_prompt"], row["seed"])
 
@@ -347,11 +544,16 @@ class GenerationStage(Stage):
         values: dict[str, list] = {name: [] for name, _ in GENERATION_FIELDS}
         out = self.output
         for row in batch.to_pylist():
-            result, error, attempts = None, "", 0
+            result, error, attempts, out_of_memory = None, "", 0, 0
             for attempts in range(1, self.config.max_retries + 2):
                 try:
                     result = self._run_identity(row)
                     break
+                except torch.cuda.OutOfMemoryError as err:
+                    out_of_memory += 1
+                    error = f"OutOfMemoryError: {err} (phase {self.generator.phase}; {memory_figures(self.generator.device)})"
+                    if self.generator.device.startswith("cuda"):
+                        torch.cuda.empty_cache()
                 except Exception as err:  # one identity's failure must not end the run
                     error = f"{type(err).__name__}: {err}"
             ok = result is not None
@@ -363,9 +565,10 @@ class GenerationStage(Stage):
             values["sample_seeds"].append(result.seeds if ok else [])
             values["sample_prompts"].append(result.prompts if ok else [])
             values["reference_preview"].append(
-                [encode_image(i, out.image_size, "jpeg", 90) for i in result.reference_images[:4]] if ok else []
+                [encode_image(i, out.image_size, "jpeg", 90) for i in result.reference_images] if ok else []
             )
             values["timings"].append(json.dumps(result.timings if ok else {}))
             values["model_loads"].append(self.model_loads)
+            values["reference_reused"].append(bool(ok and result.reference_reused))
             values["attempts"].append(attempts)
         return append_columns(batch, GENERATION_FIELDS, values)
