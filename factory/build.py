@@ -30,10 +30,13 @@ from factory.sequences import plan_identities, read_sequences
 from factory.store import OutputStore, safe_file_stem
 
 
+OUT_OF_MEMORY_HINT = (
+    "lower generation.sample_batch_size, generation.vae_batch_size or generation.train_batch_size, or set "
+    "generation.mixed_precision=bf16, generation.gradient_checkpointing=true or generation.finetune=lora"
+)
 # What to change when the circuit breaker trips, by a phrase of the error (else the generic hint).
 FAILURE_HINTS: tuple[tuple[str, str], ...] = (
-    ("out of memory", "lower generation.sample_batch_size or generation.train_batch_size, or set "
-                      "generation.mixed_precision=bf16 and generation.gradient_checkpointing=true"),
+    ("out of memory", OUT_OF_MEMORY_HINT),
     ("divisible by", "generation.resolution must suit the model (see the check phase's rules)"),
     ("debug_fail_identities", "remove the injected failures (generation.debug_fail_identities)"),
 )
@@ -61,7 +64,7 @@ class CircuitBreaker:
         """Feed one finished identity; returns the reason to stop, or None."""
         if not ok and error_class(error) == "OutOfMemoryError" and attempts >= 2:
             # Out of memory twice: every identity of this plan will be, on this GPU. Stop at once.
-            return f"an identity ran out of GPU memory {attempts} times: {error[:400]}; {FAILURE_HINTS[0][1]}"
+            return f"an identity ran out of GPU memory {attempts} times: {error[:400]}; {OUT_OF_MEMORY_HINT}"
         if not self.armed:
             return None
         if ok:

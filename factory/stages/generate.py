@@ -225,7 +225,10 @@ class DiversityInjectionGenerator:
         if config.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         self.phase = "setup"  # the phase running now, named when an identity fails
-        self.on_phase: Callable[[str], None] | None = None  # fault injection: called as each phase starts
+        # Called with the phase's name as each phase of an identity starts: observers (the cost
+        # benchmark's meters) stay; `fault` is the current identity's injected failure, if any.
+        self.phase_listeners: list[Callable[[str], None]] = []
+        self.fault: Callable[[str], None] | None = None
         # Full fine-tune: the base weights, kept once in CPU memory (pinned for fast copies to a
         # GPU); restoring them is a copy, not a disk reload. LoRA never touches them.
         self._base_state: dict[str, torch.Tensor] | None = None
@@ -423,8 +426,10 @@ class DiversityInjectionGenerator:
 
     def _enter(self, phase: str) -> None:
         self.phase = phase
-        if self.on_phase is not None:
-            self.on_phase(phase)
+        for listener in self.phase_listeners:
+            listener(phase)
+        if self.fault is not None:
+            self.fault(phase)
 
     def process_identity(
         self,
@@ -535,7 +540,7 @@ class GenerationStage(Stage):
 
     def _run_identity(self, row: dict) -> IdentityOutput:
         assert self.generator is not None, "call setup() first"
-        self.generator.on_phase = self._fault(row["identity"])
+        self.generator.fault = self._fault(row["identity"])
         images = [Image.open(io.BytesIO(b)).convert("RGB") for b in row["image_bytes"]]
         return self.generator.process_identity(images, row["prompt"], row["reference_prompt"], row["seed"])
 
