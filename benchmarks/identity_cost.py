@@ -345,7 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", type=Path, default=None, help="preset (default: demo.yaml; paper.yaml with --random-init)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                         help="config overrides, applied after --tiny's")
-    parser.add_argument("--identities", type=int, default=3, help="identities measured, after one warm-up identity")
+    parser.add_argument("--identities", type=int, default=3, help="identities measured, after the warm-up identities")
+    parser.add_argument("--warmup", type=int, default=1, choices=(0, 1),
+                        help="warm-up identities excluded from the figures (0 for a long full-size CPU check)")
     parser.add_argument("--tiny", action="store_true",
                         help="the preset's counts with the embedded default's models at the demo's resolution")
     parser.add_argument("--random-init", action="store_true",
@@ -466,7 +468,7 @@ def run(args, config: RunConfig, meter: PhaseMeter) -> tuple[list[Identity], dic
     from factory.stages.generate import GenerationStage
 
     num_gpus = 1.0 if args.device == "cuda" else 0.0
-    n = args.identities + 1
+    n = args.identities + args.warmup
     identities = [Identity(f"{SOURCE}/{i}") for i in range(n)]
     info: dict = {"setup": {}}
 
@@ -563,8 +565,8 @@ def _run_baseline(baseline: DiffusersBaseline, meter: PhaseMeter, row: dict) -> 
 
 
 # -- report ----------------------------------------------------------------------------------
-def summarize(identities: Sequence[Identity], baseline: bool) -> dict[str, dict]:
-    measured = identities[1:]
+def summarize(identities: Sequence[Identity], baseline: bool, warmup: int = 1) -> dict[str, dict]:
+    measured = identities[warmup:]
     phases = {}
     for phase in PHASES:
         stats = [i.stats.get(phase, PhaseStats()) for i in measured]
@@ -595,6 +597,7 @@ def describe_device(device: str, threads: int) -> str:
 def print_report(args, preset: Path, config: RunConfig, identities: Sequence[Identity], info: dict,
                  phases: dict, device: str) -> None:
     g = config.generation
+    measured = identities[args.warmup:]
     model = "random-init SD v1.4" if args.random_init else g.base_model
     prior = f" (+{g.train_batch_size} prior)" if g.prior_loss_weight > 0 and g.reference_images > 0 else ""
     cfg = "CFG on" if g.guidance_scale > 1 else "CFG off"
@@ -612,8 +615,9 @@ def print_report(args, preset: Path, config: RunConfig, identities: Sequence[Ide
           + f"; base model loads: {info.get('model_loads', '-')}")
     if "caption" in info:
         print(f"caption of {identities[0].name}: {info['caption']!r}")
-    print(f"measured {len(identities) - 1} identities ({identities[1].name} .. {identities[-1].name}) after 1 warm-up "
-          f"identity ({identities[0].name}, excluded); per identity, mean (peak memory: max)")
+    warmup = f"after 1 warm-up identity ({identities[0].name}, excluded)" if args.warmup else "no warm-up identity"
+    print(f"measured {len(measured)} identities ({measured[0].name} .. {measured[-1].name}), {warmup}; "
+          "per identity, mean (peak memory: max)")
     memory = "peak alloc" if device.startswith("cuda") else "peak RSS"
     header = f"  {'phase':<14}{'s/identity':>11}{'UNet calls':>12}{'UNet fwd-eq':>13}{memory:>13}"
     if args.baseline:
@@ -635,7 +639,7 @@ def print_report(args, preset: Path, config: RunConfig, identities: Sequence[Ide
         ours = sum(phases[p]["seconds"] for p in GENERATION_PHASES)
         line += f"{base:>12.3f}{ours / base:>11.3f}" if base else ""
     print(line + ("   (ours/base: generation phases)" if args.baseline else ""))
-    outside = sum(i.outside_seconds for i in identities[1:]) / (len(identities) - 1)
+    outside = sum(i.outside_seconds for i in measured) / len(measured)
     print(f"  generation work outside the phases (weight restore, output encoding): {outside:.3f} s/identity")
 
     expected = info.get("expected", {})
@@ -649,7 +653,7 @@ def print_report(args, preset: Path, config: RunConfig, identities: Sequence[Ide
         same = all(
             (i.stats[p].unet_calls, i.stats[p].unet_forward_equivalents)
             == (i.baseline[p].unet_calls, i.baseline[p].unet_forward_equivalents)
-            for i in identities[1:] for p in GENERATION_PHASES if p in i.stats and p in i.baseline
+            for i in measured for p in GENERATION_PHASES if p in i.stats and p in i.baseline
         )
         print(f"baseline UNet work equal to ours: {'yes' if same else 'NO'} "
               "(ours also decodes a few reference previews in reference_set)")
@@ -660,7 +664,7 @@ def print_report(args, preset: Path, config: RunConfig, identities: Sequence[Ide
         seconds = [identity.seconds.get(p, 0.0) for p in PHASES]
         fwd = sum(s.unet_forward_equivalents for p, s in identity.stats.items() if p in PHASES)
         print(f"  {identity.name:<10}" + "".join(f"{s:>14.3f}" for s in seconds) + f"{sum(seconds):>10.3f}{fwd:>13}"
-              + ("   (warm-up, excluded)" if i == 0 else ""))
+              + ("   (warm-up, excluded)" if i < args.warmup else ""))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -703,7 +707,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         phases = {p: {"seconds": None, "unet_calls": None, "unet_forward_equivalents": None,
                       "peak_memory_bytes": None, "baseline_seconds": None} for p in PHASES}
     else:
-        phases = summarize(identities, args.baseline)
+        phases = summarize(identities, args.baseline, args.warmup)
         print_report(args, preset, config, identities, info, phases, device)
     if args.json is not None:
         report = {"device": device, "identities": args.identities, "failed": failed, "phases": phases}

@@ -99,6 +99,11 @@ class GenerationConfig(StrictModel):
     )
     sample_batch_size: int = Field(10, ge=1)
     vae_batch_size: int = Field(8, ge=1, description="images per VAE encode/decode call (bounds VAE activation memory)")
+    reference_latents: Literal["reencoded", "sampled"] = Field(
+        "reencoded", description="what the prior term trains on: the VAE posterior of the decoded reference "
+        "images, sampled per step (DreamBooth's class images; decoded and encoded in vae_batch_size chunks), "
+        "or the sampler's own latents (no VAE pass; measured weaker identity consistency on the demo)",
+    )
     reuse_reference_sets: bool = Field(
         True, description="identities with the same reference prompt share one Attribute Reference Set, "
         "stored as latents under DIR/reference_sets/",

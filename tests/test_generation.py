@@ -242,3 +242,24 @@ def test_identities_with_one_reference_prompt_share_one_reference_set(tiny_sd_di
     for a, b, c in zip(first, again, plain):
         assert a["generated"] == b["generated"] == c["generated"]
         assert a["reference_preview"] == b["reference_preview"] == c["reference_preview"]
+
+
+@pytest.mark.parametrize("mode", ["reencoded", "sampled"])
+def test_prior_term_trains_on_reencoded_or_sampled_reference_latents(tiny_sd_dir: Path, mode: str) -> None:
+    """`reencoded` (the default, DreamBooth's class images): the reference set goes through the VAE
+    once per identity, decoded and encoded in chunks; `sampled`: the VAE never sees it."""
+    from factory.models.loading import load_text_to_image
+
+    config = _tiny_config(reference_latents=mode, reference_images=3, vae_batch_size=2)
+    generator = DiversityInjectionGenerator(load_text_to_image(str(tiny_sd_dir), "cpu", torch.float32), config)
+    reference = generator.sample_latents(["a photo of a person"] * 3, [1, 2, 3], steps=2)
+    calls: dict[str, list[int]] = {"encoder": [], "decoder": []}
+    generator.vae.encoder.register_forward_pre_hook(lambda _m, args: calls["encoder"].append(args[0].shape[0]))
+    generator.vae.decoder.register_forward_pre_hook(lambda _m, args: calls["decoder"].append(args[0].shape[0]))
+    images = [_person((200, 30, 30))]
+    losses = generator.fine_tune(images, "a photo of zwx person", reference, "a photo of a person", seed=1)
+    assert len(losses) == config.train_steps and all(torch.isfinite(torch.tensor(losses)))
+    if mode == "reencoded":
+        assert calls == {"encoder": [1, 2, 1], "decoder": [2, 1]}  # instance image, then the 3 references
+    else:
+        assert calls == {"encoder": [1], "decoder": []}

@@ -338,8 +338,9 @@ class DiversityInjectionGenerator:
         seed: int,
     ) -> list[float]:
         """DreamBooth-style fine-tuning of the UNet with the prior-preservation loss (Eq. 1).
-        The Attribute Reference Set comes as the sampler's own (scaled) latents: no decode and
-        re-encode round trip through the VAE."""
+        The Attribute Reference Set comes as the sampler's own (scaled) latents. With
+        `reference_latents: reencoded` they are decoded and encoded again (DreamBooth's way: the
+        VAE posterior of the class images, sampled every step), in `vae_batch_size` chunks."""
         cfg = self.config
         if cfg.train_steps == 0:
             return []
@@ -349,6 +350,10 @@ class DiversityInjectionGenerator:
         use_prior = cfg.prior_loss_weight > 0 and reference_latents.shape[0] > 0
         if use_prior:
             ref_latents = reference_latents.to(self.device)
+            ref_std = None
+            if cfg.reference_latents == "reencoded":
+                ref_mean, ref_std = self.encode_images(self.decode_latents(ref_latents))
+                ref_latents = ref_mean
             ref_text = self.encode_prompt(reference_prompt)
         scaling = self.vae.config.scaling_factor
         num_timesteps = self.train_scheduler.config.num_train_timesteps
@@ -365,8 +370,12 @@ class DiversityInjectionGenerator:
             eps = torch.randn(inst_mean[idx].shape, generator=generator).to(self.device)
             parts, texts = [(inst_mean[idx] + inst_std[idx] * eps) * scaling], [inst_text.expand(b, -1, -1)]
             if use_prior:
-                ridx = torch.randint(0, ref_latents.shape[0], (b,), generator=generator)
-                parts.append(ref_latents[ridx.to(ref_latents.device)])
+                ridx = torch.randint(0, ref_latents.shape[0], (b,), generator=generator).to(ref_latents.device)
+                if ref_std is None:
+                    parts.append(ref_latents[ridx])
+                else:
+                    ref_eps = torch.randn(ref_latents[ridx].shape, generator=generator).to(self.device)
+                    parts.append((ref_latents[ridx] + ref_std[ridx] * ref_eps) * scaling)
                 texts.append(ref_text.expand(b, -1, -1))
             latents, text = torch.cat(parts), torch.cat(texts)
             noise = torch.randn(latents.shape, generator=generator).to(self.device, latents.dtype)
