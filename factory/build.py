@@ -17,18 +17,19 @@ import sys
 import time
 from pathlib import Path
 
-import pyarrow as pa
-
-from factory.config import ConfigError, config_origin, save_config
+from core.storage import Location, StorageError, has_scheme, resolve
+from factory.config import ConfigError, config_origin, config_to_yaml
 from factory.datasets.base import DatasetError, ReidDataset
 from factory.models.locate import ModelNotAvailableError
 from factory.preflight import check_config, check_models, check_sources, raise_problems
-from factory.report import BuildSummary, PlanClock, error_class, identity_strip, write_contact_sheet, write_dataset_card
+from factory.report import BuildSummary, PlanClock, error_class, write_contact_sheet, write_dataset_card
 from factory.run_config import DEFAULT_PRESET, RunConfig, load_run_config
-from factory.schema import STAGED_SCHEMA
 from factory.sequences import plan_identities, read_sequences
-from factory.store import OutputStore, safe_file_stem
+from factory.store import OutputStore
 
+
+# Set by `ray job submit` in the environment of the job's driver process.
+RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 OUT_OF_MEMORY_HINT = (
     "lower generation.sample_batch_size, generation.vae_batch_size or generation.train_batch_size, or set "
@@ -107,37 +108,34 @@ def load_sources(config: RunConfig, log=print) -> list[ReidDataset]:
     return datasets
 
 
-def staged_rows(row: dict) -> pa.Table:
-    """Explode one filtered identity row into one staged row per generated image."""
-    n = len(row["generated"])
-    return pa.table(
-        {
-            "image": [{"bytes": b, "path": f"{safe_file_stem(row['identity'])}_{i:04d}.jpg"} for i, b in enumerate(row["generated"])],
-            "source": [row["source"]] * n,
-            "source_pid": [row["source_pid"]] * n,
-            "identity": [row["identity"]] * n,
-            "prompt": row["sample_prompts"],
-            "seed": row["sample_seeds"],
-            "score": row["scores"],
-            "index": list(range(n)),
-            "kept": row["kept"],
-        },
-        schema=STAGED_SCHEMA,
-    )
+def output_location(out: str | os.PathLike[str] | None, config: RunConfig) -> Location:
+    """The build's output URI. Inside `ray job submit` a relative local path would land in the
+    job's temporary copy of the working directory and vanish with it: refused."""
+    text = os.fspath(out or config.output.dir)
+    if os.environ.get(RAY_JOB_ENV) and not has_scheme(text) and not Path(text).expanduser().is_absolute():
+        raise ConfigError(
+            f"--out {text!r} is relative, and this build runs inside `ray job submit`: it would be written "
+            "into the job's temporary working directory and lost. Give a URI (s3://bucket/run, gs://...) "
+            "or an absolute path on storage every node shares"
+        )
+    return resolve(text)
 
 
-def run(config: RunConfig, out_dir: Path | None = None, log=print, origin: str = "the config") -> BuildSummary:
-    """Run the whole factory for `config`; returns the summary (also printed and saved).
+def run(config: RunConfig, out_dir: str | os.PathLike[str] | None = None, log=print,
+        origin: str = "the config") -> BuildSummary:
+    """Run the whole factory for `config` into `out_dir` (any URI; default `output.dir`);
+    returns the summary (also printed and saved).
 
     The check phase (`factory.preflight`) comes first: every value the models or the data
     cannot take is refused with `PreflightError` before Ray starts, a model loads or anything is
-    written. Failed identities are recorded and the run goes on; `BuildAborted` ends it early
-    when the first identities all fail alike (`generation.circuit_breaker`), after writing what
-    it has. `origin` (the preset and overrides) is named in the check phase's errors.
+    written. Workers write each finished identity to the output; the driver keeps the manifest.
+    Failed identities are recorded and the run goes on; `BuildAborted` ends it early when the
+    first identities all fail alike (`generation.circuit_breaker`), after writing what it has.
+    `origin` (the preset and overrides) is named in the check phase's errors.
     """
     started = time.perf_counter()
-    out_dir = Path(out_dir or config.output.dir).resolve()  # absolute: records under it are compared by path
-    summary = BuildSummary(out_dir=str(out_dir))
+    out = output_location(out_dir, config)
+    summary = BuildSummary(out_dir=str(out))
 
     raise_problems(check_config(config), origin)
     resolve_models(config, log)
@@ -146,7 +144,7 @@ def run(config: RunConfig, out_dir: Path | None = None, log=print, origin: str =
     plan = plan_identities(datasets, config.sequences)
     if not plan:
         raise DatasetError("no identities to generate from: the sources have no training identities")
-    raise_problems(check_sources(config, datasets, plan, out_dir / "filter_models"), origin)
+    raise_problems(check_sources(config, datasets, plan, out / "filter_models"), origin)
 
     # Ray, torch and the stages only now: the check phase above answers in a second or two.
     from factory import ray_pipeline
@@ -154,9 +152,10 @@ def run(config: RunConfig, out_dir: Path | None = None, log=print, origin: str =
     from factory.stages.caption import CaptionStage
     from factory.stages.filter import FilterStage
     from factory.stages.generate import GenerationStage
+    from factory.stages.write import WriteStage
 
-    store = OutputStore(out_dir)
-    save_config(config, out_dir / "config.yaml")
+    store = OutputStore(out)
+    (out / "config.yaml").write_text(config_to_yaml(config))
     summary.identities_planned = len(plan)
     todo = [seq for seq in plan if seq.key not in store.done]
     summary.identities_skipped_done = len(plan) - len(todo)
@@ -168,13 +167,15 @@ def run(config: RunConfig, out_dir: Path | None = None, log=print, origin: str =
     summary.images_quarantined = len(read_report.quarantined)
     summary.identities_skipped_input = len(read_report.skipped_identities)
     if read_report.quarantined or read_report.skipped_identities:
-        store.write_json("quarantine.json", {"images": read_report.quarantined, "identities": read_report.skipped_identities})
-        log(f"[read] quarantined {len(read_report.quarantined)} unreadable images -> {out_dir / 'quarantine.json'}")
+        quarantine = store.write_json("quarantine.json", {"images": read_report.quarantined,
+                                                          "identities": read_report.skipped_identities})
+        log(f"[read] quarantined {len(read_report.quarantined)} unreadable images -> {quarantine}")
 
+    previews = out / "previews"
     if table.num_rows:
         ray_pipeline.init_ray(config.ray)  # before the filter model's Ray Train run: the build's settings win
         t0 = time.perf_counter()
-        filter_models = ensure_filter_models(datasets, config.filter, out_dir / "filter_models", log=log)
+        filter_models = ensure_filter_models(datasets, config.filter, out / "filter_models", log=log)
         summary.add_seconds("filter_model", time.perf_counter() - t0)
 
         use_gpus = ray_pipeline.cluster_gpus() > 0
@@ -187,34 +188,36 @@ def run(config: RunConfig, out_dir: Path | None = None, log=print, origin: str =
             config.generation.num_gpus,
             threads,
             config.generation.debug_fail_identities,
-            reference_dir=str(out_dir / "reference_sets"),
+            reference_dir=str(out / "reference_sets"),
         )
         filtering = functools.partial(FilterStage, config.filter, filter_models, config.filter.num_gpus)
+        wanted = max(0, config.output.contact_sheet_identities - len(previews.files(".png")))
+        write = functools.partial(WriteStage, out.uri, frozenset(table.column("identity").to_pylist()[:wanted]))
         dataset = ray_pipeline.dataset_of_rows(table)
-        for make_stage in (caption, generate, filtering):
+        for make_stage in (caption, generate, filtering, write):
             dataset = ray_pipeline.apply_stage(dataset, make_stage, use_gpus)
 
-        previews = out_dir / "previews"
-        previews.mkdir(exist_ok=True)
         breaker = CircuitBreaker(config.generation.circuit_breaker)
         clock = PlanClock(total=len(todo))
         summary.gpus = use_gpus
         rows = ray_pipeline.iter_rows(dataset)
         for row in rows:
-            _record_row(row, store, summary, previews, config, clock, use_gpus, log)
+            _record_row(row, store, summary, config, clock, use_gpus, log)
             summary.aborted = breaker.record(row["status"] == "ok", row["error"], row["attempts"])
             if summary.aborted:
                 log(f"[stop] {summary.aborted}")
                 rows.close()  # ends the streaming execution: no more identities start
                 break
 
-    result = store.finalize(config.output.rows_per_shard)
+    t0 = time.perf_counter()
+    result = store.finalize(config.output.rows_per_shard, seed=config.generation.seed)
+    log(f"[shards] {result.images} images of {result.identities} identities in {len(result.shards)} shard(s) "
+        f"{'written' if result.rewritten else 'unchanged'} ({time.perf_counter() - t0:.1f} s)")
     summary.output_identities, summary.output_images = result.identities, result.images
     summary.add_dataset_totals(store.manifest)
-    strips = sorted(previews.glob("*.png"))[: config.output.contact_sheet_identities] if (previews := out_dir / "previews").exists() else []
-    write_contact_sheet(out_dir / "contact_sheet.png", strips)
+    write_contact_sheet(out / "contact_sheet.png", previews.files(".png")[: config.output.contact_sheet_identities])
     summary.wall_seconds = time.perf_counter() - started
-    write_dataset_card(out_dir / "README.md", config, summary, store.manifest)
+    write_dataset_card(out / "README.md", config, summary, store.manifest)
     store.write_json("summary.json", summary.as_dict())
     log(summary.render())
     if summary.aborted:
@@ -225,7 +228,7 @@ def run(config: RunConfig, out_dir: Path | None = None, log=print, origin: str =
                            for name, g in summary.failures_by_error().items())
         raise BuildFailed(
             f"{summary.identities_failed} identities failed (tolerated: generation.max_failed_identities={tolerated}): "
-            f"{groups}. Their errors are in {out_dir / 'summary.json'}; rerun the same command to retry them "
+            f"{groups}. Their errors are in {out / 'summary.json'}; rerun the same command to retry them "
             "(finished identities are kept)"
         )
     return summary
@@ -243,8 +246,9 @@ def identity_cost(row: dict, config: RunConfig, use_gpus: bool) -> tuple[dict[st
     return seconds, gpu_seconds
 
 
-def _record_row(row: dict, store: OutputStore, summary: BuildSummary, previews: Path, config: RunConfig,
+def _record_row(row: dict, store: OutputStore, summary: BuildSummary, config: RunConfig,
                 clock: PlanClock, use_gpus: bool, log) -> None:
+    """Book one identity's status row (its images are already in staging, written by a worker)."""
     summary.identities_processed += 1
     seconds, gpu_seconds = identity_cost(row, config, use_gpus)
     for phase, value in seconds.items():
@@ -258,25 +262,16 @@ def _record_row(row: dict, store: OutputStore, summary: BuildSummary, previews: 
         return
     summary.add_identity_cost(sum(seconds.values()), gpu_seconds)
     summary.references_reused += bool(row["reference_reused"])
-    kept = sum(row["kept"])
-    generated = len(row["generated"])
+    kept, generated = row["kept_count"], row["generated_count"]
     summary.generated += generated
     summary.kept += kept
     store.record_identity(
         row["identity"],
-        staged_rows(row),
         {"generated": generated, "kept": kept, "caption": row["caption"], "seed": row["seed"],
          "reference_reused": bool(row["reference_reused"]),
          "seconds": {phase: round(value, 3) for phase, value in seconds.items()},
          "gpu_seconds": round(gpu_seconds, 3)},
     )
-    if len(list(previews.glob("*.png"))) < config.output.contact_sheet_identities:
-        # Written aside then renamed: a kill mid-write must not leave a truncated PNG that the
-        # next run's contact sheet would choke on (the ".tmp" name escapes the "*.png" glob).
-        path = previews / f"{safe_file_stem(row['identity'])}.png"
-        tmp = previews / f".{path.name}.tmp"
-        identity_strip(row).save(tmp, format="PNG")
-        os.replace(tmp, path)
     log(f"{prefix}: kept {kept}/{generated} ({row['filter_kind']}) in {sum(seconds.values()):.1f} s | {progress} | "
         f"caption: {row['caption']!r}")
 
@@ -288,7 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
         "With no arguments, runs the embedded default (configs/demo.yaml).",
     )
     parser.add_argument("--config", type=Path, default=None, help="YAML preset (default: configs/demo.yaml)")
-    parser.add_argument("--out", type=Path, default=None, help="output directory (default: output.dir of the preset); rerun to resume")
+    parser.add_argument(
+        "--out", default=None, metavar="URI",
+        help="output location: a local folder, s3://bucket/run, gs://bucket/run, ... (default: output.dir of the "
+        "preset); rerun to resume. Inside `ray job submit` give a URI or an absolute shared path",
+    )
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
         help="override a config value, e.g. --set generation.train_steps=200 (repeatable)",
@@ -304,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_run_config(args.config, args.overrides)
         run(config, args.out, origin=config_origin(args.config or DEFAULT_PRESET, args.overrides))
-    except (ConfigError, DatasetError, ModelNotAvailableError) as err:
+    except (ConfigError, DatasetError, ModelNotAvailableError, StorageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except (BuildAborted, BuildFailed) as err:

@@ -9,10 +9,12 @@ the source's training split with the foundation's BoT trainer and keeps it under
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from core.storage import Location, resolve
 from factory.datasets.base import ReidDataset
 from factory.sequences import read_image_bytes
 from factory.stage_config import FilterConfig
@@ -37,19 +39,43 @@ def readable_training_split(dataset: ReidDataset, threads: int = 8) -> tuple[Rei
     return dataclasses.replace(dataset, train=kept), dropped
 
 
+def local_copy(location: Location, cache: Path | None = None) -> Path:
+    """A folder of a filter model on this machine: the folder itself when local, else a copy
+    under `cache` (default ~/.cache/reid-factory/filter-models/<hash of the URI>)."""
+    if location.is_local:
+        return location.local_path
+    cache = cache or Path.home() / ".cache" / "reid-factory" / "filter-models"
+    target = cache / hashlib.sha256(location.uri.encode()).hexdigest()[:16]
+    if location.is_dir() and not (target / "filter_model.json").exists():
+        location.download(target)
+    return target
+
+
+def _upload(folder: Path, location: Location) -> None:
+    """The trained model (weights and its json, not the training checkpoints) to `location`."""
+    for name in ("model.safetensors", "filter_model.json"):
+        for path in folder.rglob(name):
+            if "checkpoint" not in path.parent.name:
+                (location / str(path.relative_to(folder))).write_bytes(path.read_bytes())
+
+
 def ensure_filter_models(
-    datasets: Sequence[ReidDataset], config: FilterConfig, directory: Path, log=print
+    datasets: Sequence[ReidDataset], config: FilterConfig, directory: Location | str, log=print
 ) -> dict[str, FilterModelSpec]:
-    """A `FilterModelSpec` per source name; trains the missing ones (CLIP needs none)."""
+    """A `FilterModelSpec` per source name; trains the missing ones (CLIP needs none).
+    `directory` (DIR/filter_models, any URI) keeps them for reruns; models on an object store
+    are used through a local copy."""
     if config.kind == "clip":
         return {}
     from trainers.reid.data import TrainingSet
     from trainers.reid.train import train_reid
 
+    directory = resolve(directory)
     specs: dict[str, FilterModelSpec] = {}
     for dataset in datasets:
         configured = config.reid_checkpoints.get(dataset.name)
-        model_dir = Path(configured) if configured else directory / dataset.name
+        location = resolve(configured) if configured else directory / dataset.name
+        model_dir = local_copy(location)
         if (model_dir / "filter_model.json").exists():
             specs[dataset.name] = FilterModelSpec.load(model_dir)
             log(f"[filter] using the Re-ID model in {model_dir}")
@@ -71,6 +97,8 @@ def ensure_filter_models(
             labels={pid: label for label, pid in enumerate(training.pids)},
         )
         spec.save(model_dir)
+        if not location.is_local:
+            _upload(model_dir, location)
         specs[dataset.name] = spec
         last = result.history[-1] if result.history else {}
         log(f"[filter] {dataset.name}: trained in {len(result.history)} epochs, last metrics {last}")

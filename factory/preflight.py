@@ -20,7 +20,6 @@ Nothing here imports torch, diffusers, transformers or Ray.
 from __future__ import annotations
 
 import importlib
-import json
 import math
 import string
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -28,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from core.storage import Location, resolve
 from factory.config import ConfigError
 from factory.datasets.base import ReidDataset
 from factory.models.locate import read_model_json
@@ -281,7 +281,7 @@ def check_sources(
     config: RunConfig,
     datasets: Sequence[ReidDataset],
     plan: Sequence[IdentitySequence],
-    filter_models_dir: Path,
+    filter_models_dir: Location,
 ) -> list[Problem]:
     """Problems between the config and the listed data: filter checkpoints that do not exist or
     were not trained on their source, sources too small for the filter model's PK batches,
@@ -295,7 +295,7 @@ def check_sources(
         for dataset in datasets:
             configured = f.reid_checkpoints.get(dataset.name)
             if configured is not None:
-                problems.extend(_checkpoint_problems(dataset.name, Path(configured), planned_pids.get(dataset.name, set())))
+                problems.extend(_checkpoint_problems(dataset.name, resolve(configured), planned_pids.get(dataset.name, set())))
             elif not (filter_models_dir / dataset.name / "filter_model.json").is_file():
                 problems.extend(_trainable_problems(config, dataset))
     planned = {sequence.key for sequence in plan}
@@ -306,14 +306,14 @@ def check_sources(
     return problems
 
 
-def _checkpoint_problems(source: str, directory: Path, planned: set[int]) -> list[Problem]:
+def _checkpoint_problems(source: str, directory: Location, planned: set[int]) -> list[Problem]:
     key = f"filter.reid_checkpoints.{source}"
     meta_path = directory / "filter_model.json"
     if not meta_path.is_file():
         return [Problem(key, str(directory), "no filter_model.json there (point it at a DIR/filter_models/<source> "
                                             "folder written by a previous build)")]
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = meta_path.read_json()
         weights = directory / meta["weights"]
         trained_on = {int(pid) for pid in meta["labels"]}
     except (ValueError, KeyError, TypeError) as err:

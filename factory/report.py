@@ -7,9 +7,10 @@ import io
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from core.storage import Location
 
 from factory.config import config_to_yaml
 from factory.run_config import RunConfig
@@ -155,7 +156,7 @@ def error_class(error: str) -> str:
     return name.strip() if sep and name.strip().isidentifier() else "Error"
 
 
-def write_dataset_card(path: Path, config: RunConfig, summary: BuildSummary, manifest: dict) -> None:
+def write_dataset_card(location: Location, config: RunConfig, summary: BuildSummary, manifest: dict) -> None:
     generated, kept, rate = summary.total_generated, summary.total_kept, summary.acceptance_rate
     sources = ", ".join(f"{s.source_name} ({s.kind}: {s.root})" for s in config.sources)
     g, f = config.generation, config.filter
@@ -182,16 +183,18 @@ fine-tuning with the Fine-Grain-Specific Prior Preservation Loss, {f.kind} filte
 | stored size | {config.output.image_size[0]}x{config.output.image_size[1]} {config.output.image_format} |
 
 Read it with `ray.data.read_parquet("shards")`, `pandas.read_parquet("shards")` or
-`datasets.load_dataset("parquet", data_files="shards/*.parquet")`. Columns: `image`
-(struct bytes/path), `pid` (dense), `source`, `source_pid`, `identity`, `prompt`, `seed`,
-`score`, `index`. Every image is reproducible from `config.yaml`, its identity and its seed.
+`datasets.load_dataset("parquet", data_files="shards/*.parquet")` (which yields `image` as a PIL
+image and `pid` as a class label named by identity). Columns: `image` (struct bytes/path), `pid`
+(dense), `source`, `source_pid`, `identity`, `prompt`, `seed`, `score`, `index`. Identities are
+mixed across shards; `shards/_shards.json` lists the files. Every image is reproducible from
+`config.yaml`, its identity and its seed.
 
 ## Resolved config
 
 ```yaml
 {config_to_yaml(config)}```
 """
-    path.write_text(text)
+    location.write_text(text)
 
 
 def _thumb(data: bytes, height: int) -> Image.Image:
@@ -228,12 +231,12 @@ def identity_strip(row: dict, height: int = 96, per_group: int = 6) -> Image.Ima
     return strip
 
 
-def write_contact_sheet(path: Path, strips: Sequence[Path]) -> Path | None:
+def write_contact_sheet(location: Location, strips: Sequence[Location]) -> Location | None:
     images = []
     for strip in strips:
         try:
-            images.append(Image.open(strip).convert("RGB"))
-        except OSError:  # a preview from an older, interrupted run: skip it, it is cosmetic
+            images.append(Image.open(io.BytesIO(strip.read_bytes())).convert("RGB"))
+        except OSError:  # a damaged preview: skip it, it is cosmetic
             continue
     if not images:
         return None
@@ -243,5 +246,7 @@ def write_contact_sheet(path: Path, strips: Sequence[Path]) -> Path | None:
     for image in images:
         sheet.paste(image, (0, y))
         y += image.height
-    sheet.save(path)
-    return path
+    buffer = io.BytesIO()
+    sheet.save(buffer, format="PNG")
+    location.write_bytes(buffer.getvalue())
+    return location

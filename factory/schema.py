@@ -97,3 +97,27 @@ def append_columns(table: pa.Table, fields: list[tuple[str, pa.DataType]], value
         else:
             table = table.append_column(pa.field(name, dtype), column)
     return table
+
+
+# the write stage's output: what the driver receives per identity (no images: workers wrote them)
+STATUS_SCHEMA = pa.schema(
+    [
+        ("identity", pa.string()),
+        ("source", pa.string()),
+        ("source_pid", pa.int64()),
+        ("seed", pa.int64()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("attempts", pa.int64()),
+        ("caption", pa.string()),
+        ("caption_seconds", pa.float64()),
+        ("timings", pa.string()),
+        ("filter_kind", pa.string()),
+        ("filter_seconds", pa.float64()),
+        ("reference_reused", pa.bool_()),
+        ("generated_count", pa.int64()),
+        ("kept_count", pa.int64()),
+        ("staged_file", pa.string()),  # relative to DIR; "" when the identity failed
+        ("write_seconds", pa.float64()),
+    ]
+)

@@ -1,11 +1,13 @@
-"""The output directory: per-identity staging files, the manifest, and the final shards.
+"""The output location (any URI: a local folder, `s3://bucket/run`, `gs://...`).
 
 Layout of DIR:
-  staging/<identity>.parquet   every generated image of one identity (kept or not), written
-                               atomically the moment the identity finishes
-  manifest.json                identities done / failed, rewritten atomically after each one
-  shards/part-*.parquet        the product: kept images, dense `pid`; rebuilt from staging at
-                               the end of every run and swapped in as a whole directory
+  staging/<identity>.parquet   every generated image of one identity (kept or not), written by
+                               the worker that finished it (the pipeline's write stage)
+  manifest.json                identities done / failed; only the driver writes it, after each
+                               identity, as one atomic replace
+  shards/part-<gen>-*.parquet  the product: kept images, dense `pid`, identities mixed across
+                               shards; rewritten only when the set of finished identities changed
+  shards/_shards.json          what the current shards hold (fingerprint, files, counts)
   config.yaml                  the resolved config
 
 A killed run loses at most the identities in flight; a rerun skips everything in the manifest.
@@ -13,33 +15,24 @@ A killed run loses at most the identities in flight; a rerun skips everything in
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 import re
-import shutil
-import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from core.storage import Location, resolve
 from factory.schema import SHARD_SCHEMA, STAGED_SCHEMA
 
 MANIFEST_VERSION = 1
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def atomic_write_parquet(table: pa.Table, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+SHARDS_FORMAT = 2  # 2: identities mixed across shards, Hugging Face features metadata
+SHARDS_INDEX = "_shards.json"
+# Shards are cut from a window of this many shards' worth of rows, shuffled: each shard mixes the
+# identities of the window, and the writer holds one window (not the dataset) in memory.
+MIX_WINDOW_SHARDS = 4
 
 
 def safe_file_stem(identity: str) -> str:
@@ -47,53 +40,87 @@ def safe_file_stem(identity: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "__", identity)
 
 
+def staging_file(identity: str) -> str:
+    """Where an identity's staging file lives, relative to DIR."""
+    return f"staging/{safe_file_stem(identity)}.parquet"
+
+
+def write_staged_identity(root: Location | str, identity: str, rows: pa.Table) -> str:
+    """Write one identity's staged rows under `root` (atomically); returns the path relative to DIR.
+    Runs on whichever worker finished the identity."""
+    relative = staging_file(identity)
+    (resolve(root) / relative).write_parquet(rows.cast(STAGED_SCHEMA))
+    return relative
+
+
 @dataclass
 class FinalizeResult:
     identities: int
     images: int
-    shards: list[Path]
+    shards: list[str]  # URIs
+    rewritten: bool = True
+
+
+def huggingface_features(identity_names: list[str]) -> dict[str, Any]:
+    """The `datasets` library's features of SHARD_SCHEMA, stored in each shard's Arrow metadata:
+    `load_dataset("parquet", ...)` then yields `image` as an Image (a PIL image per row) and
+    `pid` as a ClassLabel named by identity; Ray Data and pandas ignore the key."""
+    value = {"_type": "Value"}
+    return {
+        "image": {"_type": "Image"},
+        "pid": {"_type": "ClassLabel", "names": identity_names},
+        "source": {**value, "dtype": "string"},
+        "source_pid": {**value, "dtype": "int64"},
+        "identity": {**value, "dtype": "string"},
+        "prompt": {**value, "dtype": "string"},
+        "seed": {**value, "dtype": "int64"},
+        "score": {**value, "dtype": "float64"},
+        "index": {**value, "dtype": "int64"},
+    }
 
 
 class OutputStore:
-    """Owns DIR. Only the driver writes here, so no two writers race on the manifest."""
+    """Owns DIR. Workers write staging files and previews; the driver alone writes the manifest,
+    so no two writers race on it."""
 
-    def __init__(self, root: Path) -> None:
-        self.root = Path(root)
+    def __init__(self, root: Location | str) -> None:
+        self.root = resolve(root)
         self.staging = self.root / "staging"
         self.shards = self.root / "shards"
         self.manifest_path = self.root / "manifest.json"
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.staging.mkdir(exist_ok=True)
+        if self.root.is_local:
+            self.root.makedirs()
         self.manifest = self._load_manifest()
 
     def _load_manifest(self) -> dict[str, Any]:
         if not self.manifest_path.exists():
             return {"version": MANIFEST_VERSION, "identities": {}, "failed": {}}
         try:
-            manifest = json.loads(self.manifest_path.read_text())
+            manifest = json.loads(self.manifest_path.read_bytes())
         except json.JSONDecodeError as err:
             raise RuntimeError(f"{self.manifest_path} is not valid JSON ({err}); move it away to start over") from err
         if manifest.get("version") != MANIFEST_VERSION:
             raise RuntimeError(f"{self.manifest_path}: unsupported manifest version {manifest.get('version')}")
-        # An identity counts as done only if its staging file is really there.
+        # An identity counts as done only if its staging file is really there (one listing,
+        # not a request per identity: object stores answer a listing of thousands at once).
+        present = {location.path for location in self.staging.files(".parquet")}
         manifest["identities"] = {
-            key: entry for key, entry in manifest["identities"].items() if (self.root / entry["file"]).exists()
+            key: entry for key, entry in manifest["identities"].items() if (self.root / entry["file"]).path in present
         }
         return manifest
 
     def _save_manifest(self) -> None:
-        atomic_write_bytes(self.manifest_path, json.dumps(self.manifest, indent=1, sort_keys=True).encode())
+        self.manifest_path.write_json(self.manifest)
 
     @property
     def done(self) -> set[str]:
         return set(self.manifest["identities"])
 
-    def record_identity(self, identity: str, rows: pa.Table, summary: dict[str, Any]) -> None:
-        """Stage one finished identity: its file first, then the manifest entry pointing to it."""
-        rows = rows.cast(STAGED_SCHEMA)
-        path = self.staging / f"{safe_file_stem(identity)}.parquet"
-        atomic_write_parquet(rows, path)
-        self.manifest["identities"][identity] = {"file": str(path.relative_to(self.root)), **summary}
+    def record_identity(self, identity: str, summary: dict[str, Any], rows: pa.Table | None = None) -> None:
+        """Record a finished identity whose staging file is written (by a worker, or here from
+        `rows`): the file first, then the manifest entry pointing to it."""
+        relative = write_staged_identity(self.root, identity, rows) if rows is not None else staging_file(identity)
+        self.manifest["identities"][identity] = {"file": relative, **summary}
         self.manifest["failed"].pop(identity, None)
         self._save_manifest()
 
@@ -101,42 +128,85 @@ class OutputStore:
         self.manifest["failed"][identity] = {"error": error, "attempts": attempts}
         self._save_manifest()
 
-    def write_json(self, name: str, payload: Any) -> Path:
-        path = self.root / name
-        atomic_write_bytes(path, json.dumps(payload, indent=1, sort_keys=True).encode())
-        return path
+    def write_json(self, name: str, payload: Any) -> Location:
+        location = self.root / name
+        location.write_json(payload)
+        return location
 
-    def finalize(self, rows_per_shard: int) -> FinalizeResult:
-        """Rebuild `shards/` from staging: kept images only, identities in key order, `pid` dense
-        over identities with at least one kept image. Swapped in as a whole directory."""
-        tables = []
-        for identity in sorted(self.manifest["identities"], key=_identity_sort_key):
-            staged = pq.read_table(self.root / self.manifest["identities"][identity]["file"])
-            kept = staged.filter(staged.column("kept"))
-            if kept.num_rows:
-                tables.append(kept)
-        pid_tables = []
-        for pid, table in enumerate(tables):
-            table = table.drop_columns(["kept"]).sort_by("index")
-            table = table.append_column("pid", pa.array([pid] * table.num_rows, pa.int64()))
-            pid_tables.append(table.select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA))
-        combined = pa.concat_tables(pid_tables) if pid_tables else SHARD_SCHEMA.empty_table()
+    def finalize(self, rows_per_shard: int, seed: int = 0) -> FinalizeResult:
+        """Write `shards/` from staging: kept images only, `pid` dense over the identities with at
+        least one kept image (in identity order), identities mixed across shards by a seeded
+        shuffle. Streams one staging file at a time into a bounded window, so memory does not
+        grow with the dataset. Left alone when the finished identities did not change."""
+        return write_shards(self.root, self.manifest["identities"], rows_per_shard, seed)
 
-        tmp = self.root / f".shards.{uuid.uuid4().hex}.tmp"
-        tmp.mkdir()
-        shard_names = []
-        for number, start in enumerate(range(0, max(combined.num_rows, 1), rows_per_shard)):
-            if combined.num_rows == 0:
-                break
-            name = f"part-{number:05d}.parquet"
-            pq.write_table(combined.slice(start, rows_per_shard), tmp / name)
-            shard_names.append(name)
-        old = self.root / f".shards.{uuid.uuid4().hex}.old"
-        if self.shards.exists():
-            os.replace(self.shards, old)
-        os.replace(tmp, self.shards)
-        shutil.rmtree(old, ignore_errors=True)
-        return FinalizeResult(len(pid_tables), combined.num_rows, [self.shards / n for n in shard_names])
+
+def _fingerprint(entries: list[tuple[str, str, int]], rows_per_shard: int, seed: int) -> str:
+    payload = json.dumps([SHARDS_FORMAT, rows_per_shard, seed, entries]).encode()
+    return hashlib.sha256(payload).hexdigest()
+
+
+def write_shards(root: Location | str, identities: dict[str, dict[str, Any]], rows_per_shard: int,
+                 seed: int = 0) -> FinalizeResult:
+    """`OutputStore.finalize` as a function of the manifest's identities (so a benchmark or a
+    Ray task can run it in a process of its own)."""
+    root = resolve(root)
+    shards = root / "shards"
+    kept = [(key, identities[key]["file"], int(identities[key]["kept"]))
+            for key in sorted(identities, key=_identity_sort_key) if int(identities[key]["kept"]) > 0]
+    fingerprint = _fingerprint(kept, rows_per_shard, seed)
+    index = shards / SHARDS_INDEX
+    previous = index.read_json() if index.exists() else None
+    if previous and previous.get("fingerprint") == fingerprint and all((shards / f).exists() for f in previous["files"]):
+        return FinalizeResult(previous["identities"], previous["images"], [(shards / f).uri for f in previous["files"]],
+                              rewritten=False)
+
+    names = [key for key, _, _ in kept]
+    pid_of = {key: pid for pid, key in enumerate(names)}
+    metadata = {b"huggingface": json.dumps({"info": {"features": huggingface_features(names)}}).encode()}
+    schema = SHARD_SCHEMA.with_metadata(metadata)
+    generation = fingerprint[:8]
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(kept))
+    window_rows = MIX_WINDOW_SHARDS * rows_per_shard
+    written: list[str] = []
+    pending: list[pa.Table] = []
+    pending_rows = images = 0
+
+    def flush(final: bool) -> None:
+        nonlocal pending, pending_rows
+        if not pending:
+            return
+        window = pa.concat_tables(pending)
+        window = window.take(pa.array(rng.permutation(window.num_rows)))
+        full = window.num_rows if final else window.num_rows - window.num_rows % rows_per_shard
+        for start in range(0, full, rows_per_shard):
+            name = f"part-{generation}-{len(written):05d}.parquet"
+            (shards / name).write_parquet(window.slice(start, min(rows_per_shard, full - start)).replace_schema_metadata(metadata))
+            written.append(name)
+        rest = window.slice(full)
+        pending, pending_rows = ([rest], rest.num_rows) if rest.num_rows else ([], 0)
+
+    for position in order:
+        key, relative, _ = kept[position]
+        staged = (root / relative).read_parquet()
+        rows = staged.filter(staged.column("kept")).drop_columns(["kept"]).sort_by("index")
+        rows = rows.append_column("pid", pa.array([pid_of[key]] * rows.num_rows, pa.int64()))
+        pending.append(rows.select(SHARD_SCHEMA.names).cast(schema))
+        pending_rows += rows.num_rows
+        images += rows.num_rows
+        if pending_rows >= window_rows:
+            flush(final=False)
+    flush(final=True)
+
+    index.write_json({"fingerprint": fingerprint, "files": written, "identities": len(kept), "images": images,
+                      "rows_per_shard": rows_per_shard, "seed": seed, "format": SHARDS_FORMAT})
+    # The new generation is complete and indexed: the old one goes (and any leftover of a
+    # finalize killed midway, which the index never named).
+    for location in shards.files(".parquet"):
+        if location.name not in written:
+            location.delete()
+    return FinalizeResult(len(kept), images, [(shards / name).uri for name in written])
 
 
 def _identity_sort_key(identity: str) -> tuple[str, int]:

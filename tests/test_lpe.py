@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 
 from factory.stage_config import CaptionConfig
 from factory.preflight import known_word_forms

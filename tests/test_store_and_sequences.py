@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import io
-import json
 from pathlib import Path
 
 import pandas as pd
@@ -80,14 +78,14 @@ def _staged(identity: str, kept: list[bool]) -> pa.Table:
 
 def test_store_resumes_and_writes_dense_pids(tmp_path: Path) -> None:
     store = OutputStore(tmp_path)
-    store.record_identity("demo/10", _staged("demo/10", [True, False, True]), {"generated": 3, "kept": 2})
-    store.record_identity("demo/2", _staged("demo/2", [False, False]), {"generated": 2, "kept": 0})
+    store.record_identity("demo/10", {"generated": 3, "kept": 2}, rows=_staged("demo/10", [True, False, True]))
+    store.record_identity("demo/2", {"generated": 2, "kept": 0}, rows=_staged("demo/2", [False, False]))
     store.record_failure("demo/5", "boom", 2)
     # A new store on the same directory (a rerun) sees the finished identities.
     rerun = OutputStore(tmp_path)
     assert rerun.done == {"demo/10", "demo/2"}
     assert rerun.manifest["failed"]["demo/5"]["error"] == "boom"
-    rerun.record_identity("demo/3", _staged("demo/3", [True]), {"generated": 1, "kept": 1})
+    rerun.record_identity("demo/3", {"generated": 1, "kept": 1}, rows=_staged("demo/3", [True]))
     result = rerun.finalize(rows_per_shard=2)
     assert (result.identities, result.images) == (2, 3)
     frame = pd.read_parquet(tmp_path / "shards")
@@ -100,7 +98,7 @@ def test_store_resumes_and_writes_dense_pids(tmp_path: Path) -> None:
 
 def test_manifest_entry_without_staging_file_is_not_done(tmp_path: Path) -> None:
     store = OutputStore(tmp_path)
-    store.record_identity("demo/1", _staged("demo/1", [True]), {"generated": 1, "kept": 1})
+    store.record_identity("demo/1", {"generated": 1, "kept": 1}, rows=_staged("demo/1", [True]))
     (tmp_path / store.manifest["identities"]["demo/1"]["file"]).unlink()
     assert OutputStore(tmp_path).done == set()
 

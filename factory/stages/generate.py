@@ -14,14 +14,11 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import random
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -29,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from core.storage import resolve
 from factory.schema import CAPTIONED_SCHEMA, GENERATION_FIELDS, append_columns, require_columns
 from factory.sequences import stable_seed
 from factory.stage_config import GenerationConfig, OutputConfig, VariationConfig, fault_target
@@ -155,28 +153,22 @@ class ReferenceSetStore:
     one safetensors file per key, written atomically by the actor that sampled it, so another
     actor (or a rerun) with the same reference prompt loads it instead of sampling it again."""
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.root = Path(root)
-
-    def _path(self, key: str) -> Path:
-        return self.root / f"{key}.safetensors"
+    def __init__(self, root: str) -> None:
+        self.root = resolve(root)
 
     def get(self, key: str) -> torch.Tensor | None:
-        from safetensors.torch import load_file
+        from safetensors.torch import load
 
-        path = self._path(key)
+        location = self.root / f"{key}.safetensors"
         try:
-            return load_file(str(path))["latents"] if path.is_file() else None
+            return load(location.read_bytes())["latents"] if location.is_file() else None
         except Exception:  # a damaged file: sample the set again (and rewrite it)
             return None
 
     def put(self, key: str, latents: torch.Tensor) -> None:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f".{key}.{uuid.uuid4().hex}.tmp"
-        save_file({"latents": latents.detach().cpu().contiguous()}, str(tmp))
-        os.replace(tmp, self._path(key))
+        (self.root / f"{key}.safetensors").write_bytes(save({"latents": latents.detach().cpu().contiguous()}))
 
 
 def _make_optimizer(params, config: GenerationConfig) -> torch.optim.Optimizer:

@@ -1,0 +1,1 @@
+"""The shared base under `factory`, `trainers` and `eval`: storage locations (URIs)."""

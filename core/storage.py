@@ -1,0 +1,228 @@
+"""Every location a command reads or writes, as a URI: a local path, `file://`, `s3://`, `gs://`,
+`hdfs://` (pyarrow.fs), or any other scheme fsspec knows (through pyarrow's `FSSpecHandler`).
+
+Credentials come only from each filesystem's standard chain (`AWS_*`, `AWS_ENDPOINT_URL`, the
+AWS profile; `GOOGLE_APPLICATION_CREDENTIALS`), never from a config. A `Location` pickles as its
+URI, so a Ray worker resolves it on its own node with its own credentials.
+
+Writes are atomic for readers: on a local filesystem a temporary file renamed into place; on an
+object store one PUT (an object becomes visible only when its upload completes).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+
+class StorageError(OSError):
+    """A location cannot be resolved or read; the message names the URI."""
+
+
+def has_scheme(location: str | os.PathLike[str]) -> bool:
+    """`s3://b/x` and `file:///x` have one; `/x`, `x/y` and Windows' `C:\\x` do not."""
+    text = os.fspath(location)
+    return "://" in text and len(text.split("://", 1)[0]) > 1
+
+
+@functools.lru_cache(maxsize=32)
+def _filesystem(scheme: str, netloc: str) -> pafs.FileSystem:
+    """One filesystem object per (scheme, bucket) and process: S3 resolves a bucket's region
+    with a request, which every path of a run would otherwise repeat."""
+    uri = f"{scheme}://{netloc}/"
+    try:
+        filesystem, _ = pafs.FileSystem.from_uri(uri)
+        return filesystem
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as arrow_error:
+        try:
+            import fsspec
+        except ImportError:
+            raise StorageError(f"{uri}: pyarrow has no filesystem for {scheme!r} ({arrow_error})") from None
+        try:
+            return pafs.PyFileSystem(pafs.FSSpecHandler(fsspec.filesystem(scheme)))
+        except (ImportError, ValueError) as err:
+            raise StorageError(f"{uri}: neither pyarrow nor fsspec can open {scheme!r} ({err})") from None
+    except OSError as err:
+        raise StorageError(f"{uri}: {err}") from None
+
+
+@dataclass(frozen=True)
+class Location:
+    """A file or folder on some filesystem. `uri` is what users see; `path` is the filesystem's."""
+
+    uri: str
+    filesystem: pafs.FileSystem
+    path: str
+
+    def __reduce__(self):  # travel as the URI: the receiving node resolves its own filesystem
+        return (resolve, (self.uri,))
+
+    def __str__(self) -> str:
+        return self.uri
+
+    def __truediv__(self, name: str) -> Location:
+        name = str(name).strip("/")
+        return Location(f"{self.uri.rstrip('/')}/{name}", self.filesystem, f"{self.path.rstrip('/')}/{name}")
+
+    @property
+    def name(self) -> str:
+        return self.path.rstrip("/").rsplit("/", 1)[-1]
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.filesystem, pafs.LocalFileSystem)
+
+    @property
+    def local_path(self) -> Path:
+        """The path on this machine; only for local locations."""
+        if not self.is_local:
+            raise StorageError(f"{self.uri} is not on the local filesystem")
+        return Path(self.path)
+
+    # -- queries ---------------------------------------------------------------------------
+
+    def _info(self) -> pafs.FileInfo:
+        try:
+            return self.filesystem.get_file_info(self.path)
+        except OSError as err:
+            raise StorageError(f"{self.uri}: {err}") from None
+
+    def exists(self) -> bool:
+        return self._info().type != pafs.FileType.NotFound
+
+    def is_file(self) -> bool:
+        return self._info().type == pafs.FileType.File
+
+    def is_dir(self) -> bool:
+        return self._info().type == pafs.FileType.Directory
+
+    def files(self, suffix: str = "", recursive: bool = False) -> list[Location]:
+        """Files under this folder (sorted by path), skipping hidden and temporary names
+        (`.x`, `_x`), as pyarrow.dataset does; [] when the folder does not exist."""
+        selector = pafs.FileSelector(self.path, allow_not_found=True, recursive=recursive)
+        try:
+            infos = self.filesystem.get_file_info(selector)
+        except OSError as err:
+            raise StorageError(f"{self.uri}: {err}") from None
+        base = self.path.rstrip("/")
+        found = []
+        for info in infos:
+            relative = info.path[len(base):].lstrip("/")
+            if info.type != pafs.FileType.File or not relative.endswith(suffix):
+                continue
+            if any(part.startswith((".", "_")) for part in relative.split("/")):
+                continue
+            found.append(self / relative)
+        return sorted(found, key=lambda location: location.path)
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def read_bytes(self) -> bytes:
+        try:
+            with self.filesystem.open_input_stream(self.path) as stream:
+                return stream.read()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{self.uri} not found") from None
+        except OSError as err:
+            raise StorageError(f"{self.uri}: {err}") from None
+
+    def read_text(self) -> str:
+        return self.read_bytes().decode()
+
+    def read_json(self) -> Any:
+        return json.loads(self.read_bytes())
+
+    def read_parquet(self, columns: list[str] | None = None) -> pa.Table:
+        return pq.read_table(self.path, filesystem=self.filesystem, columns=columns)
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def makedirs(self) -> None:
+        self.filesystem.create_dir(self.path, recursive=True)
+
+    def _write(self, write) -> None:
+        """Run `write(stream)` so that readers see the old object or the whole new one."""
+        parent = self.path.rstrip("/").rsplit("/", 1)[0]
+        if self.is_local:
+            self.filesystem.create_dir(parent, recursive=True)
+            tmp = f"{parent}/.{self.name}.{uuid.uuid4().hex}.tmp"
+            try:
+                with self.filesystem.open_output_stream(tmp) as stream:
+                    write(stream)
+                os.replace(tmp, self.path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+            return
+        with self.filesystem.open_output_stream(self.path) as stream:  # one object, one PUT
+            write(stream)
+
+    def write_bytes(self, data: bytes) -> None:
+        self._write(lambda stream: stream.write(data))
+
+    def write_text(self, text: str) -> None:
+        self.write_bytes(text.encode())
+
+    def write_json(self, payload: Any) -> None:
+        self.write_bytes(json.dumps(payload, indent=1, sort_keys=True).encode())
+
+    def write_parquet(self, table: pa.Table) -> None:
+        self._write(lambda stream: pq.write_table(table, stream))
+
+    def delete(self) -> None:
+        try:
+            self.filesystem.delete_file(self.path)
+        except FileNotFoundError:
+            pass
+
+    def delete_dir(self) -> None:
+        try:
+            self.filesystem.delete_dir(self.path)
+        except FileNotFoundError:
+            pass
+
+    def download(self, target: Path) -> Path:
+        """Copy this file or folder to the local `target` (created) and return it."""
+        target.parent.mkdir(parents=True, exist_ok=True)
+        pafs.copy_files(self.path, str(target), source_filesystem=self.filesystem,
+                        destination_filesystem=pafs.LocalFileSystem())
+        return target
+
+
+def resolve(location: str | os.PathLike[str] | Location) -> Location:
+    """The `Location` of a URI or path. A local path becomes absolute against the current
+    directory (so it means the same thing after the process changes directory)."""
+    if isinstance(location, Location):
+        return location
+    text = os.fspath(location)
+    if not text:
+        raise StorageError("empty location")
+    if not has_scheme(text):
+        path = str(Path(text).expanduser().resolve())
+        return Location(path, pafs.LocalFileSystem(), path)
+    parsed = urlparse(text)
+    scheme = parsed.scheme.lower()
+    if scheme == "file":
+        path = str(Path(parsed.path).resolve())
+        return Location(path, pafs.LocalFileSystem(), path)
+    filesystem = _filesystem(scheme, parsed.netloc)
+    if isinstance(filesystem, pafs.PyFileSystem):  # fsspec names paths its own way
+        path = filesystem.handler.fs._strip_protocol(text).rstrip("/")
+    else:
+        path = f"{parsed.netloc}{parsed.path}".rstrip("/")
+    return Location(text.rstrip("/"), filesystem, path)
+
+
+def is_remote(location: str | os.PathLike[str]) -> bool:
+    """A URI whose scheme is not `file`: it may be read from any node."""
+    return has_scheme(location) and not os.fspath(location).lower().startswith("file://")
