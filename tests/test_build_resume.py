@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from core.storage import resolve
 from factory.run_config import REPO_ROOT
 from tests.pipeline_fixtures import save_filter_model, save_tiny_models, small_preset
 
@@ -32,7 +33,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"root": root, "preset": preset, "source": source, "sd": sd, "blip": blip, "filter": filter_dir}
 
 
-def _build(preset: Path, out: Path, *extra: str) -> subprocess.Popen:
+def _build(preset: Path, out: Path | str, *extra: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     return subprocess.Popen(
         [sys.executable, "-m", "factory.build", "--config", str(preset), "--out", str(out), *extra],
@@ -47,23 +48,35 @@ def _finish(process: subprocess.Popen, timeout: float = 600, expect: int = 0) ->
     return output
 
 
-def _done(out: Path) -> int:
+def _done(out: Path | str) -> int:
     try:
-        return len(json.loads((out / "manifest.json").read_text())["identities"])
+        return len(json.loads((resolve(out) / "manifest.json").read_bytes())["identities"])
     except (FileNotFoundError, json.JSONDecodeError):
         return 0
 
 
-def _rows(out: Path) -> pd.DataFrame:
-    frame = pd.read_parquet(out / "shards")
+def _rows(out: Path | str) -> pd.DataFrame:
+    shards = (resolve(out) / "shards").files(".parquet")
+    frame = pd.concat([shard.read_parquet().to_pandas() for shard in shards])
     frame["image_bytes"] = frame["image"].map(lambda image: image["bytes"])
     return frame.drop(columns=["image"]).sort_values(["identity", "index"]).reset_index(drop=True)
 
 
-def test_sigkill_mid_build_then_rerun_matches_uninterrupted(setup: dict[str, Path]) -> None:
-    reference_out, killed_out = setup["root"] / "uninterrupted", setup["root"] / "killed"
-    _finish(_build(setup["preset"], reference_out))
+@pytest.fixture(scope="module")
+def uninterrupted(setup: dict[str, Path]) -> pd.DataFrame:
+    out = setup["root"] / "uninterrupted"
+    _finish(_build(setup["preset"], out))
+    return _rows(out)
 
+
+@pytest.mark.parametrize("storage", ["local", "s3"])
+def test_sigkill_mid_build_then_rerun_matches_uninterrupted(
+    setup: dict[str, Path], uninterrupted: pd.DataFrame, storage: str, request: pytest.FixtureRequest
+) -> None:
+    """Local folder and object store alike: the rerun to the same location resumes and ends with
+    exactly the rows of an uninterrupted run (the object store is a local S3-compatible server,
+    reached only through the standard AWS_* variables)."""
+    killed_out = setup["root"] / "killed" if storage == "local" else request.getfixturevalue("bucket") + "/run"
     process = _build(setup["preset"], killed_out)
     deadline = time.monotonic() + 300
     while _done(killed_out) < 1 and time.monotonic() < deadline and process.poll() is None:
@@ -76,11 +89,13 @@ def test_sigkill_mid_build_then_rerun_matches_uninterrupted(setup: dict[str, Pat
     output = _finish(_build(setup["preset"], killed_out))
     assert f"{done_at_kill} already done" in output
 
-    expected, resumed = _rows(reference_out), _rows(killed_out)
+    expected, resumed = uninterrupted, _rows(killed_out)
     assert resumed.groupby("identity").size().to_dict() == expected.groupby("identity").size().to_dict()
     assert not resumed.duplicated(["identity", "index"]).any()
     pd.testing.assert_frame_equal(resumed, expected)
     assert sorted(resumed["pid"].unique()) == list(range(5))
+    for name in ("config.yaml", "summary.json", "README.md", "contact_sheet.png", "shards/_shards.json"):
+        assert (resolve(killed_out) / name).is_file(), name
 
 
 def test_failed_identity_is_recorded_then_retried(setup: dict[str, Path]) -> None:
