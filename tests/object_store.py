@@ -4,7 +4,6 @@ API only. Code under test reaches it solely through the standard variables (`AWS
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess

@@ -359,7 +359,7 @@ def test_find_latest_checkpoint_skips_incomplete_folders(tmp_path: Path) -> None
     folder("checkpoint_a", 2)
     best = folder("checkpoint_b", 3)
     folder("checkpoint_c", 4, complete=False)  # a driver killed while Ray was writing it
-    assert find_latest_checkpoint(tmp_path) == best
+    assert find_latest_checkpoint(tmp_path).uri == str(best)
 
 
 def test_write_curves(tmp_path: Path) -> None:
@@ -480,3 +480,34 @@ def test_demo_preset_pretrains_and_exports(tmp_path: Path, local_ray: None) -> N
     print(f"demo pre-training: {seconds:.0f} s, {inspect_shards(data).describe()}, "
           f"final loss {state['history'][-1]['loss']:.3f}")
 
+
+
+def test_pretrain_reads_and_writes_an_object_store(small_shards: Path, bucket: str) -> None:
+    """`--data s3://... --out s3://...` (a local S3-compatible server, reached through the AWS_*
+    variables only): Ray Data reads the shards, Ray Train checkpoints to the URI, the exports land
+    there, and a rerun finds the checkpoint on the object store and resumes instead of retraining."""
+    import subprocess
+    import sys
+
+    import pyarrow.fs as pafs
+
+    from core.storage import resolve
+    from factory.run_config import REPO_ROOT
+
+    data, out = resolve(f"{bucket}/data"), resolve(f"{bucket}/pre")
+    pafs.copy_files(str(small_shards), data.path, destination_filesystem=data.filesystem)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    command = [sys.executable, "-m", "trainers.pretrain", "--data", data.uri, "--out", out.uri,
+               *sets(*TINY, *TRAINER_DECODE, "pretrain.epochs=1", "pretrain.batch_size=8")]
+    first = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
+    assert f"backbone {out.uri}/backbone.safetensors" in first.stdout
+    for name in ("backbone.safetensors", "backbone.json", "model.safetensors", "curves.csv", "curves.png", "config.yaml"):
+        assert (out / name).is_file(), name
+    from safetensors.torch import load
+
+    timm.create_model("resnet18", num_classes=0).load_state_dict(load((out / "backbone.safetensors").read_bytes()))
+    assert find_latest_checkpoint(out / "pretrain") is not None
+    rerun = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, (rerun.stdout + rerun.stderr)[-4000:]
+    assert f"resuming from {out.uri}/pretrain/checkpoint_" in rerun.stdout

@@ -1,4 +1,4 @@
-"""`python -m trainers.pretrain --data DIR --out CKPT_DIR [--config FILE] [--set pretrain.key=value ...]`
+"""`python -m trainers.pretrain --data URI --out URI [--config FILE] [--set pretrain.key=value ...]`
 
 Pre-trains the `pretrain` section of a run preset (default `configs/demo.yaml`) on
 `DIR/shards/*.parquet` and writes `CKPT_DIR/backbone.safetensors`, `curves.csv`, `curves.png`
@@ -22,9 +22,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m trainers.pretrain",
         description="Pre-train a timm backbone on the factory's shards with Ray Train (identity classification).",
     )
-    parser.add_argument("--data", type=Path, required=True, help="factory output folder (holds shards/*.parquet)")
-    parser.add_argument("--out", type=Path, required=True,
-                        help="checkpoint folder; a rerun with the same folder resumes")
+    parser.add_argument("--data", required=True, metavar="URI",
+                        help="factory output location (holds shards/*.parquet): a folder, s3://..., gs://...")
+    parser.add_argument("--out", required=True, metavar="URI",
+                        help="checkpoint location (folder or s3://, gs://, ...); a rerun with the same one resumes")
     parser.add_argument("--config", type=Path, default=DEFAULT_PRESET,
                         help=f"run preset whose `pretrain:` section is used (default: {DEFAULT_PRESET.name})")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from core.storage import Location, StorageError, resolve
 from factory.datasets.base import ImageRecord
 from factory.schema import SHARD_SCHEMA
 
@@ -34,8 +35,8 @@ class ShardError(ValueError):
 class ShardSummary:
     """What `inspect_shards` found: the files, their rows and the dense pid range."""
 
-    shards_dir: Path
-    files: tuple[Path, ...]
+    shards_dir: str  # URI
+    files: tuple[str, ...]  # URIs, for Ray Data / pyarrow
     num_rows: int
     num_classes: int  # max pid + 1 (pids are dense, so also the number of identities)
 
@@ -44,24 +45,28 @@ class ShardSummary:
                 f"shard(s) under {self.shards_dir}")
 
 
-def find_shard_files(data_dir: str | Path) -> tuple[Path, list[Path]]:
-    """(`DIR/shards`, its `*.parquet` files, sorted); ShardError when there are none."""
-    data_dir = Path(data_dir)
-    if not data_dir.exists():
-        raise ShardError(f"data dir not found: {data_dir}")
-    if not data_dir.is_dir():
-        raise ShardError(f"data dir is not a folder: {data_dir}")
-    shards_dir = data_dir / SHARDS_DIR
-    if not shards_dir.is_dir():
-        raise ShardError(f"no {SHARDS_DIR}/ folder in {data_dir} (expected {shards_dir}/*.parquet, "
-                         "as written by `python -m factory.build --out DIR`)")
-    files = sorted(p for p in shards_dir.glob("*.parquet") if p.is_file())
+def find_shard_files(data_dir: str | Path | Location) -> tuple[Location, list[Location]]:
+    """(`DIR/shards`, its `*.parquet` files, sorted) for any URI; ShardError when there are none."""
+    try:
+        data = resolve(data_dir)
+        exists, is_dir = data.exists(), data.is_dir()
+    except StorageError as err:
+        raise ShardError(f"data dir cannot be read: {err}") from None
+    if not exists:
+        raise ShardError(f"data dir not found: {data}")
+    if not is_dir:
+        raise ShardError(f"data dir is not a folder: {data}")
+    shards_dir = data / SHARDS_DIR
+    files = shards_dir.files(".parquet")
     if not files:
+        if not shards_dir.exists():
+            raise ShardError(f"no {SHARDS_DIR}/ folder in {data} (expected {shards_dir}/*.parquet, "
+                             "as written by `python -m factory.build --out DIR`)")
         raise ShardError(f"no Parquet shards in {shards_dir} (expected *.parquet files)")
     return shards_dir, files
 
 
-def _check_schema(path: Path, schema: pa.Schema) -> None:
+def _check_schema(path: Location, schema: pa.Schema) -> None:
     missing = [name for name in REQUIRED_COLUMNS if name not in schema.names]
     if missing:
         raise ShardError(f"{path} lacks required column(s) {missing} (it has {schema.names}); "
@@ -75,7 +80,7 @@ def _check_schema(path: Path, schema: pa.Schema) -> None:
         raise ShardError(f"{path}: column 'pid' must be an integer, got {schema.field('pid').type}")
 
 
-def _dense_error(shards_dir: Path, pids: np.ndarray) -> str | None:
+def _dense_error(shards_dir: Location, pids: np.ndarray) -> str | None:
     """Why `pids` are not dense over 0..max (None when they are)."""
     if pids.min() < 0:
         return f"negative pid {int(pids.min())}"
@@ -90,7 +95,7 @@ def _dense_error(shards_dir: Path, pids: np.ndarray) -> str | None:
             "pids must be 0..N-1 with every value used (they are the classification labels)")
 
 
-def inspect_shards(data_dir: str | Path) -> ShardSummary:
+def inspect_shards(data_dir: str | Path | Location) -> ShardSummary:
     """Check `DIR/shards/*.parquet` for pre-training: files present, columns `image` (struct with
     binary `bytes`) and integer `pid`, at least one row, no null pid, pids dense 0..N-1.
 
@@ -100,11 +105,11 @@ def inspect_shards(data_dir: str | Path) -> ShardSummary:
     pid_chunks = []
     for path in files:
         try:
-            schema = pq.read_schema(path)
+            schema = pq.read_schema(path.path, filesystem=path.filesystem)
         except (pa.ArrowException, OSError) as err:
             raise ShardError(f"{path} is not a readable Parquet file: {err}") from None
         _check_schema(path, schema)
-        column = pq.read_table(path, columns=["pid"]).column("pid")
+        column = path.read_parquet(columns=["pid"]).column("pid")
         if column.null_count:
             raise ShardError(f"{path}: column 'pid' has {column.null_count} null value(s)")
         pid_chunks.append(column.to_numpy())
@@ -114,7 +119,7 @@ def inspect_shards(data_dir: str | Path) -> ShardSummary:
     problem = _dense_error(shards_dir, pids)
     if problem:
         raise ShardError(f"pid column of {shards_dir} is not dense: {problem}")
-    return ShardSummary(shards_dir=shards_dir, files=tuple(files), num_rows=int(pids.size),
+    return ShardSummary(shards_dir=shards_dir.uri, files=tuple(f.uri for f in files), num_rows=int(pids.size),
                         num_classes=int(pids.max()) + 1)
 
 

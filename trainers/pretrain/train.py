@@ -43,14 +43,15 @@ from ray.train.torch import TorchTrainer
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from factory.config import save_config
+from core.storage import Location, resolve
+from factory.config import config_to_yaml
 from factory.ray_pipeline import init_ray, resolve_use_gpu
 from factory.stage_config import RayConfig
 from trainers.ray_logging import quiet_ray_train_reports
 from trainers.pretrain.config import BatchPlan, PretrainConfig, plan_batches
 from trainers.pretrain.data import IMAGE_KEY, LABEL_KEY, BatchAugment, build_train_dataset, train_batches
 from trainers.pretrain.export import BACKBONE_FILE, export_backbone
-from trainers.pretrain.plots import write_curves
+from trainers.pretrain.plots import CURVES_CSV, CURVES_PNG, write_curves
 from trainers.pretrain.recipe import (
     backbone_state_dict,
     build_loss,
@@ -80,14 +81,14 @@ logger = logging.getLogger(__name__)
 class PretrainResult:
     """Where a finished `pretrain` run put its outputs, and what it measured per epoch."""
 
-    backbone_path: Path  # CKPT_DIR/backbone.safetensors
-    model_path: Path  # CKPT_DIR/model.safetensors (with the identity classifier)
-    curves_csv: Path
-    curves_png: Path
+    backbone_path: Path | str  # CKPT_DIR/backbone.safetensors (a Path when local, else its URI)
+    model_path: Path | str  # CKPT_DIR/model.safetensors (with the identity classifier)
+    curves_csv: Path | str
+    curves_png: Path | str
     num_classes: int
     history: list[dict[str, float]]  # one entry per epoch: epoch, lr, loss, train_accuracy, ...
     starts: list[int]  # the epoch each (re)start of the training loop began at: [0] = one clean run
-    run_dir: Path  # Ray Train's run folder with the per-epoch checkpoints
+    run_dir: Path | str  # Ray Train's run folder with the per-epoch checkpoints
 
 
 class ResumeMismatchError(ValueError):
@@ -95,7 +96,7 @@ class ResumeMismatchError(ValueError):
 
 
 def prepare_run(data_dir: str | Path, out_dir: str | Path, config: PretrainConfig,
-                run_name: str = RUN_NAME) -> tuple[ShardSummary, BatchPlan, Path | None]:
+                run_name: str = RUN_NAME) -> tuple[ShardSummary, BatchPlan, Location | None]:
     """Every check that can fail before training: the shards (`ShardError`), the batch split,
     the shards against the batch, and a previous run in `out_dir` against this config
     (`ResumeMismatchError`). Returns the shard summary, the batch plan and the checkpoint to
@@ -108,9 +109,9 @@ def prepare_run(data_dir: str | Path, out_dir: str | Path, config: PretrainConfi
             f"{summary.shards_dir} holds {summary.num_rows} images, too few for one step of "
             f"batch_size={config.batch_size} over {config.num_workers} worker(s); lower pretrain.batch_size"
         )
-    latest = find_latest_checkpoint(Path(out_dir) / run_name)
+    latest = find_latest_checkpoint(resolve(out_dir) / run_name)
     if latest is not None:
-        state = json.loads((latest / STATE_FILE).read_text())
+        state = (latest / STATE_FILE).read_json()
         ours = {"arch": config.arch, "num_classes": summary.num_classes, "model_kwargs": config.model_kwargs}
         theirs = {key: state.get(key) for key in ours}
         if theirs != ours:
@@ -130,10 +131,9 @@ def pretrain(
     Resumes when `out_dir` holds checkpoints of the same model. Writes `out_dir/backbone.safetensors`
     (+ `backbone.json`), `model.safetensors`, `curves.csv`, `curves.png` and the resolved `config.yaml`.
     """
-    out_dir = Path(out_dir).resolve()
-    summary, plan, latest = prepare_run(data_dir, out_dir, config, run_name)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, out_dir / CONFIG_FILE)
+    out = resolve(out_dir)  # a local folder or any URI (s3://, gs://): Ray Train's storage_path
+    summary, plan, latest = prepare_run(data_dir, out, config, run_name)
+    (out / CONFIG_FILE).write_text(config_to_yaml(config))
     init_ray(RayConfig(), progress_bars=False)  # RAY_ADDRESS (e.g. inside `ray job submit`), else local
     use_gpu = resolve_use_gpu(config.use_gpu)
     trainer = TorchTrainer(
@@ -142,15 +142,15 @@ def pretrain(
             "config": config.model_dump(mode="json"),
             "plan": plan.model_dump(),
             "num_classes": summary.num_classes,
-            "out_dir": str(out_dir),
-            "run_dir": str(out_dir / run_name),
+            "out_dir": out.uri,
+            "run_dir": (out / run_name).uri,
         },
         scaling_config=ScalingConfig(
             num_workers=config.num_workers, use_gpu=bool(use_gpu),
             resources_per_worker={"CPU": config.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
         ),
         run_config=RunConfig(
-            storage_path=str(out_dir),
+            storage_path=out.uri,
             name=run_name,
             checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoints_to_keep),
             failure_config=FailureConfig(max_failures=config.max_failures),
@@ -159,38 +159,52 @@ def pretrain(
     )
     result = trainer.fit()
     if result.checkpoint is None:
-        raise RuntimeError(f"Ray Train run {out_dir / run_name} ended without a checkpoint")
-    with result.checkpoint.as_directory() as checkpoint_dir:
+        raise RuntimeError(f"Ray Train run {out / run_name} ended without a checkpoint")
+    with result.checkpoint.as_directory() as checkpoint_dir, tempfile.TemporaryDirectory() as staging:
+        # Exports are written locally, then copied when the output is an object store.
+        target = out.local_path if out.is_local else Path(staging)
+        target.mkdir(parents=True, exist_ok=True)
         checkpoint_dir = Path(checkpoint_dir)
-        model_path = Path(shutil.copy2(checkpoint_dir / MODEL_FILE, out_dir / MODEL_FILE))
-        backbone_path = export_backbone(checkpoint_dir / BACKBONE_FILE, out_dir / BACKBONE_FILE, config,
-                                        num_classes=summary.num_classes)
+        shutil.copy2(checkpoint_dir / MODEL_FILE, target / MODEL_FILE)
+        export_backbone(checkpoint_dir / BACKBONE_FILE, target / BACKBONE_FILE, config, num_classes=summary.num_classes)
         state = json.loads((checkpoint_dir / STATE_FILE).read_text())
-    history = state["history"]
-    curves_csv, curves_png = write_curves(history, out_dir)
+        history = state["history"]
+        write_curves(history, target)
+        if not out.is_local:
+            for path in Path(staging).iterdir():
+                (out / path.name).write_bytes(path.read_bytes())
+
+    def where(name: str) -> Path | str:
+        return out.local_path / name if out.is_local else (out / name).uri
+
     return PretrainResult(
-        backbone_path=backbone_path, model_path=model_path, curves_csv=curves_csv, curves_png=curves_png,
-        num_classes=summary.num_classes, history=history, starts=state["starts"], run_dir=Path(result.path),
+        backbone_path=where(BACKBONE_FILE), model_path=where(MODEL_FILE), curves_csv=where(CURVES_CSV),
+        curves_png=where(CURVES_PNG), num_classes=summary.num_classes, history=history, starts=state["starts"],
+        run_dir=where(run_name),
     )
 
 
-def find_latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The checkpoint folder under `run_dir` with the most epochs done (None when there is none).
-    Only folders holding all of rank 0's files count: a process killed while Ray was copying a
-    checkpoint into place can leave one incomplete."""
-    best: tuple[int, float, Path] | None = None
-    for state_path in Path(run_dir).glob("checkpoint_*/" + STATE_FILE):
-        folder = state_path.parent
-        if not all((folder / name).is_file() for name in (MODEL_FILE, OPTIMIZER_FILE, SCHEDULER_FILE)):
+def find_latest_checkpoint(run_dir: str | Path | Location) -> Location | None:
+    """The checkpoint folder under `run_dir` (any URI) with the most epochs done (None when there
+    is none; ties go to the later folder name). Only folders holding all of rank 0's files count:
+    a process killed while Ray was copying a checkpoint into place can leave one incomplete."""
+    run_dir = resolve(run_dir)
+    folders: dict[str, set[str]] = {}
+    for location in run_dir.files(recursive=True):  # one listing, also on an object store
+        parts = location.path[len(run_dir.path.rstrip("/")) + 1:].split("/")
+        if len(parts) == 2 and parts[0].startswith("checkpoint_"):
+            folders.setdefault(parts[0], set()).add(parts[1])
+    best: tuple[int, str] | None = None
+    for folder, names in folders.items():
+        if not {STATE_FILE, MODEL_FILE, OPTIMIZER_FILE, SCHEDULER_FILE} <= names:
             continue
         try:
-            epoch = int(json.loads(state_path.read_text())["epoch"])
+            epoch = int((run_dir / folder / STATE_FILE).read_json()["epoch"])
         except (ValueError, KeyError, TypeError):
             continue
-        key = (epoch, state_path.stat().st_mtime, folder)
-        if best is None or key[:2] > best[:2]:
-            best = key
-    return best[2] if best is not None else None
+        if best is None or (epoch, folder) > best:
+            best = (epoch, folder)
+    return run_dir / best[1] if best is not None else None
 
 
 # ------------------------------------------------------------------------------------------
@@ -202,7 +216,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     config = PretrainConfig.model_validate(loop_config["config"])
     plan = BatchPlan.model_validate(loop_config["plan"])
     num_classes = int(loop_config["num_classes"])
-    out_dir = Path(loop_config["out_dir"])
+    out_dir = resolve(loop_config["out_dir"])
     torch.set_num_threads(max(1, int(config.cpus_per_worker)))
     quiet_ray_train_reports()
     context = ray.train.get_context()
@@ -212,7 +226,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     torch.manual_seed(config.seed)  # same initial weights on every rank (DDP broadcasts rank 0's anyway)
     model = build_model(config, num_classes)
-    restored = _read_checkpoint(_resume_checkpoint(Path(loop_config["run_dir"])), rank)
+    restored = _read_checkpoint(_resume_checkpoint(resolve(loop_config["run_dir"])), rank)
     if restored is not None:
         model.load_state_dict(restored["model"])
     if on_gpu:
@@ -309,7 +323,7 @@ def train_one_epoch(
     }
 
 
-def _maybe_inject_fault(config: PretrainConfig, epoch: int, rank: int, out_dir: Path) -> None:
+def _maybe_inject_fault(config: PretrainConfig, epoch: int, rank: int, out_dir: Location) -> None:
     """The `fault_injection` testing hook: die abruptly, once per output folder."""
     injection = config.fault_injection
     if injection is None or injection.epoch != epoch or injection.rank != rank:
@@ -348,7 +362,7 @@ def _report(
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
 
 
-def _resume_checkpoint(run_dir: Path) -> Checkpoint | None:
+def _resume_checkpoint(run_dir: Location) -> Checkpoint | None:
     """The checkpoint to resume from: Ray's latest (after a worker failure, or restored from the run
     snapshot on a rerun), unless a complete one with more epochs is on disk. That happens when a
     worker dies right after `ray.train.report` returned, before the controller registered the
@@ -362,11 +376,11 @@ def _resume_checkpoint(run_dir: Path) -> Checkpoint | None:
         with registered.as_directory() as directory:
             if json.loads((Path(directory) / STATE_FILE).read_text())["epoch"] >= _epochs_done(on_disk):
                 return registered
-    return Checkpoint.from_directory(str(on_disk))
+    return Checkpoint(path=on_disk.path, filesystem=on_disk.filesystem)
 
 
-def _epochs_done(checkpoint_dir: Path) -> int:
-    return int(json.loads((checkpoint_dir / STATE_FILE).read_text())["epoch"])
+def _epochs_done(checkpoint_dir: Location) -> int:
+    return int((checkpoint_dir / STATE_FILE).read_json()["epoch"])
 
 
 def _read_checkpoint(checkpoint: Checkpoint | None, rank: int) -> dict[str, Any] | None:
