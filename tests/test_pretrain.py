@@ -482,6 +482,7 @@ def test_demo_preset_pretrains_and_exports(tmp_path: Path, local_ray: None) -> N
 
 
 
+@pytest.mark.slow  # two Ray Train runs: ~3 CPU minutes
 def test_pretrain_reads_and_writes_an_object_store(small_shards: Path, bucket: str) -> None:
     """`--data s3://... --out s3://...` (a local S3-compatible server, reached through the AWS_*
     variables only): Ray Data reads the shards, Ray Train checkpoints to the URI, the exports land
