@@ -12,9 +12,13 @@ object store one PUT (an object becomes visible only when its upload completes).
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
+import tempfile
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -197,6 +201,37 @@ class Location:
         pafs.copy_files(self.path, str(target), source_filesystem=self.filesystem,
                         destination_filesystem=pafs.LocalFileSystem())
         return target
+
+
+@contextmanager
+def local_folder(location: Location) -> Iterator[Path]:
+    """A local folder to write `location`'s files into: the folder itself when local, else a
+    temporary one copied to `location` on a clean exit (for writers that only take paths:
+    matplotlib, pandas, safetensors)."""
+    if location.is_local:
+        location.local_path.mkdir(parents=True, exist_ok=True)
+        yield location.local_path
+        return
+    with tempfile.TemporaryDirectory() as staging:
+        yield Path(staging)
+        for path in sorted(Path(staging).rglob("*")):
+            if path.is_file():
+                (location / path.relative_to(staging).as_posix()).write_bytes(path.read_bytes())
+
+
+def local_file(location: Location, cache: Path | None = None) -> Path:
+    """A path on this machine holding `location`'s bytes: the file itself when local, else a copy
+    under `cache` (default ~/.cache/reid-factory/files), fetched once per machine and URI."""
+    if location.is_local:
+        return location.local_path
+    cache = cache or Path.home() / ".cache" / "reid-factory" / "files"
+    target = cache / hashlib.sha256(location.uri.encode()).hexdigest()[:16] / location.name
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+        tmp.write_bytes(location.read_bytes())
+        os.replace(tmp, target)
+    return target
 
 
 def resolve(location: str | os.PathLike[str] | Location) -> Location:

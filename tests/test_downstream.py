@@ -8,6 +8,7 @@ without retraining, and SIGKILL a run mid-grid then finish it without repeating 
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -36,6 +37,7 @@ from eval.downstream.agw import (
     insert_non_local_blocks,
     weighted_regularized_triplet_loss,
 )
+from core.storage import resolve
 from eval.downstream.config import DownstreamConfig
 from eval.downstream.inits import resolve_imagenet
 from eval.downstream.methods import METHODS, ReidMethod, get_method, register_method
@@ -312,7 +314,9 @@ def test_imagenet_weights_from_the_cache_only(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
+def ray_cluster(s3_env):
+    # Started after the local S3-compatible server's AWS_* variables are set, so trial workers
+    # reach it exactly as they would reach S3.
     context = ray.init(num_cpus=2, include_dashboard=False)
     yield context
     ray.shutdown()
@@ -378,19 +382,24 @@ def test_mismatched_backbone_fails_before_tune_naming_keys(workspace: dict[str, 
     assert code == 2 and not (tmp_path / "cli" / "tune").exists()
 
 
-def test_small_grid_under_tune_then_rerun_trains_nothing(ray_cluster, workspace: dict[str, Path]) -> None:
-    """The default-suite check: BoT x {ours, imagenet (unavailable offline), random} x supervised."""
-    out = workspace["root"] / "small"
+def test_small_grid_under_tune_then_rerun_trains_nothing(ray_cluster, workspace: dict[str, Path], bucket: str) -> None:
+    """The default-suite check: BoT x {ours, imagenet (unavailable offline), random} x supervised,
+    with the backbone and every output on an object store (s3://, a local S3-compatible server):
+    trials write their results there, Tune keeps its experiment there, and the rerun finds them."""
+    backbone, out = resolve(f"{bucket}/pre/backbone.safetensors"), resolve(f"{bucket}/small")
+    backbone.write_bytes(workspace["backbone"].read_bytes())
     config = _tiny_grid(workspace["root"], methods=["bot"], settings=["supervised"], plots=False)
-    report = run_downstream(config, backbone=workspace["backbone"], out_dir=out)
+    report = run_downstream(config, backbone=backbone.uri, out_dir=out.uri)
     assert not report.errors and sorted(report.trained) == ["tiny/bot/ours/supervised/seed0",
                                                             "tiny/bot/random/supervised/seed0"]
-    frame = pd.read_csv(out / "results.csv").set_index("init")
+    assert report.results_csv == f"{out.uri}/results.csv"
+    frame = pd.read_csv(io.BytesIO((out / "results.csv").read_bytes())).set_index("init")
     assert list(frame["status"]) == ["done", "unavailable", "done"]
     assert math.isclose(frame.loc["ours", "delta_mAP_vs_random"],
                         frame.loc["ours", "mAP"] - frame.loc["random", "mAP"], abs_tol=0.02)
     assert "| tiny | BOT | supervised | IN | unavailable | 0 |  |  |" in (out / "results.md").read_text()
-    again = run_downstream(config, backbone=workspace["backbone"], out_dir=out)
+    assert (out / "tune").is_dir() and (out / "config.yaml").is_file()
+    again = run_downstream(config, backbone=backbone.uri, out_dir=out.uri)
     assert again.trained == []
     assert all(count_executions(out, c) == 1 for c in plan_cells(config) if c.init != "imagenet")
 

@@ -1,4 +1,4 @@
-"""`python -m eval.downstream --backbone FILE [--config FILE] [--out DIR] [--set key.path=value ...]`
+"""`python -m eval.downstream --backbone URI [--config FILE] [--out URI] [--set key.path=value ...]`
 
 Fine-tunes every cell of the preset's `downstream:` grid under Ray Tune and writes
 `DIR/results.csv`, `DIR/results.md` and `DIR/plots/` (see `eval.downstream.runner`). Rerunning
@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from core.storage import resolve
 from factory.config import ConfigError
 from factory.datasets.base import DatasetError
 from factory.run_config import DEFAULT_PRESET, load_run_config
@@ -23,12 +24,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m eval.downstream",
         description="Downstream Re-ID evaluation (mAP/Rank-1 tables of ours vs ImageNet vs random) under Ray Tune.",
     )
-    parser.add_argument("--backbone", type=Path,
+    parser.add_argument("--backbone", metavar="URI",
                         help="backbone .safetensors to evaluate as 'ours' (e.g. trainers.pretrain's "
-                        "CKPT_DIR/backbone.safetensors); default: downstream.backbone")
+                        "CKPT_DIR/backbone.safetensors), a path or s3://, gs://, ...; default: downstream.backbone")
     parser.add_argument("--config", type=Path, default=None,
                         help=f"run preset whose downstream: section is used (default: {DEFAULT_PRESET.name})")
-    parser.add_argument("--out", type=Path, help="output folder (default: downstream.out_dir)")
+    parser.add_argument("--out", metavar="URI", help="output folder or s3://, gs://, ... (default: downstream.out_dir)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a preset value, e.g. downstream.train.epochs=4 (repeatable)")
     return parser
@@ -45,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, DatasetError, WeightsMismatchError, WeightsUnavailableError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(report.results_md.read_text())
+    print(resolve(report.results_md).read_text())
     print(f"wrote {report.results_csv}, {report.results_md} and {len(report.plots)} plots in "
           f"{report.seconds:.0f} s ({len(report.trained)} cells trained now)")
     if report.errors:

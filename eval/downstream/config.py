@@ -52,8 +52,8 @@ class DownstreamConfig(StrictModel):
     `--backbone` (or `backbone`), which must fit `train.arch`.
     """
 
-    backbone: Path | None = Field(None, description="the backbone to evaluate (`ours`); --backbone overrides")
-    out_dir: Path = Path("outputs/downstream")
+    backbone: str | None = Field(None, description="the backbone file or URI to evaluate (`ours`); --backbone overrides")
+    out_dir: str = Field("outputs/downstream", description="output folder or URI (s3://, gs://, ...); --out overrides")
     datasets: list[SourceConfig] = Field(default_factory=lambda: [demo_benchmark()], min_length=1)
     methods: list[str] = Field(default_factory=lambda: ["bot", "agw"], min_length=1)
     method_options: dict[str, dict[str, Any]] = Field(

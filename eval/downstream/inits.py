@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import timm
+
+from core.storage import local_file, resolve
 import torch
 from torch import nn
 
@@ -54,11 +56,14 @@ def file_sha256(path: Path) -> str:
 def load_ours(path: str | Path, arch: str) -> InitWeights:
     """The evaluated backbone; raises `WeightsMismatchError` (naming keys) if it does not fit
     `timm.create_model(arch, num_classes=0)`, `WeightsUnavailableError` if the file is missing."""
-    path = Path(path).expanduser().resolve()
+    location = resolve(path)  # a local file or a URI (fetched once per machine)
+    if not location.is_local and not location.is_file():
+        raise WeightsUnavailableError(f"backbone weights file not found: {location}")
+    path = local_file(location)
     model = build_backbone(arch, INIT_RANDOM, last_stride=2)
     load_backbone_safetensors(model, path)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return InitWeights(INIT_OURS, True, state, digest=f"sha256:{file_sha256(path)}", source=str(path))
+    return InitWeights(INIT_OURS, True, state, digest=f"sha256:{file_sha256(path)}", source=location.uri)
 
 
 def _cached_pretrained_file(arch: str, hf_cache_dir: str | Path | None) -> tuple[str, Path | None]:

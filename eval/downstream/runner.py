@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 import time
 import warnings
@@ -39,6 +38,7 @@ from ray import tune
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from core.storage import Location, local_folder, resolve
 from eval.downstream.config import INIT_IMAGENET, INIT_OURS, INIT_RANDOM, DownstreamConfig
 from eval.downstream.inits import InitWeights, build_initialised_backbone, load_ours, random_init, resolve_imagenet
 from eval.downstream.methods import ReidMethod, get_method
@@ -52,7 +52,7 @@ from eval.downstream.tables import (
     results_markdown,
     write_results_csv,
 )
-from factory.config import ConfigError, save_config
+from factory.config import ConfigError, config_to_yaml
 from factory.datasets.base import ReidDataset
 from factory.datasets.registry import load_source
 from factory.ray_pipeline import cluster_gpus, init_ray
@@ -96,9 +96,9 @@ class Cell:
         return cls(params["dataset"], params["method"], params["init"], Setting.parse(params["setting"]),
                    int(params["seed"]))
 
-    def directory(self, out_dir: Path) -> Path:
-        safe = [part.replace(os.sep, "_") for part in (self.dataset, self.method, self.init, self.setting.name)]
-        return Path(out_dir, "cells", *safe, f"seed{self.seed}")
+    def directory(self, out_dir: Location | str) -> Location:
+        safe = [part.replace("/", "_") for part in (self.dataset, self.method, self.init, self.setting.name)]
+        return resolve(out_dir) / "/".join(["cells", *safe, f"seed{self.seed}"])
 
 
 def plan_cells(config: DownstreamConfig) -> list[Cell]:
@@ -137,27 +137,24 @@ def cell_digest(cell: Cell, config: DownstreamConfig, init: InitWeights) -> str:
     })
 
 
-def read_cell_result(out_dir: Path, cell: Cell, digest: str) -> dict[str, Any] | None:
+def read_cell_result(out_dir: Location | str, cell: Cell, digest: str) -> dict[str, Any] | None:
     """The cell's finished result if it was computed under `digest`, else None."""
-    path = cell.directory(out_dir) / RESULT_FILE
+    location = cell.directory(out_dir) / RESULT_FILE
     try:
-        result = json.loads(path.read_text())
+        result = json.loads(location.read_bytes())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
     return result if result.get("digest") == digest else None
 
 
-def count_executions(out_dir: Path, cell: Cell) -> int:
+def count_executions(out_dir: Location | str, cell: Cell) -> int:
     """How many trials started training this cell (lines of its `executions.log`)."""
-    path = cell.directory(out_dir) / EXECUTIONS_FILE
-    return len(path.read_text().splitlines()) if path.exists() else 0
+    location = cell.directory(out_dir) / EXECUTIONS_FILE
+    return len(location.read_text().splitlines()) if location.exists() else 0
 
 
-def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
+def _write_json(location: Location, data: Any) -> None:
+    location.write_bytes(json.dumps(data, indent=2).encode())
 
 
 # ------------------------------------------------------------------------------------------
@@ -291,7 +288,7 @@ class TrialContext:
     """Everything a trial needs, shipped once through the object store (`tune.with_parameters`)."""
 
     config: DownstreamConfig
-    out_dir: Path
+    out_dir: Location  # travels as its URI; each trial's node resolves it
     datasets: dict[str, ReidDataset]
     inits: dict[str, InitWeights]
     # The driver's registry entries: a method registered at run time reaches the workers too
@@ -344,10 +341,13 @@ def run_trial(params: dict[str, Any], context: TrialContext) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             restored = _load_training_state(Path(directory))
-    cell_dir.mkdir(parents=True, exist_ok=True)
-    with open(cell_dir / EXECUTIONS_FILE, "a") as log:
-        stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        log.write(f"{stamp} pid={os.getpid()} device={device} from_epoch={restored.epoch if restored else 0}\n")
+    # One line per execution; read and rewritten whole, since object stores cannot append
+    # (one trial per cell at a time, so there is no other writer).
+    executions = cell_dir / EXECUTIONS_FILE
+    stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    earlier = executions.read_text() if executions.exists() else ""
+    executions.write_text(f"{earlier}{stamp} pid={os.getpid()} device={device} "
+                          f"from_epoch={restored.epoch if restored else 0}\n")
     result = fine_tune_cell(cell, context.datasets[cell.dataset], context.config, context.inits[cell.init],
                             method=context.methods.get(cell.method), device=device, restored=restored,
                             report=_report_epoch)
@@ -373,10 +373,10 @@ def trial_name(trial: Any) -> str:
 class DownstreamReport:
     """Where a `run_downstream` call wrote its outputs, and the per-cell rows."""
 
-    out_dir: Path
-    results_csv: Path
-    results_md: Path
-    plots: list[Path]
+    out_dir: Path | str  # a Path when local, else the URI (so are the files below)
+    results_csv: Path | str
+    results_md: Path | str
+    plots: list[Path | str]
     frame: pd.DataFrame
     trained: list[str]  # cells finished by this call (the others were done before or failed)
     errors: dict[str, str]
@@ -418,7 +418,7 @@ def _trial_resources(config: DownstreamConfig) -> dict[str, float]:
     return {"cpu": config.cpus_per_trial, "gpu": float(gpus)}
 
 
-def _tuner(cells: Sequence[Cell], trainable: Any, config: DownstreamConfig, storage: Path, name: str) -> tune.Tuner:
+def _tuner(cells: Sequence[Cell], trainable: Any, config: DownstreamConfig, storage: Location, name: str) -> tune.Tuner:
     return tune.Tuner(
         trainable,
         param_space={"cell": tune.grid_search([cell.params() for cell in cells])},
@@ -430,7 +430,7 @@ def _tuner(cells: Sequence[Cell], trainable: Any, config: DownstreamConfig, stor
         ),
         run_config=tune.RunConfig(
             name=name,
-            storage_path=str(storage),
+            storage_path=storage.uri,
             failure_config=tune.FailureConfig(max_failures=config.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             verbose=1,
@@ -457,16 +457,16 @@ def _run_tune(cells: Sequence[Cell], context: TrialContext, name: str) -> dict[s
     """
     config = context.config
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), _trial_resources(config))
-    storage = (context.out_dir / "tune").resolve()
+    storage = context.out_dir / "tune"
     path = storage / name
     errors: dict[str, str] = {}
-    if tune.Tuner.can_restore(str(path)):
+    if tune.Tuner.can_restore(path.uri):
         print(f"resuming the Tune experiment {path}", flush=True)
-        _fit(tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True), errors)
+        _fit(tune.Tuner.restore(path.uri, trainable, resume_unfinished=True, resume_errored=True), errors)
     left = [c for c in cells if c.key not in errors
             and read_cell_result(context.out_dir, c, context.digests[c.key]) is None]
     if left:
-        shutil.rmtree(path, ignore_errors=True)  # its finished work lives on in cells/
+        path.delete_dir()  # its finished work lives on in cells/
         _fit(_tuner(left, trainable, config, storage, name), errors)
     return errors
 
@@ -507,10 +507,9 @@ def run_downstream(
     `config.yaml`. Joins the running Ray cluster (or RAY_ADDRESS), else starts a local one.
     """
     start = time.perf_counter()
-    out_dir = Path(out_dir if out_dir is not None else config.out_dir).resolve()
-    backbone_path = Path(backbone) if backbone is not None else config.backbone
-    config = config.model_copy(update={"backbone": backbone_path.resolve() if backbone_path else None,
-                                       "out_dir": out_dir})
+    out = resolve(out_dir if out_dir is not None else config.out_dir)  # a folder or any URI
+    chosen = backbone if backbone is not None else config.backbone
+    config = config.model_copy(update={"backbone": resolve(chosen).uri if chosen else None, "out_dir": out.uri})
     check_methods(config)
     inits = resolve_inits(config, config.backbone, hf_cache_dir)
     datasets = {source.source_name: load_source(source) for source in config.datasets}
@@ -521,16 +520,16 @@ def run_downstream(
     for init in inits.values():
         if not init.available:
             print(f"{init.name} weights unavailable, cells reported as such: {init.reason}", flush=True)
-    save_config(config, out_dir / CONFIG_FILE)
+    (out / CONFIG_FILE).write_text(config_to_yaml(config))
 
     cells = plan_cells(config)
     if any(s.kind != "supervised" for s in config.setting_list) and all(c.setting.kind == "supervised" for c in cells):
         print("note: fraction_datasets / fraction_methods leave no Fs/Ss cell to run", flush=True)
     digests = {cell.key: cell_digest(cell, config, inits[cell.init]) for cell in cells}
     methods = {name: get_method(name) for name in config.methods}
-    context = TrialContext(config, out_dir, datasets, inits, methods, digests)
+    context = TrialContext(config, out, datasets, inits, methods, digests)
     runnable = [c for c in cells if inits[c.init].available]
-    pending = [c for c in runnable if read_cell_result(out_dir, c, digests[c.key]) is None]
+    pending = [c for c in runnable if read_cell_result(out, c, digests[c.key]) is None]
     print(f"{len(cells)} cells: {len(runnable) - len(pending)} already done, {len(pending)} to run, "
           f"{len(cells) - len(runnable)} unavailable", flush=True)
     errors: dict[str, str] = {}
@@ -538,11 +537,25 @@ def run_downstream(
         init_ray(ray_config or RayConfig())
         name = "grid-" + _digest(sorted(digests[c.key] for c in runnable))[:12]
         errors = _run_tune(pending, context, name)
-    trained = [c.key for c in pending if read_cell_result(out_dir, c, digests[c.key]) is not None]
+    trained = [c.key for c in pending if read_cell_result(out, c, digests[c.key]) is not None]
 
     rows = collect_rows(cells, context, errors)
     frame = results_frame(rows)
-    results_csv = write_results_csv(frame, out_dir / RESULTS_CSV)
+    with local_folder(out) as folder:  # pandas and matplotlib write paths; copied when remote
+        write_results_csv(frame, folder / RESULTS_CSV)
+        plots = _write_report_files(config, frame, cells, rows, inits, folder)
+
+    def where(name: str) -> Path | str:
+        return out.local_path / name if out.is_local else (out / name).uri
+
+    return DownstreamReport(out.local_path if out.is_local else out.uri, where(RESULTS_CSV), where(RESULTS_MD),
+                            [where(str(Path(p).relative_to(folder))) for p in plots], frame, trained, errors,
+                            time.perf_counter() - start)
+
+
+def _write_report_files(config: DownstreamConfig, frame: pd.DataFrame, cells: Sequence[Cell], rows: list[dict],
+                        inits: dict[str, InitWeights], folder: Path) -> list[Path]:
+    """results.md and the plots into `folder`; returns the plot paths."""
     meta = {
         "backbone (ours)": inits[INIT_OURS].source if INIT_OURS in inits else "not evaluated",
         "arch": f"{config.train.arch}, input {config.train.image_size[0]}x{config.train.image_size[1]}, "
@@ -552,14 +565,10 @@ def run_downstream(
         "seeds": ", ".join(map(str, config.seeds)),
         "cells": f"{len(cells)} ({int((frame['status'] == STATUS_DONE).sum())} done)",
     }
-    markdown = results_markdown(frame, config.methods, config.settings, meta)
-    results_md = out_dir / RESULTS_MD
-    results_md.write_text(markdown)
-    plots: list[Path] = []
-    if config.plots:
-        from eval.downstream.plots import write_plots  # matplotlib only when plotting
+    (folder / RESULTS_MD).write_text(results_markdown(frame, config.methods, config.settings, meta))
+    if not config.plots:
+        return []
+    from eval.downstream.plots import write_plots  # matplotlib only when plotting
 
-        cmc = {cell.key: row["cmc"] for cell, row in zip(cells, rows) if "cmc" in row}
-        plots = write_plots(frame, cmc, out_dir / "plots")
-    return DownstreamReport(out_dir, results_csv, results_md, plots, frame, trained, errors,
-                            time.perf_counter() - start)
+    cmc = {cell.key: row["cmc"] for cell, row in zip(cells, rows) if "cmc" in row}
+    return write_plots(frame, cmc, folder / "plots")
