@@ -59,6 +59,15 @@ def _upload(folder: Path, location: Location) -> None:
                 (location / str(path.relative_to(folder))).write_bytes(path.read_bytes())
 
 
+def _at(spec: FilterModelSpec, model_dir: Path, location: Location) -> FilterModelSpec:
+    """`spec` with its weights named by `location` when that is remote: the filter actors fetch
+    them on their own nodes instead of reading the driver's local copy by path."""
+    if location.is_local:
+        return spec
+    relative = Path(spec.weights).resolve().relative_to(model_dir.resolve()).as_posix()
+    return dataclasses.replace(spec, weights=(location / relative).uri)
+
+
 def ensure_filter_models(
     datasets: Sequence[ReidDataset], config: FilterConfig, directory: Location | str, log=print
 ) -> dict[str, FilterModelSpec]:
@@ -77,7 +86,7 @@ def ensure_filter_models(
         location = resolve(configured) if configured else directory / dataset.name
         model_dir = local_copy(location)
         if (model_dir / "filter_model.json").exists():
-            specs[dataset.name] = FilterModelSpec.load(model_dir)
+            specs[dataset.name] = _at(FilterModelSpec.load(model_dir), model_dir, location)
             log(f"[filter] using the Re-ID model in {model_dir}")
             continue
         if configured:
@@ -99,7 +108,7 @@ def ensure_filter_models(
         spec.save(model_dir)
         if not location.is_local:
             _upload(model_dir, location)
-        specs[dataset.name] = spec
+        specs[dataset.name] = _at(spec, model_dir, location)
         last = result.history[-1] if result.history else {}
         log(f"[filter] {dataset.name}: trained in {len(result.history)} epochs, last metrics {last}")
     return specs

@@ -76,8 +76,18 @@ def test_sigkill_mid_build_then_rerun_matches_uninterrupted(
     """Local folder and object store alike: the rerun to the same location resumes and ends with
     exactly the rows of an uninterrupted run (the object store is a local S3-compatible server,
     reached only through the standard AWS_* variables)."""
-    killed_out = setup["root"] / "killed" if storage == "local" else request.getfixturevalue("bucket") + "/run"
-    process = _build(setup["preset"], killed_out)
+    extra: list[str] = []
+    if storage == "local":
+        killed_out: Path | str = setup["root"] / "killed"
+    else:
+        bucket = request.getfixturevalue("bucket")
+        killed_out = f"{bucket}/run"
+        # The filter model from the object store too: each filter actor fetches it by URI.
+        for path in setup["filter"].rglob("*"):
+            if path.is_file():
+                (resolve(f"{bucket}/filter") / path.relative_to(setup["filter"]).as_posix()).write_bytes(path.read_bytes())
+        extra = ["--set", f"filter.reid_checkpoints.synthetic={bucket}/filter"]
+    process = _build(setup["preset"], killed_out, *extra)
     deadline = time.monotonic() + 300
     while _done(killed_out) < 1 and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.05)
@@ -86,7 +96,7 @@ def test_sigkill_mid_build_then_rerun_matches_uninterrupted(
     done_at_kill = _done(killed_out)
     assert 1 <= done_at_kill < 5, f"the kill must land mid-build (done: {done_at_kill})"
 
-    output = _finish(_build(setup["preset"], killed_out))
+    output = _finish(_build(setup["preset"], killed_out, *extra))
     assert f"{done_at_kill} already done" in output
 
     expected, resumed = uninterrupted, _rows(killed_out)

@@ -76,6 +76,10 @@ def test_gpu_workers_scale_from_zero(config: dict[str, Any]) -> None:
         assert spec["min_workers"] == 0, name
         assert spec["max_workers"] > 0, name
     assert config["max_workers"] >= max(spec["max_workers"] for spec in workers.values())
+    # The docs' GPU count (every node type at its max) must be reachable under the global cap.
+    assert config["max_workers"] == sum(spec["max_workers"] for spec in workers.values())
+    total_gpus = sum(spec["max_workers"] * gpus[name] for name, spec in workers.items())
+    assert f"= {total_gpus} GPUs" in (REPO_ROOT / "docs" / "cluster.md").read_text()
     assert config["idle_timeout_minutes"] > 0
 
 

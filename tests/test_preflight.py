@@ -176,3 +176,20 @@ def test_cli_refuses_the_issue_example_in_seconds(demo_ready: None, tmp_path: Pa
     assert "generation.resolution = [63, 32]" in result.stderr and "vae/config.json" in result.stderr
     assert "Traceback" not in result.stderr
     assert elapsed < 20, elapsed  # interpreter start + imports on a loaded 2-core CI box; ~1 s quiet
+
+
+def test_relative_out_inside_ray_job_submit_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_path, capsys) -> None:
+    """Inside `ray job submit` the working directory is a temporary copy: a relative --out would
+    vanish with it. Refused at once (exit 2); a URI or an absolute path is accepted."""
+    from factory.build import RAY_JOB_ENV, output_location
+    from factory.run_config import load_run_config
+
+    monkeypatch.setenv(RAY_JOB_ENV, '{"runtime_env": {"working_dir": "gcs://_ray_pkg_x.zip"}}')
+    assert main(["--out", "outputs/demo"]) == 2
+    err = capsys.readouterr().err
+    assert "--out 'outputs/demo' is relative" in err and "ray job submit" in err
+    config = load_run_config(None, [])
+    assert output_location(str(tmp_path / "abs"), config).uri == str(tmp_path / "abs")
+    assert output_location(f"file://{tmp_path}/uri", config).uri == str(tmp_path / "uri")
+    monkeypatch.delenv(RAY_JOB_ENV)
+    assert output_location("outputs/demo", config).is_local

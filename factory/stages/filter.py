@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from core.storage import local_file, resolve
 from factory.schema import FILTER_FIELDS, GENERATED_SCHEMA, append_columns, require_columns
 from factory.stage_config import FilterConfig
 from factory.stages.base import Stage, StageResources
@@ -33,7 +34,7 @@ from trainers.config import ReidTrainConfig
 class FilterModelSpec:
     """A Re-ID model trained on one source: weights, its training config and pid -> class."""
 
-    weights: Path
+    weights: Path | str  # a local path, or a URI each filter actor fetches on its own node
     config: ReidTrainConfig
     labels: dict[int, int]
 
@@ -92,7 +93,8 @@ class _ReidModelFilter(ImageFilter):
         super().setup(device)
         self.transforms = {}
         for source, spec in self.specs.items():
-            self.models[source] = load_reid_model(spec.weights, spec.config).to(device).eval()
+            weights = local_file(resolve(spec.weights))  # fetched once per node when it is a URI
+            self.models[source] = load_reid_model(weights, spec.config).to(device).eval()
             self.transforms[source] = build_eval_transform(spec.config)
 
     @torch.inference_mode()
