@@ -110,6 +110,9 @@ class Location:
     def is_dir(self) -> bool:
         return self._info().type == pafs.FileType.Directory
 
+    def size(self) -> int:
+        return self._info().size
+
     def files(self, suffix: str = "", recursive: bool = False) -> list[Location]:
         """Files under this folder (sorted by path), skipping hidden and temporary names
         (`.x`, `_x`), as pyarrow.dataset does; [] when the folder does not exist."""
@@ -201,6 +204,11 @@ class Location:
         pafs.copy_files(self.path, str(target), source_filesystem=self.filesystem,
                         destination_filesystem=pafs.LocalFileSystem())
         return target
+
+
+def user_path(location: Location) -> Path | str:
+    """How a command reports a location it wrote: a `Path` when local, else the URI."""
+    return location.local_path if location.is_local else location.uri
 
 
 @contextmanager

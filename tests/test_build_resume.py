@@ -75,7 +75,8 @@ def test_sigkill_mid_build_then_rerun_matches_uninterrupted(
 ) -> None:
     """Local folder and object store alike: the rerun to the same location resumes and ends with
     exactly the rows of an uninterrupted run (the object store is a local S3-compatible server,
-    reached only through the standard AWS_* variables)."""
+    reached only through the standard AWS_* variables; in the s3 case the source dataset, the
+    filter model and the output all live there)."""
     extra: list[str] = []
     if storage == "local":
         killed_out: Path | str = setup["root"] / "killed"
@@ -86,7 +87,13 @@ def test_sigkill_mid_build_then_rerun_matches_uninterrupted(
         for path in setup["filter"].rglob("*"):
             if path.is_file():
                 (resolve(f"{bucket}/filter") / path.relative_to(setup["filter"]).as_posix()).write_bytes(path.read_bytes())
-        extra = ["--set", f"filter.reid_checkpoints.synthetic={bucket}/filter"]
+        # ... and the source dataset (read once by the driver; its images travel as bytes).
+        for path in setup["source"].rglob("*"):
+            if path.is_file():
+                (resolve(f"{bucket}/source") / path.relative_to(setup["source"]).as_posix()).write_bytes(path.read_bytes())
+        extra = ["--set", f"filter.reid_checkpoints.synthetic={bucket}/filter",
+                 "--set", "sources.0.kind=market1501", "--set", "sources.0.name=synthetic",
+                 "--set", f"sources.0.root={bucket}/source", "--set", "sources.0.generate=null"]
     process = _build(setup["preset"], killed_out, *extra)
     deadline = time.monotonic() + 300
     while _done(killed_out) < 1 and time.monotonic() < deadline and process.poll() is None:

@@ -392,3 +392,21 @@ def test_demo_preset_beats_untrained_model_on_synthetic_data(local_ray: None, tm
     assert elapsed <= 600
     assert report.trained["mAP"] >= 3 * report.untrained["mAP"]
     assert report.trained["rank1"] >= 0.5
+
+
+def test_training_set_with_image_bytes_never_opens_a_path(tiny_dataset: ReidDataset) -> None:
+    """The filter model's training set carries the bytes the driver read, so a training worker
+    on another node needs no access to the source's filesystem: here every path is missing."""
+    import dataclasses
+
+    from trainers.reid.data import TrainingSet, make_train_loader
+
+    images = {f"/nowhere/{i}.jpg": Path(r.path).read_bytes() for i, r in enumerate(tiny_dataset.train)}
+    records = [dataclasses.replace(r, path=f"/nowhere/{i}.jpg") for i, r in enumerate(tiny_dataset.train)]
+    training = TrainingSet.from_records(records, images)
+    assert training.images is not None and len(training.images) == len(training.paths)
+    config = tiny_config(ids_per_batch=4, images_per_id=2)
+    images_batch, labels, _ = next(iter(make_train_loader(training, config)))
+    assert images_batch.shape[0] == 8 and labels.shape == (8,)
+    with pytest.raises(FileNotFoundError):
+        next(iter(make_train_loader(TrainingSet.from_records(records), config)))

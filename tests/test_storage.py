@@ -109,3 +109,24 @@ def test_shards_load_in_huggingface_datasets_with_image_and_class_label(tmp_path
     assert loaded[0]["image"].size == (8, 16)
     # Ray Data / pandas read the same files as before: image is a {bytes, path} struct
     assert set(pd.read_parquet(result.shards[0])["image"].iloc[0]) == {"bytes", "path"}
+
+
+def test_a_source_dataset_on_an_object_store_is_fetched_once(bucket: str, tmp_path: Path) -> None:
+    from factory.datasets.config import SourceConfig, SyntheticSpec
+    from factory.datasets.registry import fetch_source, load_source
+
+    local = load_source(SourceConfig(kind="synthetic", root=tmp_path / "src", generate=SyntheticSpec(ids=3, cameras=2)))
+    remote = resolve(f"{bucket}/market")
+    for path in (tmp_path / "src").rglob("*.jpg"):
+        (remote / path.relative_to(tmp_path / "src").as_posix()).write_bytes(path.read_bytes())
+    config = SourceConfig(kind="market1501", root=remote.uri, name="synthetic")
+    fetched = fetch_source(config, cache=tmp_path / "cache")
+    assert fetched.root.startswith(str(tmp_path / "cache"))
+    stamps = {p: p.stat().st_mtime_ns for p in Path(fetched.root).rglob("*.jpg")}
+    assert len(stamps) == len(local.train) + len(local.query) + len(local.gallery)
+    fetch_source(config, cache=tmp_path / "cache")  # a second load: nothing fetched again
+    assert {p: p.stat().st_mtime_ns for p in Path(fetched.root).rglob("*.jpg")} == stamps
+    dataset = load_source(fetched)
+    assert sorted((r.pid, r.camid) for r in dataset.train) == sorted((r.pid, r.camid) for r in local.train)
+    with pytest.raises(ValueError, match="synthetic' generates into a local root"):
+        SourceConfig(kind="synthetic", root="s3://bucket/x")

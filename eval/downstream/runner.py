@@ -38,7 +38,7 @@ from ray import tune
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from core.storage import Location, local_folder, resolve
+from core.storage import Location, local_folder, resolve, user_path
 from eval.downstream.config import INIT_IMAGENET, INIT_OURS, INIT_RANDOM, DownstreamConfig
 from eval.downstream.inits import InitWeights, build_initialised_backbone, load_ours, random_init, resolve_imagenet
 from eval.downstream.methods import ReidMethod, get_method
@@ -544,13 +544,9 @@ def run_downstream(
     with local_folder(out) as folder:  # pandas and matplotlib write paths; copied when remote
         write_results_csv(frame, folder / RESULTS_CSV)
         plots = _write_report_files(config, frame, cells, rows, inits, folder)
-
-    def where(name: str) -> Path | str:
-        return out.local_path / name if out.is_local else (out / name).uri
-
-    return DownstreamReport(out.local_path if out.is_local else out.uri, where(RESULTS_CSV), where(RESULTS_MD),
-                            [where(str(Path(p).relative_to(folder))) for p in plots], frame, trained, errors,
-                            time.perf_counter() - start)
+    return DownstreamReport(user_path(out), user_path(out / RESULTS_CSV), user_path(out / RESULTS_MD),
+                            [user_path(out / Path(p).relative_to(folder).as_posix()) for p in plots], frame,
+                            trained, errors, time.perf_counter() - start)
 
 
 def _write_report_files(config: DownstreamConfig, frame: pd.DataFrame, cells: Sequence[Cell], rows: list[dict],

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from core.storage import is_remote
 
 from factory.config import StrictModel
 
@@ -32,11 +34,17 @@ class SourceConfig(StrictModel):
     """
 
     kind: SourceKind
-    root: Path
+    root: str = Field(description="a local folder, or a URI (s3://, gs://, ...) the driver fetches once")
     name: str | None = Field(None, description="source name stored with every row; defaults to kind")
     variant: str | None = None
-    list_file: Path | None = None
+    list_file: str | None = Field(None, description="a local path or URI; relative ones are under root")
     generate: SyntheticSpec | None = None
+
+    @field_validator("root", "list_file", mode="before")
+    @classmethod
+    def _location_as_text(cls, value: object) -> object:
+        # str, not Path: pathlib would fold "s3://bucket/x" into "s3:/bucket/x".
+        return os.fspath(value) if isinstance(value, os.PathLike) else value
 
     @model_validator(mode="after")
     def _check_kind_options(self) -> SourceConfig:
@@ -48,6 +56,8 @@ class SourceConfig(StrictModel):
             )
         if self.generate is not None and self.kind != "synthetic":
             raise ValueError(f"'generate' only applies to kind 'synthetic', not {self.kind!r}")
+        if self.kind == "synthetic" and is_remote(self.root):
+            raise ValueError("kind 'synthetic' generates into a local root; give a local folder")
         return self
 
     @property

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
+from core.storage import is_remote, resolve
 from factory.datasets.airport import load_airport
-from factory.datasets.base import ReidDataset
+from factory.datasets.base import DatasetError, ReidDataset
 from factory.datasets.config import SourceConfig, SourceKind, SyntheticSpec
 from factory.datasets.cuhk03 import load_cuhk03
 from factory.datasets.generic import load_csv, load_folder
@@ -25,20 +27,58 @@ def _load_synthetic(config: SourceConfig) -> ReidDataset:
     return load_market1501(config.root, source=config.source_name)
 
 
+def _list_file(config: SourceConfig) -> Path | None:
+    return Path(config.list_file) if config.list_file is not None else None
+
+
 SOURCE_LOADERS: dict[SourceKind, SourceLoader] = {
-    "market1501": lambda c: load_market1501(c.root, source=c.source_name),
-    "cuhk03": lambda c: load_cuhk03(c.root, variant=c.variant, source=c.source_name),
-    "msmt17": lambda c: load_msmt17(c.root, variant=c.variant, source=c.source_name),
-    "airport": lambda c: load_airport(c.root, list_file=c.list_file, source=c.source_name),
-    "folder": lambda c: load_folder(c.root, source=c.source_name),
-    "csv": lambda c: load_csv(c.root, list_file=c.list_file, source=c.source_name),
+    "market1501": lambda c: load_market1501(Path(c.root), source=c.source_name),
+    "cuhk03": lambda c: load_cuhk03(Path(c.root), variant=c.variant, source=c.source_name),
+    "msmt17": lambda c: load_msmt17(Path(c.root), variant=c.variant, source=c.source_name),
+    "airport": lambda c: load_airport(Path(c.root), list_file=_list_file(c), source=c.source_name),
+    "folder": lambda c: load_folder(Path(c.root), source=c.source_name),
+    "csv": lambda c: load_csv(Path(c.root), list_file=_list_file(c), source=c.source_name),
     "synthetic": _load_synthetic,
 }
+
+
+def fetch_source(config: SourceConfig, cache: Path | None = None) -> SourceConfig:
+    """`config` with a remote root (s3://, gs://, ...) replaced by a local copy, fetched once per
+    machine into `cache` (default ~/.cache/reid-factory/sources/<hash of the URI>; files already
+    there with the same size are kept). The driver reads the images once; they travel to the
+    workers as bytes, so no node but this one ever reads the source."""
+    if not is_remote(config.root):
+        return config
+    import hashlib
+
+    location = resolve(config.root)
+    cache = cache or Path.home() / ".cache" / "reid-factory" / "sources"
+    target = cache / hashlib.sha256(location.uri.encode()).hexdigest()[:16]
+    try:
+        files = location.files(recursive=True)
+    except OSError as err:
+        raise DatasetError(f"{config.source_name} dataset root {location}: {err}") from None
+    if not files:
+        raise DatasetError(f"{config.source_name} dataset root {location} holds no files")
+    for file in files:
+        local = target / file.path[len(location.path.rstrip("/")) + 1:]
+        if local.is_file() and local.stat().st_size == file.size():
+            continue
+        local.parent.mkdir(parents=True, exist_ok=True)
+        local.write_bytes(file.read_bytes())
+    list_file = config.list_file
+    if list_file is not None and is_remote(list_file):
+        listed = resolve(list_file)
+        if not listed.path.startswith(location.path.rstrip("/") + "/"):
+            raise DatasetError(f"{config.source_name}: list_file {listed} must lie under root {location}")
+        list_file = str(target / listed.path[len(location.path.rstrip("/")) + 1:])
+    return config.model_copy(update={"root": str(target), "list_file": list_file})
 
 
 def load_source(config: SourceConfig) -> ReidDataset:
     """Read the source dataset `config` describes; every record carries `config.source_name`.
 
-    Raises `DatasetError` naming the path when the data is missing, malformed or empty.
+    A remote root is fetched once into the local cache first (`fetch_source`). Raises
+    `DatasetError` naming the path when the data is missing, malformed or empty.
     """
-    return SOURCE_LOADERS[config.kind](config)
+    return SOURCE_LOADERS[config.kind](fetch_source(config))

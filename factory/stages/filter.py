@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from core.storage import local_file, resolve
+from core.storage import Location, local_file, resolve
 from factory.schema import FILTER_FIELDS, GENERATED_SCHEMA, append_columns, require_columns
 from factory.stage_config import FilterConfig
 from factory.stages.base import Stage, StageResources
@@ -39,21 +39,28 @@ class FilterModelSpec:
     labels: dict[int, int]
 
     @classmethod
-    def load(cls, directory: Path) -> FilterModelSpec:
-        meta = json.loads((directory / "filter_model.json").read_text())
+    def load(cls, directory: Location | Path | str) -> FilterModelSpec:
+        """From a `filter_model.json` folder (any URI); weights of a remote folder stay URIs."""
+        location = resolve(directory)
+        meta = (location / "filter_model.json").read_json()
+        weights = location / meta["weights"]
         return cls(
-            weights=directory / meta["weights"],
+            weights=weights.local_path if weights.is_local else weights.uri,
             config=ReidTrainConfig.model_validate(meta["config"]),
             labels={int(k): int(v) for k, v in meta["labels"].items()},
         )
 
-    def save(self, directory: Path) -> None:
+    def save(self, directory: Location | Path | str) -> None:
+        location, weights = resolve(directory), resolve(self.weights)
+        prefix = location.path.rstrip("/") + "/"
+        if not weights.path.startswith(prefix):
+            raise ValueError(f"filter model weights {weights} are not inside {location}")
         meta = {
-            "weights": str(Path(self.weights).resolve().relative_to(Path(directory).resolve())),
+            "weights": weights.path[len(prefix):],
             "config": self.config.model_dump(mode="json"),
             "labels": {str(k): v for k, v in self.labels.items()},
         }
-        (directory / "filter_model.json").write_text(json.dumps(meta, indent=1))
+        (location / "filter_model.json").write_text(json.dumps(meta, indent=1))
 
 
 def decode(images: Sequence[bytes]) -> list[Image.Image]:

@@ -43,7 +43,7 @@ from ray.train.torch import TorchTrainer
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from core.storage import Location, resolve
+from core.storage import Location, resolve, user_path
 from factory.config import config_to_yaml
 from factory.ray_pipeline import init_ray, resolve_use_gpu
 from factory.stage_config import RayConfig
@@ -173,14 +173,10 @@ def pretrain(
         if not out.is_local:
             for path in Path(staging).iterdir():
                 (out / path.name).write_bytes(path.read_bytes())
-
-    def where(name: str) -> Path | str:
-        return out.local_path / name if out.is_local else (out / name).uri
-
     return PretrainResult(
-        backbone_path=where(BACKBONE_FILE), model_path=where(MODEL_FILE), curves_csv=where(CURVES_CSV),
-        curves_png=where(CURVES_PNG), num_classes=summary.num_classes, history=history, starts=state["starts"],
-        run_dir=where(run_name),
+        backbone_path=user_path(out / BACKBONE_FILE), model_path=user_path(out / MODEL_FILE),
+        curves_csv=user_path(out / CURVES_CSV), curves_png=user_path(out / CURVES_PNG),
+        num_classes=summary.num_classes, history=history, starts=state["starts"], run_dir=user_path(out / run_name),
     )
 
 

@@ -6,7 +6,8 @@ to Ray Train workers in `train_loop_config`: small, picklable, no dataset classe
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import io
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -28,11 +29,15 @@ class TrainingSet:
     labels: list[int]
     camids: list[int]
     pids: list[int]
+    # The encoded images, when the caller read them (they then travel with the set, so training
+    # workers on other nodes never open the paths).
+    images: list[bytes] | None = None
 
     @classmethod
-    def from_records(cls, records: Sequence[ImageRecord]) -> TrainingSet:
+    def from_records(cls, records: Sequence[ImageRecord], images: Mapping[str, bytes] | None = None) -> TrainingSet:
         """Distractors are dropped; labels follow the sorted (source, pid) pairs, so several
-        sources with overlapping pid numbers stay distinct identities."""
+        sources with overlapping pid numbers stay distinct identities. `images` (path -> encoded
+        bytes) makes a self-contained set that needs no filesystem where it trains."""
         kept = [r for r in records if not r.distractor]
         if not kept:
             raise ValueError("no training images (after dropping distractors)")
@@ -43,6 +48,7 @@ class TrainingSet:
             labels=[label_of[(r.source, r.pid)] for r in kept],
             camids=[r.camid for r in kept],
             pids=[pid for _, pid in identities],
+            images=[images[r.path] for r in kept] if images is not None else None,
         )
 
     @property
@@ -54,7 +60,8 @@ class TrainingSet:
 
 
 class ImageListDataset(Dataset[tuple[torch.Tensor, int, int]]):
-    """(image tensor, label, camid) for each path; images decoded with PIL as RGB."""
+    """(image tensor, label, camid) for each path (or its encoded bytes, when given); images
+    decoded with PIL as RGB."""
 
     def __init__(
         self,
@@ -62,6 +69,7 @@ class ImageListDataset(Dataset[tuple[torch.Tensor, int, int]]):
         labels: Sequence[int],
         camids: Sequence[int],
         transform: Callable[[Image.Image], torch.Tensor],
+        images: Sequence[bytes] | None = None,
     ) -> None:
         if not len(paths) == len(labels) == len(camids):
             raise ValueError(f"lengths differ: {len(paths)} paths, {len(labels)} labels, {len(camids)} camids")
@@ -69,12 +77,14 @@ class ImageListDataset(Dataset[tuple[torch.Tensor, int, int]]):
         self.labels = list(labels)
         self.camids = list(camids)
         self.transform = transform
+        self.images = images
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
-        with Image.open(self.paths[index]) as image:
+        source = io.BytesIO(self.images[index]) if self.images is not None else self.paths[index]
+        with Image.open(source) as image:
             rgb = image.convert("RGB")
         return self.transform(rgb), self.labels[index], self.camids[index]
 
@@ -84,7 +94,8 @@ def make_train_loader(
 ) -> DataLoader:
     """This rank's PK batches of augmented training images; call
     `loader.batch_sampler.set_epoch(epoch)` before each epoch."""
-    dataset = ImageListDataset(training.paths, training.labels, training.camids, build_train_transform(config))
+    dataset = ImageListDataset(training.paths, training.labels, training.camids, build_train_transform(config),
+                               training.images)
     sampler = PKBatchSampler(
         training.labels, config.ids_per_batch, config.images_per_id,
         seed=config.seed, rank=rank, world_size=world_size,

@@ -21,6 +21,7 @@ import shutil
 import tempfile
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,8 @@ from ray.train.torch import TorchTrainer
 from safetensors.torch import load_file
 from torch import nn
 
-from factory.config import save_config
+from core.storage import local_folder, resolve, user_path
+from factory.config import config_to_yaml
 from factory.datasets.base import ReidDataset
 from factory.ray_pipeline import init_ray, resolve_use_gpu
 from factory.stage_config import RayConfig
@@ -61,29 +63,33 @@ logger = logging.getLogger(__name__)
 class ReidTrainResult:
     """Where a finished `train_reid` run put its outputs, and what it measured per epoch."""
 
-    model_path: Path  # whole Re-ID model; load with `load_reid_model`
-    backbone_path: Path  # backbone alone, timm `num_classes=0` keys
+    model_path: Path | str  # whole Re-ID model; load with `load_reid_model` (a Path when local, else a URI)
+    backbone_path: Path | str  # backbone alone, timm `num_classes=0` keys
     num_classes: int
     history: list[dict[str, float]]  # one entry per epoch (epoch, lr, loss, id_loss, triplet_loss, ...)
-    run_dir: Path  # Ray Train's run folder with the per-epoch checkpoints
+    run_dir: Path | str  # Ray Train's run folder with the per-epoch checkpoints
 
 
 def train_reid(
-    dataset: ReidDataset, config: ReidTrainConfig, out_dir: str | Path, run_name: str = "reid_train"
+    dataset: ReidDataset, config: ReidTrainConfig, out_dir: str | Path, run_name: str = "reid_train",
+    images: Mapping[str, bytes] | None = None,
 ) -> ReidTrainResult:
-    """Train the BoT baseline on `dataset.train` with Ray Train; outputs go under `out_dir`.
+    """Train the BoT baseline on `dataset.train` with Ray Train; outputs go under `out_dir` (a
+    folder or any URI: Ray Train's `storage_path`).
 
+    `images` (path -> encoded bytes, as the caller read them) travel to the workers with the
+    training set, so no worker opens a path that exists only on the driver's machine.
     Joins the Ray cluster of `RAY_ADDRESS` or the one already initialised, else starts a local one.
     Writes `out_dir/{model,backbone}.safetensors`, `metrics.json` and the resolved `config.yaml`.
     """
-    out_dir = Path(out_dir).resolve()
-    training = TrainingSet.from_records(dataset.train)
+    out = resolve(out_dir)
+    training = TrainingSet.from_records(dataset.train, images)
     if training.num_classes < config.ids_per_batch:
         raise ValueError(
             f"{dataset.name}: {training.num_classes} training identities, fewer than "
             f"ids_per_batch={config.ids_per_batch}"
         )
-    save_config(config, out_dir / CONFIG_FILE)
+    (out / CONFIG_FILE).write_text(config_to_yaml(config))
     init_ray(RayConfig(), progress_bars=False)  # RAY_ADDRESS (e.g. inside `ray job submit`), else local
     use_gpu = resolve_use_gpu(config.use_gpu)
     cpus = resolve_cpus_per_worker(config)
@@ -98,7 +104,7 @@ def train_reid(
             num_workers=config.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus}
         ),
         run_config=RunConfig(
-            storage_path=str(out_dir),
+            storage_path=out.uri,
             name=run_name,
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=1),
@@ -106,18 +112,18 @@ def train_reid(
     )
     result = trainer.fit()
     if result.checkpoint is None:
-        raise RuntimeError(f"Ray Train run {out_dir / run_name} ended without a checkpoint")
-    with result.checkpoint.as_directory() as checkpoint_dir:
-        model_path = Path(shutil.copy2(Path(checkpoint_dir) / MODEL_FILE, out_dir / MODEL_FILE))
-        backbone_path = Path(shutil.copy2(Path(checkpoint_dir) / BACKBONE_FILE, out_dir / BACKBONE_FILE))
+        raise RuntimeError(f"Ray Train run {out / run_name} ended without a checkpoint")
+    with result.checkpoint.as_directory() as checkpoint_dir, local_folder(out) as folder:
+        shutil.copy2(Path(checkpoint_dir) / MODEL_FILE, folder / MODEL_FILE)
+        shutil.copy2(Path(checkpoint_dir) / BACKBONE_FILE, folder / BACKBONE_FILE)
         history = json.loads((Path(checkpoint_dir) / STATE_FILE).read_text())["history"]
-    (out_dir / METRICS_FILE).write_text(json.dumps(history, indent=2))
+        (folder / METRICS_FILE).write_text(json.dumps(history, indent=2))
     return ReidTrainResult(
-        model_path=model_path,
-        backbone_path=backbone_path,
+        model_path=user_path(out / MODEL_FILE),
+        backbone_path=user_path(out / BACKBONE_FILE),
         num_classes=training.num_classes,
         history=history,
-        run_dir=Path(result.path),
+        run_dir=user_path(out / run_name),
     )
 
 
