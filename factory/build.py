@@ -152,6 +152,7 @@ def run(config: RunConfig, out_dir: str | os.PathLike[str] | None = None, log=pr
     from factory.stages.caption import CaptionStage
     from factory.stages.filter import FilterStage
     from factory.stages.generate import GenerationStage
+    from factory.stages.base import StageChain
     from factory.stages.write import WriteStage
 
     store = OutputStore(out)
@@ -193,8 +194,9 @@ def run(config: RunConfig, out_dir: str | os.PathLike[str] | None = None, log=pr
         filtering = functools.partial(FilterStage, config.filter, filter_models, config.filter.num_gpus)
         wanted = max(0, config.output.contact_sheet_identities - len(previews.files(".png")))
         write = functools.partial(WriteStage, out.uri, frozenset(table.column("identity").to_pylist()[:wanted]))
+        filter_then_write = functools.partial(StageChain, filtering, write)
         dataset = ray_pipeline.dataset_of_rows(table)
-        for make_stage in (caption, generate, filtering, write):
+        for make_stage in (caption, generate, filter_then_write):
             dataset = ray_pipeline.apply_stage(dataset, make_stage, use_gpus)
 
         breaker = CircuitBreaker(config.generation.circuit_breaker)

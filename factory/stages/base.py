@@ -4,6 +4,7 @@ Ray Data, and tests call them directly on in-memory `pyarrow.Table`s."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -34,3 +35,25 @@ class Stage(ABC):
 
     @abstractmethod
     def process_batch(self, batch: pa.Table) -> pa.Table: ...
+
+
+class StageChain(Stage):
+    """Stages run one after the other inside one actor, with the first stage's resources: a
+    stage that needs none of its own (the write stage) rides along instead of starting an actor
+    pool (one process start and one hand-off less per build)."""
+
+    def __init__(self, *factories: Callable[[], Stage]) -> None:
+        self.stages = [make() for make in factories]
+        self.name = "+".join(stage.name for stage in self.stages)
+
+    def resources(self) -> StageResources:
+        return self.stages[0].resources()
+
+    def setup(self) -> None:
+        for stage in self.stages:
+            stage.setup()
+
+    def process_batch(self, batch: pa.Table) -> pa.Table:
+        for stage in self.stages:
+            batch = stage.process_batch(batch)
+        return batch
