@@ -8,16 +8,20 @@ saved beside every output with `save_config`.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, PositiveInt, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, PositiveInt, ValidationError
 
 BASE_KEY = "base"
 # (height, width) everywhere in this project; a zero or negative side is refused at load time.
 ImageSize = tuple[PositiveInt, PositiveInt]
+# A location in a config: a local path or a URI (s3://, gs://, ...), kept as text, since
+# pathlib would fold "s3://bucket/x" into "s3:/bucket/x". Path objects are accepted.
+UriStr = Annotated[str, BeforeValidator(lambda value: os.fspath(value) if isinstance(value, os.PathLike) else value)]
 M = TypeVar("M", bound=BaseModel)
 
 

@@ -3,12 +3,11 @@ output, ray). Composed with the trainer sections into `factory.run_config.RunCon
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
 
-from factory.config import ImageSize, StrictModel
+from factory.config import ImageSize, StrictModel, UriStr
 from trainers.config import ReidTrainConfig
 
 class Concurrency(StrictModel):
@@ -146,9 +145,9 @@ class FilterConfig(StrictModel):
 
     kind: Literal["reid", "clip", "cctf"] = "reid"
     threshold: float = 0.5
-    reid_checkpoints: dict[str, Path] = Field(
+    reid_checkpoints: dict[str, UriStr] = Field(
         {},
-        description="source name -> filter-model directory (with filter_model.json, as a build writes "
+        description="source name -> filter-model folder or URI (with filter_model.json, as a build writes "
         "under DIR/filter_models/<source>); sources not listed get a model trained by the build",
     )
     reid: ReidTrainConfig = ReidTrainConfig()
@@ -160,7 +159,7 @@ class FilterConfig(StrictModel):
 
 
 class OutputConfig(StrictModel):
-    dir: Path = Path("outputs/demo")
+    dir: UriStr = Field("outputs/demo", description="output folder or URI (s3://, gs://, ...); --out overrides")
     image_size: ImageSize = (256, 128)
     image_format: Literal["jpeg", "png"] = "jpeg"
     jpeg_quality: int = Field(95, ge=1, le=100)

@@ -98,6 +98,8 @@ def test_sigkill_mid_build_then_rerun_matches_uninterrupted(
     deadline = time.monotonic() + 300
     while _done(killed_out) < 1 and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.05)
+    if process.poll() is not None:
+        pytest.fail(f"the build ended before the kill (exit {process.returncode}):\n{process.stdout.read()[-4000:]}")
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     done_at_kill = _done(killed_out)

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from factory.config import StrictModel
+from factory.config import StrictModel, UriStr
 from factory.datasets.config import SourceConfig, SyntheticSpec
 from trainers.config import ReidTrainConfig
 from eval.downstream.settings import Setting
@@ -52,8 +52,8 @@ class DownstreamConfig(StrictModel):
     `--backbone` (or `backbone`), which must fit `train.arch`.
     """
 
-    backbone: str | None = Field(None, description="the backbone file or URI to evaluate (`ours`); --backbone overrides")
-    out_dir: str = Field("outputs/downstream", description="output folder or URI (s3://, gs://, ...); --out overrides")
+    backbone: UriStr | None = Field(None, description="the backbone file or URI to evaluate (`ours`); --backbone overrides")
+    out_dir: UriStr = Field("outputs/downstream", description="output folder or URI (s3://, gs://, ...); --out overrides")
     datasets: list[SourceConfig] = Field(default_factory=lambda: [demo_benchmark()], min_length=1)
     methods: list[str] = Field(default_factory=lambda: ["bot", "agw"], min_length=1)
     method_options: dict[str, dict[str, Any]] = Field(

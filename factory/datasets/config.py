@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from core.storage import is_remote
 
-from factory.config import StrictModel
+from factory.config import StrictModel, UriStr
 
 SourceKind = Literal["market1501", "msmt17", "cuhk03", "airport", "folder", "csv", "synthetic"]
 
@@ -34,17 +33,11 @@ class SourceConfig(StrictModel):
     """
 
     kind: SourceKind
-    root: str = Field(description="a local folder, or a URI (s3://, gs://, ...) the driver fetches once")
+    root: UriStr = Field(description="a local folder, or a URI (s3://, gs://, ...) the driver fetches once")
     name: str | None = Field(None, description="source name stored with every row; defaults to kind")
     variant: str | None = None
-    list_file: str | None = Field(None, description="a local path or URI; relative ones are under root")
+    list_file: UriStr | None = Field(None, description="a local path or URI; relative ones are under root")
     generate: SyntheticSpec | None = None
-
-    @field_validator("root", "list_file", mode="before")
-    @classmethod
-    def _location_as_text(cls, value: object) -> object:
-        # str, not Path: pathlib would fold "s3://bucket/x" into "s3:/bucket/x".
-        return os.fspath(value) if isinstance(value, os.PathLike) else value
 
     @model_validator(mode="after")
     def _check_kind_options(self) -> SourceConfig:
