@@ -55,14 +55,14 @@ def fetch_source(config: SourceConfig, cache: Path | None = None) -> SourceConfi
     cache = cache or Path.home() / ".cache" / "reid-factory" / "sources"
     target = cache / hashlib.sha256(location.uri.encode()).hexdigest()[:16]
     try:
-        files = location.files(recursive=True)
+        files = location.listing(recursive=True)  # sizes from the listing: no request per file
     except OSError as err:
         raise DatasetError(f"{config.source_name} dataset root {location}: {err}") from None
     if not files:
         raise DatasetError(f"{config.source_name} dataset root {location} holds no files")
-    for file in files:
+    for file, size in files:
         local = target / file.path[len(location.path.rstrip("/")) + 1:]
-        if local.is_file() and local.stat().st_size == file.size():
+        if local.is_file() and local.stat().st_size == size:
             continue
         local.parent.mkdir(parents=True, exist_ok=True)
         local.write_bytes(file.read_bytes())
