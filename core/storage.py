@@ -200,6 +200,11 @@ class Location:
             pass
 
 
+def user_path(location: Location) -> Path | str:
+    """How a command reports a location it wrote: a `Path` when local, else the URI."""
+    return location.local_path if location.is_local else location.uri
+
+
 @contextmanager
 def local_folder(location: Location) -> Iterator[Path]:
     """A local folder to write `location`'s files into: the folder itself when local, else a
