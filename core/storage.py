@@ -221,18 +221,45 @@ def local_folder(location: Location) -> Iterator[Path]:
                 (location / path.relative_to(staging).as_posix()).write_bytes(path.read_bytes())
 
 
+def cache_dir(kind: str) -> Path:
+    """This machine's cache for `kind` (`files`, `sources`, `models`, ...):
+    `$XDG_CACHE_HOME/reid-factory/<kind>`, else `~/.cache/reid-factory/<kind>`. Node-local on a
+    cluster: each node fills its own."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "reid-factory" / kind
+
+
+def _cache_key(location: Location) -> str:
+    return hashlib.sha256(location.uri.encode()).hexdigest()[:16]
+
+
 def local_file(location: Location, cache: Path | None = None) -> Path:
     """A path on this machine holding `location`'s bytes: the file itself when local, else a copy
-    under `cache` (default ~/.cache/reid-factory/files), fetched once per machine and URI."""
+    under `cache` (default `cache_dir("files")`), fetched once per machine and URI."""
     if location.is_local:
         return location.local_path
-    cache = cache or Path.home() / ".cache" / "reid-factory" / "files"
-    target = cache / hashlib.sha256(location.uri.encode()).hexdigest()[:16] / location.name
+    target = (cache or cache_dir("files")) / _cache_key(location) / location.name
     if not target.is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-        tmp.write_bytes(location.read_bytes())
-        os.replace(tmp, target)
+        resolve(target).write_bytes(location.read_bytes())
+    return target
+
+
+def mirror_folder(location: Location, cache: Path | None = None) -> Path:
+    """A local folder holding the files under `location`: the folder itself when local, else a
+    copy under `cache` (default `cache_dir("folders")`) kept in step by one listing: files already
+    there with the listed size are not fetched again. Each file lands atomically, so processes of
+    one node mirroring the same folder at once cannot see a half-written file."""
+    if location.is_local:
+        return location.local_path
+    target = (cache or cache_dir("folders")) / _cache_key(location)
+    files = location.listing(recursive=True)  # sizes from the listing: no request per file
+    if not files:
+        raise StorageError(f"{location.uri} holds no files")
+    prefix = len(location.path.rstrip("/")) + 1
+    for file, size in files:
+        local = target / file.path[prefix:]
+        if not (local.is_file() and local.stat().st_size == size):
+            resolve(local).write_bytes(file.read_bytes())
     return target
 
 

@@ -130,3 +130,24 @@ def test_a_source_dataset_on_an_object_store_is_fetched_once(bucket: str, tmp_pa
     assert sorted((r.pid, r.camid) for r in dataset.train) == sorted((r.pid, r.camid) for r in local.train)
     with pytest.raises(ValueError, match="synthetic' generates into a local root"):
         SourceConfig(kind="synthetic", root="s3://bucket/x")
+
+
+def test_a_model_folder_on_an_object_store_is_mirrored_once_per_machine(
+    bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model URI (`generation.base_model: s3://...`): the check phase and the loaders see a local
+    copy under this node's cache; a second use lists the folder and fetches nothing again."""
+    from factory.models.locate import ModelNotAvailableError, check_model_available, local_model, read_model_json
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    model = resolve(f"{bucket}/models/captioner")
+    (model / "config.json").write_json({"model_type": "blip-2"})
+    (model / "tokenizer" / "vocab.json").write_json({"a": 0})
+    check_model_available(model.uri, "caption.model")
+    local = Path(local_model(model.uri))
+    assert local.is_relative_to(tmp_path / "cache" / "reid-factory" / "models")
+    assert read_model_json(model.uri, "tokenizer/vocab.json")[0] == {"a": 0}
+    stamp = (local / "config.json").stat().st_mtime_ns
+    assert Path(local_model(model.uri)) == local and (local / "config.json").stat().st_mtime_ns == stamp
+    with pytest.raises(ModelNotAvailableError, match="caption.model"):
+        check_model_available(f"{bucket}/models/missing", "caption.model")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from core.storage import is_remote, resolve
+from core.storage import cache_dir, is_remote, mirror_folder, resolve
 from factory.datasets.airport import load_airport
 from factory.datasets.base import DatasetError, ReidDataset
 from factory.datasets.config import SourceConfig, SourceKind, SyntheticSpec
@@ -49,23 +49,11 @@ def fetch_source(config: SourceConfig, cache: Path | None = None) -> SourceConfi
     workers as bytes, so no node but this one ever reads the source."""
     if not is_remote(config.root):
         return config
-    import hashlib
-
     location = resolve(config.root)
-    cache = cache or Path.home() / ".cache" / "reid-factory" / "sources"
-    target = cache / hashlib.sha256(location.uri.encode()).hexdigest()[:16]
     try:
-        files = location.listing(recursive=True)  # sizes from the listing: no request per file
+        target = mirror_folder(location, cache or cache_dir("sources"))
     except OSError as err:
         raise DatasetError(f"{config.source_name} dataset root {location}: {err}") from None
-    if not files:
-        raise DatasetError(f"{config.source_name} dataset root {location} holds no files")
-    for file, size in files:
-        local = target / file.path[len(location.path.rstrip("/")) + 1:]
-        if local.is_file() and local.stat().st_size == size:
-            continue
-        local.parent.mkdir(parents=True, exist_ok=True)
-        local.write_bytes(file.read_bytes())
     list_file = config.list_file
     if list_file is not None and is_remote(list_file):
         listed = resolve(list_file)

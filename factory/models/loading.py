@@ -27,6 +27,7 @@ from factory.models.locate import (  # noqa: F401  (re-exported: the loaders' pu
     check_model_available,
     downloads_allowed,
     hub_cache_dir,
+    local_model,
 )
 
 DTypeLike = torch.dtype | str | None
@@ -63,6 +64,7 @@ def load_text_to_image(
     The NSFW safety checker is not loaded (`safety_checker=None`): it would black out
     generated person crops it misjudges, and the factory filters its outputs with Re-ID anyway.
     """
+    model_id = local_model(model_id, config_key)  # a URI: this node's copy
     check_model_available(model_id, config_key)
     torch_dtype = resolve_dtype(dtype, device)
     try:
@@ -103,6 +105,7 @@ def _load_model_and_processor(model_class, processor_class, model_id: str, devic
                               dtype: DTypeLike, config_key: str):
     """`model_class.from_pretrained` (eval mode, on `device`) and `processor_class.from_pretrained`,
     with the availability check and the named error of every loader here."""
+    model_id = local_model(model_id, config_key)  # a URI: this node's copy
     check_model_available(model_id, config_key)
     kwargs = _load_kwargs(model_id)
     try:

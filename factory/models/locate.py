@@ -16,6 +16,8 @@ from typing import Any
 from huggingface_hub import try_to_load_from_cache
 from huggingface_hub.errors import HFValidationError
 
+from core.storage import cache_dir, is_remote, mirror_folder, resolve
+
 # Files whose presence marks a loadable folder: a diffusers pipeline or a transformers model.
 MARKER_FILES = ("model_index.json", "config.json")
 _ALLOW_VALUES = {"0", "false", "no", "off"}
@@ -40,6 +42,18 @@ def hub_cache_dir() -> Path:
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface"
     )
     return Path(home).expanduser() / "hub"
+
+
+def local_model(model_id: str, config_key: str | None = None) -> str:
+    """`model_id` as this machine loads it: a folder on an object store (`s3://`, `gs://`, ...)
+    is mirrored into this node's cache (`cache_dir("models")`, fetched once: a later call lists
+    it and fetches only what changed); hub ids and local paths come back unchanged."""
+    if not is_remote(model_id):
+        return model_id
+    try:
+        return str(mirror_folder(resolve(model_id), cache_dir("models")))
+    except OSError as err:
+        raise _not_available(model_id, f"cannot fetch it ({err})", config_key) from None
 
 
 def _looks_like_path(model_id: str) -> bool:
@@ -70,8 +84,9 @@ def check_model_available(model_id: str, config_key: str | None = None) -> None:
     Cheap: looks for `model_index.json` / `config.json` in a local directory or in the hub
     cache's snapshot of the id, reading no weights. With downloads allowed (HF_HUB_OFFLINE=0) a
     hub id that is not cached passes (it will be downloaded). `config_key` (e.g.
-    `generation.base_model`) is named in the error message.
+    `generation.base_model`) is named in the error message. A URI is fetched first (`local_model`).
     """
+    model_id = local_model(model_id, config_key)
     if _looks_like_path(model_id):
         path = Path(model_id).expanduser()
         if not path.is_dir():
@@ -93,7 +108,8 @@ def check_model_available(model_id: str, config_key: str | None = None) -> None:
 
 def model_file(model_id: str, relative: str) -> Path | None:
     """The local path of `relative` (e.g. `vae/config.json`) inside `model_id`'s folder or its
-    hub-cache snapshot; None when it is not on this machine. Reads nothing."""
+    hub-cache snapshot; None when it is not on this machine. Reads nothing but a URI's listing."""
+    model_id = local_model(model_id)
     if _looks_like_path(model_id):
         path = Path(model_id).expanduser() / relative
         return path if path.is_file() else None
