@@ -15,6 +15,7 @@ from PIL import Image
 
 from factory.schema import CAPTION_FIELDS, SEQUENCE_SCHEMA, append_columns, require_columns
 from factory.stage_config import CaptionConfig
+from factory.models.shipping import ModelFolders
 from factory.stages.base import Stage, StageResources
 
 _PHRASE_SPLIT = re.compile(r",|;|\band\b|\bwith\b")
@@ -67,9 +68,10 @@ class CaptionStage(Stage):
 
     name = "caption"
 
-    def __init__(self, config: CaptionConfig, num_gpus: float = 0.0) -> None:
+    def __init__(self, config: CaptionConfig, num_gpus: float = 0.0, folders: ModelFolders | None = None) -> None:
         self.config = config
         self.num_gpus = num_gpus
+        self.folders = folders or ModelFolders()
         self.model = None
         self.processor = None
 
@@ -83,7 +85,7 @@ class CaptionStage(Stage):
         from factory.models.loading import load_captioner
 
         self.device = _pick_device(self.num_gpus)
-        self.model, self.processor = load_captioner(self.config.model, self.device, self.config.dtype)
+        self.model, self.processor = load_captioner(self.folders.open(self.config.model), self.device, self.config.dtype)
 
     @torch.inference_mode()
     def caption_images(self, images: Sequence[Image.Image]) -> list[str]:

@@ -30,6 +30,7 @@ from core.storage import resolve
 from factory.schema import CAPTIONED_SCHEMA, GENERATION_FIELDS, append_columns, require_columns
 from factory.sequences import stable_seed
 from factory.stage_config import GenerationConfig, OutputConfig, VariationConfig, fault_target
+from factory.models.shipping import ModelFolders
 from factory.stages.base import Stage, StageResources
 
 
@@ -499,8 +500,10 @@ class GenerationStage(Stage):
         fail_identities: Sequence[str] = (),
         loader: PipelineLoader | None = None,
         reference_dir: str | None = None,
+        folders: ModelFolders | None = None,
     ) -> None:
         self.config = config
+        self.folders = folders or ModelFolders()
         self.reference_dir = reference_dir if config.reuse_reference_sets else None
         self.output = output
         self.num_gpus = num_gpus
@@ -521,7 +524,7 @@ class GenerationStage(Stage):
             # Same thread count on every actor keeps CPU results bit-reproducible across reruns.
             torch.set_num_threads(self.num_threads)
         device = "cuda" if self.num_gpus > 0 and torch.cuda.is_available() else "cpu"
-        pipeline = self.loader(self.config.base_model, device)
+        pipeline = self.loader(self.folders.open(self.config.base_model), device)
         self.model_loads += 1
         references = ReferenceSetStore(self.reference_dir) if self.reference_dir else None
         self.generator = DiversityInjectionGenerator(pipeline, self.config, device, references)
@@ -577,4 +580,5 @@ class GenerationStage(Stage):
             values["model_loads"].append(self.model_loads)
             values["reference_reused"].append(bool(ok and result.reference_reused))
             values["attempts"].append(attempts)
+            values["generated_at"].append(time.time())
         return append_columns(batch, GENERATION_FIELDS, values)
