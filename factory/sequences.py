@@ -4,16 +4,14 @@ sequence; read its images, quarantining the ones that do not decode."""
 from __future__ import annotations
 
 import hashlib
-import io
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import pyarrow as pa
-from PIL import Image
 
 from factory.datasets.base import ImageRecord, ReidDataset
+from factory.datasets.images import read_images
 from factory.schema import SEQUENCE_SCHEMA
 from factory.stage_config import SequenceConfig
 
@@ -89,24 +87,6 @@ class ReadReport:
     skipped_identities: list[dict[str, str]] = field(default_factory=list)  # {"identity", "reason"}
 
 
-def read_image_bytes(path: str) -> bytes:
-    """Read an image file and prove it decodes fully (a truncated JPEG fails `load()`)."""
-    with open(path, "rb") as handle:
-        data = handle.read()
-    with Image.open(io.BytesIO(data)) as image:
-        image.load()
-        if image.width < 2 or image.height < 2:
-            raise ValueError(f"degenerate image size {image.size}")
-    return data
-
-
-def _try_read(path: str) -> bytes | str:
-    try:
-        return read_image_bytes(path)
-    except Exception as err:  # any decode/IO failure quarantines the file, never the run
-        return f"{type(err).__name__}: {err}"
-
-
 def read_sequences(
     plan: Sequence[IdentitySequence],
     config: SequenceConfig,
@@ -119,9 +99,7 @@ def read_sequences(
     `min_images` readable images are skipped. Both are reported, neither stops the run.
     """
     report = ReadReport()
-    paths = [record.path for sequence in plan for record in sequence.records]
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        loaded = dict(zip(paths, pool.map(_try_read, paths)))
+    loaded = read_images([record.path for sequence in plan for record in sequence.records], threads)
 
     columns: dict[str, list] = {name: [] for name in SEQUENCE_SCHEMA.names}
     for sequence in plan:

@@ -25,7 +25,7 @@ import os
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -53,8 +53,9 @@ from eval.downstream.tables import (
     write_results_csv,
 )
 from factory.config import ConfigError, config_to_yaml
-from factory.datasets.base import ReidDataset
+from factory.datasets.base import DatasetError, ReidDataset
 from factory.datasets.registry import load_source
+from factory.datasets.images import read_images
 from factory.ray_pipeline import cluster_gpus, init_ray
 from factory.stage_config import RayConfig
 from trainers.config import ReidTrainConfig
@@ -205,13 +206,15 @@ def fine_tune_cell(
     device: torch.device | str = "cpu",
     restored: TrainingState | None = None,
     report: EpochReporter | None = None,
+    images: Mapping[str, bytes] | None = None,
 ) -> dict[str, Any]:
     """Fine-tune `cell` on its training subset of `dataset` and evaluate on query/gallery.
 
     Returns the result record (metrics as fractions in [0, 1], the CMC curve, subset sizes,
     timings, per-epoch history). `method` defaults to the registered `cell.method`. `report` is
     called after every epoch with the metrics and, every `checkpoint_every` epochs, the state to
-    checkpoint.
+    checkpoint. `images` (path -> encoded bytes, read by the driver) spare the trial any access to
+    the dataset's files.
     """
     start = time.perf_counter()
     device = torch.device(device)
@@ -220,7 +223,7 @@ def fine_tune_cell(
     all_train = [r for r in dataset.train if not r.distractor]
     records = training_subset(dataset.train, cell.setting, cell.seed,
                               config.fs_min_images_per_id, config.ss_min_identities)
-    training = TrainingSet.from_records(records)
+    training = TrainingSet.from_records(records, images)
     if training.num_classes < 2:
         raise ValueError(f"{cell.key}: {training.num_classes} training identities; metric learning needs 2")
     recipe = cell_recipe(config, method, options, cell, training.num_classes)
@@ -258,7 +261,7 @@ def fine_tune_cell(
             ) if checkpoint else None
             report(metrics, state)
     train_seconds = time.perf_counter() - train_start
-    metrics = evaluate_reid(model, dataset, recipe, device=device)
+    metrics = evaluate_reid(model, dataset, recipe, device=device, images=images)
     return {
         **cell.params(),
         "status": STATUS_DONE,
@@ -291,6 +294,9 @@ class TrialContext:
     out_dir: Location  # travels as its URI; each trial's node resolves it
     datasets: dict[str, ReidDataset]
     inits: dict[str, InitWeights]
+    # Each dataset's images (path -> encoded bytes), read once by the driver: trials on any node
+    # train and evaluate from them, with no access to the dataset's filesystem.
+    images: dict[str, dict[str, bytes]] = field(default_factory=dict)
     # The driver's registry entries: a method registered at run time reaches the workers too
     # (its functions travel by reference, so their module must be importable there).
     methods: dict[str, ReidMethod] = field(default_factory=dict)
@@ -350,7 +356,7 @@ def run_trial(params: dict[str, Any], context: TrialContext) -> None:
                           f"from_epoch={restored.epoch if restored else 0}\n")
     result = fine_tune_cell(cell, context.datasets[cell.dataset], context.config, context.inits[cell.init],
                             method=context.methods.get(cell.method), device=device, restored=restored,
-                            report=_report_epoch)
+                            report=_report_epoch, images=context.images.get(cell.dataset))
     result["digest"] = digest
     _write_json(cell_dir / RESULT_FILE, result)
     tune.report({k: result[k] for k in ("mAP", "rank1", "mINP", "train_seconds")})
@@ -495,6 +501,20 @@ def collect_rows(
     return rows
 
 
+def read_dataset_images(datasets: Mapping[str, ReidDataset]) -> dict[str, dict[str, bytes]]:
+    """Every image of each dataset, read once here; an unreadable one stops the run before any
+    trial starts (an evaluation with a missing gallery image would not be comparable)."""
+    images = {}
+    for name, dataset in datasets.items():
+        loaded = read_images([r.path for r in (*dataset.train, *dataset.query, *dataset.gallery)])
+        broken = {path: reason for path, reason in loaded.items() if not isinstance(reason, bytes)}
+        if broken:
+            listed = "; ".join(f"{path}: {reason}" for path, reason in list(broken.items())[:5])
+            raise DatasetError(f"downstream.datasets: {name} has {len(broken)} unreadable images ({listed})")
+        images[name] = loaded
+    return images
+
+
 def run_downstream(
     config: DownstreamConfig,
     backbone: str | Path | None = None,
@@ -527,13 +547,14 @@ def run_downstream(
         print("note: fraction_datasets / fraction_methods leave no Fs/Ss cell to run", flush=True)
     digests = {cell.key: cell_digest(cell, config, inits[cell.init]) for cell in cells}
     methods = {name: get_method(name) for name in config.methods}
-    context = TrialContext(config, out, datasets, inits, methods, digests)
+    context = TrialContext(config, out, datasets, inits, methods=methods, digests=digests)
     runnable = [c for c in cells if inits[c.init].available]
     pending = [c for c in runnable if read_cell_result(out, c, digests[c.key]) is None]
     print(f"{len(cells)} cells: {len(runnable) - len(pending)} already done, {len(pending)} to run, "
           f"{len(cells) - len(runnable)} unavailable", flush=True)
     errors: dict[str, str] = {}
     if pending:
+        context.images = read_dataset_images(datasets)
         init_ray(ray_config or RayConfig())
         name = "grid-" + _digest(sorted(digests[c.key] for c in runnable))[:12]
         errors = _run_tune(pending, context, name)

@@ -1,4 +1,4 @@
-"""`python -m trainers.reid --source-root DIR [--source-kind KIND] [--config FILE] [--set k=v ...] --out DIR`
+"""`python -m trainers.reid --source-root URI [--source-kind KIND] [--config FILE] [--set k=v ...] --out URI`
 
 Trains the BoT baseline on one source dataset and prints mAP / Rank-1 of the untrained and the
 trained model (see `trainers.reid.baseline.run_bot_baseline`).
@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import get_args
 
+from core.storage import StorageError
 from factory.config import ConfigError, load_config
 from factory.datasets.base import DatasetError
 from factory.datasets.config import SourceConfig, SourceKind
@@ -24,13 +25,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m trainers.reid", description="Train and evaluate the BoT Re-ID baseline with Ray Train."
     )
-    parser.add_argument("--source-root", type=Path, required=True, help="dataset folder")
+    parser.add_argument("--source-root", required=True, metavar="URI",
+                        help="dataset folder: a local path or s3://, gs://, ... (fetched once into the local cache)")
     parser.add_argument("--source-kind", default="market1501", choices=get_args(SourceKind),
                         help="dataset layout (default: market1501, which also reads the synthetic one)")
     parser.add_argument("--config", type=Path, help="ReidTrainConfig YAML preset, e.g. configs/reid_demo.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value (repeatable)")
-    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--out", required=True, metavar="URI", help="output folder or s3://, gs://, ...")
     return parser
 
 
@@ -39,11 +41,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_config(ReidTrainConfig, args.config, args.overrides)
         dataset = load_source(SourceConfig(kind=args.source_kind, root=args.source_root))
-    except (ConfigError, DatasetError) as err:
+        print(dataset.summary(), flush=True)
+        report = run_bot_baseline(dataset, config, args.out)
+    except (ConfigError, DatasetError, StorageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(dataset.summary(), flush=True)
-    report = run_bot_baseline(dataset, config, args.out)
     print(report.summary())
     return 0
 

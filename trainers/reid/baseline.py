@@ -16,7 +16,9 @@ from typing import Any
 
 import torch
 
-from factory.datasets.base import ReidDataset
+from core.storage import resolve
+from factory.datasets.base import DatasetError, ReidDataset
+from factory.datasets.images import read_images
 from trainers.config import ReidTrainConfig
 from trainers.reid.data import TrainingSet
 from trainers.reid.evaluate import evaluate_reid
@@ -52,15 +54,20 @@ class BaselineReport:
 
 def run_bot_baseline(dataset: ReidDataset, config: ReidTrainConfig, out_dir: str | Path) -> BaselineReport:
     """Evaluate the untrained model, train it with `train_reid`, evaluate the result; writes
-    `out_dir/report.json` next to the training outputs."""
+    `out_dir/report.json` (any URI) next to the training outputs. The training images are read
+    here once and travel to the Ray Train workers as bytes; evaluation runs here too."""
     start = time.perf_counter()
-    out_dir = Path(out_dir)
+    out = resolve(out_dir)
+    loaded = read_images([r.path for r in dataset.train])
+    unreadable = [path for path, data in loaded.items() if not isinstance(data, bytes)]
+    if unreadable:
+        raise DatasetError(f"{dataset.name}: {len(unreadable)} unreadable training images: {unreadable[:5]}")
     num_classes = TrainingSet.from_records(dataset.train).num_classes
     with _torch_threads(config.cpus_per_worker):
         torch.manual_seed(config.seed)  # the initial weights the training run starts from
         untrained = evaluate_reid(build_reid_model(config, num_classes), dataset, config)
     train_start = time.perf_counter()
-    result: ReidTrainResult = train_reid(dataset, config, out_dir)
+    result: ReidTrainResult = train_reid(dataset, config, out.uri, images=loaded)
     train_seconds = time.perf_counter() - train_start
     with _torch_threads(config.cpus_per_worker):
         trained = evaluate_reid(load_reid_model(result.model_path, config, result.num_classes), dataset, config)
@@ -72,8 +79,7 @@ def run_bot_baseline(dataset: ReidDataset, config: ReidTrainConfig, out_dir: str
         model_path=str(result.model_path),
         history=result.history,
     )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / REPORT_FILE).write_text(json.dumps(asdict(report), indent=2))
+    (out / REPORT_FILE).write_text(json.dumps(asdict(report), indent=2))
     return report
 
 

@@ -110,12 +110,14 @@ def make_train_loader(
 
 
 def make_eval_loader(
-    records: Sequence[ImageRecord], config: ReidTrainConfig, batch_size: int | None = None
+    records: Sequence[ImageRecord], config: ReidTrainConfig, batch_size: int | None = None,
+    images: Mapping[str, bytes] | None = None,
 ) -> DataLoader:
-    """Records in order, resized and normalised; yields (images, pids, camids)."""
+    """Records in order, resized and normalised; yields (images, pids, camids). `images` (path ->
+    encoded bytes) when the caller read them: the files are then never opened here."""
     dataset = ImageListDataset(
         [r.path for r in records], [r.pid for r in records], [r.camid for r in records],
-        build_eval_transform(config),
+        build_eval_transform(config), [images[r.path] for r in records] if images is not None else None,
     )
     return DataLoader(
         dataset,

@@ -7,7 +7,7 @@ distance is Euclidean on those, which ranks exactly as cosine distance does (for
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -33,10 +33,12 @@ def extract_features(
     config: ReidTrainConfig,
     batch_size: int | None = None,
     device: torch.device | str | None = None,
+    images: Mapping[str, bytes] | None = None,
 ) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
     """(L2-normalised features (N, D) on CPU, pids (N,), camids (N,)) of `records`, in order.
 
     The model runs in eval mode (restored afterwards) on `device` (default: CUDA if present).
+    `images` (path -> encoded bytes) when the caller read them.
     """
     if not records:
         raise ValueError("no records to extract features from")
@@ -46,7 +48,7 @@ def extract_features(
     module.to(device).eval()
     features, pids, camids = [], [], []
     try:
-        for images, batch_pids, batch_camids in make_eval_loader(records, config, batch_size):
+        for images, batch_pids, batch_camids in make_eval_loader(records, config, batch_size, images):
             features.append(module(images.to(device, non_blocking=True)).float().cpu())
             pids.append(batch_pids.numpy())
             camids.append(batch_camids.numpy())
@@ -62,6 +64,7 @@ def evaluate_reid(
     batch_size: int | None = None,
     device: torch.device | str | None = None,
     max_rank: int = 50,
+    images: Mapping[str, bytes] | None = None,
 ) -> dict[str, Any]:
     """mAP, rank1/5/10, mINP (floats in [0, 1]) and the CMC curve (list) of `model` on the
     dataset's query/gallery split. Distractor queries (which have no true match) are left out."""
@@ -69,8 +72,8 @@ def evaluate_reid(
     if not query or not dataset.gallery:
         raise ValueError(f"{dataset.name}: evaluation needs query and gallery images "
                          f"(query {len(query)}, gallery {len(dataset.gallery)})")
-    q_feats, q_pids, q_camids = extract_features(model, query, config, batch_size, device)
-    g_feats, g_pids, g_camids = extract_features(model, dataset.gallery, config, batch_size, device)
+    q_feats, q_pids, q_camids = extract_features(model, query, config, batch_size, device, images)
+    g_feats, g_pids, g_camids = extract_features(model, dataset.gallery, config, batch_size, device, images)
     distmat = compute_distance_matrix(q_feats, g_feats, metric="euclidean")
     cmc, mean_ap, mean_inp = evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=max_rank)
     return {

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from timm.layers import SelectAdaptivePool2d
 from torch import nn
 
+from core.storage import local_file, resolve
 from trainers.config import ReidTrainConfig
 from trainers.weights import INIT_RANDOM, build_backbone, check_state_dict_matches
 
@@ -83,8 +84,9 @@ def build_reid_model(config: ReidTrainConfig, num_classes: int, init: str | None
 
 def load_reid_model(path: str | Path, config: ReidTrainConfig, num_classes: int | None = None) -> ReidBaseline:
     """A trained `ReidBaseline` from a whole-model `.safetensors` file (as `train_reid` writes),
-    in eval mode. `num_classes` defaults to the classifier size stored in the file."""
-    state = load_file(str(path))
+    in eval mode. `num_classes` defaults to the classifier size stored in the file. `path` may be
+    a URI (fetched once per machine)."""
+    state = load_file(str(local_file(resolve(path))))
     if num_classes is None:
         if CLASSIFIER_WEIGHT not in state:
             raise ValueError(f"{path}: no {CLASSIFIER_WEIGHT!r}; is this a backbone-only file?")

@@ -73,12 +73,15 @@ class ReidTrainResult:
 def train_reid(
     dataset: ReidDataset, config: ReidTrainConfig, out_dir: str | Path, run_name: str = "reid_train",
     images: Mapping[str, bytes] | None = None,
+    on_start: tuple[Any, str] | None = None,
 ) -> ReidTrainResult:
     """Train the BoT baseline on `dataset.train` with Ray Train; outputs go under `out_dir` (a
     folder or any URI: Ray Train's `storage_path`).
 
     `images` (path -> encoded bytes, as the caller read them) travel to the workers with the
     training set, so no worker opens a path that exists only on the driver's machine.
+    `on_start` (an actor with a `mark` method, a name): rank 0 calls `mark.remote(name)` once the
+    workers hold their resources and the model is built (the factory starts its pipeline then).
     Joins the Ray cluster of `RAY_ADDRESS` or the one already initialised, else starts a local one.
     Writes `out_dir/{model,backbone}.safetensors`, `metrics.json` and the resolved `config.yaml`.
     """
@@ -99,6 +102,7 @@ def train_reid(
             "config": config.model_dump(mode="json"),
             "training": training.to_dict(),
             "threads": max(1, int(cpus)),
+            "on_start": on_start,
         },
         scaling_config=ScalingConfig(
             num_workers=config.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus}
@@ -157,6 +161,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if restored is not None:
         model.load_state_dict(restored["model"])
     model = ray.train.torch.prepare_model(model)
+    if rank == 0 and loop_config.get("on_start") is not None:
+        signal, name = loop_config["on_start"]
+        signal.mark.remote(name)
     optimizer = build_optimizer(model, config)
     if restored is not None:
         optimizer.load_state_dict(restored["optimizer"])
