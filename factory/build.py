@@ -81,6 +81,12 @@ class CircuitBreaker:
         return None
 
 
+def run_model_ids(config: RunConfig) -> list[str]:
+    """The models the run's actors load, as the config names them."""
+    return [config.caption.model, config.generation.base_model,
+            *([config.filter.clip_model] if config.filter.kind == "clip" else [])]
+
+
 def resolve_models(config: RunConfig, log=print) -> RunConfig:
     """Make sure every model the run needs is available *before* anything heavy starts:
     bootstrap the embedded default's tiny models, or check hub ids / local paths exist."""
@@ -90,10 +96,9 @@ def resolve_models(config: RunConfig, log=print) -> RunConfig:
         from factory.models.demo import ensure_demo_models
 
         ensure_demo_models(config.demo_models, log=log)
-    check_model_available(config.generation.base_model, "generation.base_model")
-    check_model_available(config.caption.model, "caption.model")
-    if config.filter.kind == "clip":
-        check_model_available(config.filter.clip_model, "filter.clip_model")
+    keys = ["caption.model", "generation.base_model", *(["filter.clip_model"] if config.filter.kind == "clip" else [])]
+    for model_id, key in zip(run_model_ids(config), keys):
+        check_model_available(model_id, key)
     return config
 
 
@@ -148,7 +153,8 @@ def run(config: RunConfig, out_dir: str | os.PathLike[str] | None = None, log=pr
 
     # Ray, torch and the stages only now: the check phase above answers in a second or two.
     from factory import ray_pipeline
-    from factory.filter_models import ensure_filter_models
+    from factory.filter_models import ensure_filter_models, finish_filter_models
+    from factory.models.shipping import ModelFolders
     from factory.stages.caption import CaptionStage
     from factory.stages.filter import FilterStage
     from factory.stages.generate import GenerationStage
@@ -179,9 +185,12 @@ def run(config: RunConfig, out_dir: str | os.PathLike[str] | None = None, log=pr
         filter_models = ensure_filter_models(datasets, config.filter, out / "filter_models", log=log)
         summary.add_seconds("filter_model", time.perf_counter() - t0)
 
+        # Local model folders exist only on this machine unless the cluster shares a filesystem:
+        # packed once into the object store, opened by each actor on its own node.
+        folders = ModelFolders.ship(run_model_ids(config))
         use_gpus = ray_pipeline.cluster_gpus() > 0
         threads = 1 if use_gpus else None
-        caption = functools.partial(CaptionStage, config.caption, config.caption.num_gpus)
+        caption = functools.partial(CaptionStage, config.caption, config.caption.num_gpus, folders)
         generate = functools.partial(
             GenerationStage,
             config.generation,
@@ -190,8 +199,9 @@ def run(config: RunConfig, out_dir: str | os.PathLike[str] | None = None, log=pr
             threads,
             config.generation.debug_fail_identities,
             reference_dir=str(out / "reference_sets"),
+            folders=folders,
         )
-        filtering = functools.partial(FilterStage, config.filter, filter_models, config.filter.num_gpus)
+        filtering = functools.partial(FilterStage, config.filter, filter_models, config.filter.num_gpus, folders)
         wanted = max(0, config.output.contact_sheet_identities - len(previews.files(".png")))
         write = functools.partial(WriteStage, out.uri, frozenset(table.column("identity").to_pylist()[:wanted]))
         filter_then_write = functools.partial(StageChain, filtering, write)
@@ -210,6 +220,8 @@ def run(config: RunConfig, out_dir: str | os.PathLike[str] | None = None, log=pr
                 log(f"[stop] {summary.aborted}")
                 rows.close()  # ends the streaming execution: no more identities start
                 break
+        if not summary.aborted:  # a stopped build does not wait for models it never used
+            finish_filter_models(filter_models, log)
 
     t0 = time.perf_counter()
     result = store.finalize(config.output.rows_per_shard, seed=config.generation.seed)
@@ -274,8 +286,9 @@ def _record_row(row: dict, store: OutputStore, summary: BuildSummary, config: Ru
          "seconds": {phase: round(value, 3) for phase, value in seconds.items()},
          "gpu_seconds": round(gpu_seconds, 3)},
     )
-    log(f"{prefix}: kept {kept}/{generated} ({row['filter_kind']}) in {sum(seconds.values()):.1f} s | {progress} | "
-        f"caption: {row['caption']!r}")
+    generated_at = time.strftime("%H:%M:%S", time.localtime(row["generated_at"]))
+    log(f"{prefix}: kept {kept}/{generated} ({row['filter_kind']}) in {sum(seconds.values()):.1f} s, generated "
+        f"{generated_at} | {progress} | caption: {row['caption']!r}")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,48 +9,83 @@ the source's training split with the foundation's BoT trainer and keeps it under
 from __future__ import annotations
 
 import dataclasses
+import functools
+import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import ray
 
 from core.storage import Location, resolve
 from factory.datasets.base import ReidDataset
-from factory.sequences import read_image_bytes
+from factory.datasets.images import read_images
 from factory.stage_config import FilterConfig
-from factory.stages.filter import FilterModelSpec
-
-
-def _read(path: str) -> bytes | None:
-    try:
-        return read_image_bytes(path)
-    except Exception:  # the same test the sequence reader quarantines with
-        return None
+from factory.stages.filter import FilterModelSpec, PendingFilterModel
+from trainers.config import ReidTrainConfig
 
 
 def readable_training_split(dataset: ReidDataset, threads: int = 8) -> tuple[ReidDataset, list[str], dict[str, bytes]]:
     """`dataset` without training images that fail to decode, the paths dropped, and the bytes
     of the others (read here, once: they travel to the training workers, which then need no
     access to the source's filesystem). One corrupt file cannot crash the filter's training."""
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        data = list(pool.map(_read, [r.path for r in dataset.train]))
-    dropped = [r.path for r, b in zip(dataset.train, data) if b is None]
-    kept = [r for r, b in zip(dataset.train, data) if b is not None]
-    images = {r.path: b for r, b in zip(dataset.train, data) if b is not None}
+    loaded = read_images([r.path for r in dataset.train], threads)  # the test the sequence reader quarantines with
+    dropped = [path for path, data in loaded.items() if not isinstance(data, bytes)]
+    kept = [r for r in dataset.train if isinstance(loaded[r.path], bytes)]
+    images = {path: data for path, data in loaded.items() if isinstance(data, bytes)}
     return dataclasses.replace(dataset, train=kept), dropped, images
+
+
+def clock() -> str:
+    """Wall-clock time for log lines that show what runs at once."""
+    return time.strftime("%H:%M:%S")
+
+
+@ray.remote(num_cpus=0)
+class _StartSignal:
+    """Where each filter-model training run says its workers hold their resources."""
+
+    def __init__(self) -> None:
+        self.names: set[str] = set()
+
+    def mark(self, name: str) -> None:
+        self.names.add(name)
+
+    def marked(self) -> list[str]:
+        return sorted(self.names)
+
+
+@ray.remote(num_cpus=0)  # coordinates only: the Ray Train workers ask for their own CPUs / GPUs
+def _train_filter_model(dataset: ReidDataset, config: ReidTrainConfig, location: str, images: dict[str, bytes],
+                        signal: Any) -> FilterModelSpec:
+    from trainers.reid.data import TrainingSet
+    from trainers.reid.train import train_reid
+
+    location = resolve(location)
+    result = train_reid(dataset, config, (location / "train").uri, images=images,
+                        on_start=(signal, dataset.name))
+    training = TrainingSet.from_records(dataset.train)
+    spec = FilterModelSpec(weights=result.model_path, config=config,
+                           labels={pid: label for label, pid in enumerate(training.pids)})
+    spec.save(location)
+    return spec
 
 
 def ensure_filter_models(
     datasets: Sequence[ReidDataset], config: FilterConfig, directory: Location | str, log=print
-) -> dict[str, FilterModelSpec]:
-    """A `FilterModelSpec` per source name; trains the missing ones (CLIP needs none).
+) -> dict[str, FilterModelSpec | PendingFilterModel]:
+    """A filter model per source name (CLIP needs none): a `FilterModelSpec` for those found,
+    a `PendingFilterModel` for those it starts training.
+
     `directory` (DIR/filter_models, any URI) keeps them for reruns: Ray Train checkpoints there,
-    and the filter actors fetch the weights from there on their own nodes."""
+    and the filter actors fetch the weights from there on their own nodes. The missing models of
+    all sources train at once, one Ray task each; this returns as soon as each run's workers hold
+    their resources (so the pipeline cannot take them first), and only the filter stage waits for
+    a model, when the first identity of its source reaches it."""
     if config.kind == "clip":
         return {}
-    from trainers.reid.data import TrainingSet
-    from trainers.reid.train import train_reid
-
     directory = resolve(directory)
-    specs: dict[str, FilterModelSpec] = {}
+    specs: dict[str, FilterModelSpec | PendingFilterModel] = {}
+    signal = None
     for dataset in datasets:
         configured = config.reid_checkpoints.get(dataset.name)
         location = resolve(configured) if configured else directory / dataset.name
@@ -66,16 +101,46 @@ def ensure_filter_models(
         readable, dropped, images = readable_training_split(dataset)
         if dropped:
             log(f"[filter] {len(dropped)} unreadable training images left out of the filter model: {dropped[:3]}")
-        log(f"[filter] training the {config.reid.arch} Re-ID filter model on {dataset.name} ({len(readable.train)} images)")
-        result = train_reid(readable, config.reid, (location / "train").uri, images=images)
-        training = TrainingSet.from_records(readable.train)
-        spec = FilterModelSpec(
-            weights=result.model_path,
-            config=config.reid,
-            labels={pid: label for label, pid in enumerate(training.pids)},
-        )
-        spec.save(location)
-        specs[dataset.name] = spec
-        last = result.history[-1] if result.history else {}
-        log(f"[filter] {dataset.name}: trained in {len(result.history)} epochs, last metrics {last}")
+        signal = signal or _StartSignal.remote()
+        log(f"[filter] {clock()} training the {config.reid.arch} Re-ID filter model of {dataset.name} "
+            f"({len(readable.train)} images)")
+        result = _train_filter_model.remote(readable, config.reid, location.uri, images, signal)
+        result.future().add_done_callback(functools.partial(_report_trained, dataset.name, log))
+        specs[dataset.name] = PendingFilterModel(dataset.name, result)
+    pending = [spec for spec in specs.values() if isinstance(spec, PendingFilterModel)]
+    if pending:
+        _wait_until_started(pending, signal)
     return specs
+
+
+def _report_trained(name: str, log, future: Any) -> None:
+    try:
+        future.result()
+        log(f"[filter] {clock()} the filter model of {name} is trained")
+    except Exception as err:  # the filter stage raises it for this source's identities
+        log(f"[filter] {clock()} the filter model of {name} failed to train: {err}")
+
+
+def _wait_until_started(pending: Sequence[PendingFilterModel], signal: Any, poll_seconds: float = 0.5) -> None:
+    """Block until every training run has its workers (or has ended); a run that failed before
+    the pipeline starts fails the build here, before any identity is generated."""
+    while True:
+        started = set(ray.get(signal.marked.remote()))
+        ended = {p.source for p in pending if ray.wait([p.result], timeout=0)[0]}
+        for spec in pending:
+            if spec.source in ended:
+                ray.get(spec.result)  # raises the training run's error
+        if all(p.source in started or p.source in ended for p in pending):
+            return
+        time.sleep(poll_seconds)
+
+
+def finish_filter_models(specs: dict[str, FilterModelSpec | PendingFilterModel], log=print) -> None:
+    """Wait for training runs the pipeline never needed (every identity of their source failed,
+    or none was left to filter): their models are kept for the next run."""
+    for name, spec in specs.items():
+        if isinstance(spec, PendingFilterModel):
+            try:
+                specs[name] = spec.wait()
+            except Exception as err:  # already reported by _report_trained
+                log(f"[filter] the filter model of {name} is not kept: {type(err).__name__}")

@@ -48,6 +48,7 @@ GENERATION_FIELDS = [
     ("model_loads", pa.int64()),  # base-model loads by the actor so far (must stay 1)
     ("attempts", pa.int64()),
     ("reference_reused", pa.bool_()),  # the Attribute Reference Set was shared with an earlier identity
+    ("generated_at", pa.float64()),  # Unix time the identity's generation ended (the build's log shows it)
 ]
 GENERATED_SCHEMA = pa.schema(list(CAPTIONED_SCHEMA) + [pa.field(n, t) for n, t in GENERATION_FIELDS])
 
@@ -115,6 +116,7 @@ STATUS_SCHEMA = pa.schema(
         ("filter_kind", pa.string()),
         ("filter_seconds", pa.float64()),
         ("reference_reused", pa.bool_()),
+        ("generated_at", pa.float64()),
         ("generated_count", pa.int64()),
         ("kept_count", pa.int64()),
         ("staged_file", pa.string()),  # relative to DIR; "" when the identity failed

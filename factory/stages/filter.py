@@ -17,6 +17,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import torch
@@ -26,6 +27,7 @@ from PIL import Image
 from core.storage import Location, local_file, resolve
 from factory.schema import FILTER_FIELDS, GENERATED_SCHEMA, append_columns, require_columns
 from factory.stage_config import FilterConfig
+from factory.models.shipping import ModelFolders
 from factory.stages.base import Stage, StageResources
 from trainers.config import ReidTrainConfig
 
@@ -63,6 +65,21 @@ class FilterModelSpec:
         (location / "filter_model.json").write_text(json.dumps(meta, indent=1))
 
 
+@dataclass(frozen=True)
+class PendingFilterModel:
+    """A filter model still training (the result of a Ray task). The filter actor waits for it
+    only when the first identity of its source arrives: captioning and generation need not wait
+    for every source's model."""
+
+    source: str
+    result: Any  # ray.ObjectRef of the FilterModelSpec
+
+    def wait(self) -> FilterModelSpec:
+        import ray
+
+        return ray.get(self.result)
+
+
 def decode(images: Sequence[bytes]) -> list[Image.Image]:
     return [Image.open(io.BytesIO(b)).convert("RGB") for b in images]
 
@@ -76,6 +93,9 @@ class ImageFilter(ABC):
     def setup(self, device: str) -> None:  # noqa: B027 - optional hook
         self.device = device
 
+    def prepare(self, source: str) -> None:  # noqa: B027 - optional hook
+        """Make `source`'s rows scorable (wait for a model still training); not timed as filtering."""
+
     @abstractmethod
     def score(self, row: Mapping) -> list[float]: ...
 
@@ -88,24 +108,35 @@ class ImageFilter(ABC):
 class _ReidModelFilter(ImageFilter):
     """Shared by `reid` and `cctf`: one Re-ID model per source, loaded once per actor."""
 
-    def __init__(self, threshold: float, models: Mapping[str, FilterModelSpec]) -> None:
+    def __init__(self, threshold: float, models: Mapping[str, FilterModelSpec | PendingFilterModel]) -> None:
         super().__init__(threshold)
         self.specs = dict(models)
         self.models: dict[str, torch.nn.Module] = {}
+        self.transforms: dict[str, Any] = {}
 
     def setup(self, device: str) -> None:
+        super().setup(device)
+        for source, spec in self.specs.items():
+            if isinstance(spec, FilterModelSpec):
+                self._load(source, spec)
+
+    def _load(self, source: str, spec: FilterModelSpec) -> None:
         from trainers.reid.model import load_reid_model
         from trainers.reid.transforms import build_eval_transform
 
-        super().setup(device)
-        self.transforms = {}
-        for source, spec in self.specs.items():
-            weights = local_file(resolve(spec.weights))  # fetched once per node when it is a URI
-            self.models[source] = load_reid_model(weights, spec.config).to(device).eval()
-            self.transforms[source] = build_eval_transform(spec.config)
+        weights = local_file(resolve(spec.weights))  # fetched once per node when it is a URI
+        self.models[source] = load_reid_model(weights, spec.config).to(self.device).eval()
+        self.transforms[source] = build_eval_transform(spec.config)
+
+    def prepare(self, source: str) -> None:
+        pending = self.specs.get(source)
+        if isinstance(pending, PendingFilterModel):
+            self.specs[source] = pending.wait()
+            self._load(source, self.specs[source])
 
     @torch.inference_mode()
     def features(self, source: str, images: Sequence[Image.Image]) -> torch.Tensor:
+        self.prepare(source)
         if source not in self.models:
             raise KeyError(f"no filter model for source {source!r} (have {sorted(self.models)})")
         batch = torch.stack([self.transforms[source](img) for img in images]).to(self.device)
@@ -128,6 +159,7 @@ class ClassifierConfidenceFilter(_ReidModelFilter):
         if not row["generated"]:
             return []
         source, pid = row["source"], int(row["source_pid"])
+        self.prepare(source)
         label = self.specs[source].labels.get(pid)
         if label is None:
             raise KeyError(f"{row['identity']}: the {source} filter model was not trained on pid {pid}")
@@ -161,7 +193,7 @@ class ClipFilter(ImageFilter):
         return logits.softmax(dim=1)[:, 0].cpu().tolist()
 
 
-def build_filter(config: FilterConfig, models: Mapping[str, FilterModelSpec]) -> ImageFilter:
+def build_filter(config: FilterConfig, models: Mapping[str, FilterModelSpec | PendingFilterModel]) -> ImageFilter:
     builders = {
         "reid": lambda: ReidThresholdFilter(config.threshold, models),
         "cctf": lambda: ClassifierConfidenceFilter(config.threshold, models),
@@ -173,10 +205,12 @@ def build_filter(config: FilterConfig, models: Mapping[str, FilterModelSpec]) ->
 class FilterStage(Stage):
     name = "filter"
 
-    def __init__(self, config: FilterConfig, models: Mapping[str, FilterModelSpec], num_gpus: float = 0.0) -> None:
+    def __init__(self, config: FilterConfig, models: Mapping[str, FilterModelSpec | PendingFilterModel],
+                 num_gpus: float = 0.0, folders: ModelFolders | None = None) -> None:
         self.config = config
         self.models = dict(models)
         self.num_gpus = num_gpus
+        self.folders = folders or ModelFolders()
         self.filter: ImageFilter | None = None
 
     def resources(self) -> StageResources:
@@ -185,7 +219,10 @@ class FilterStage(Stage):
 
     def setup(self) -> None:
         device = "cuda" if self.num_gpus > 0 and torch.cuda.is_available() else "cpu"
-        self.filter = build_filter(self.config, self.models)
+        config = self.config
+        if config.kind == "clip":  # the CLIP model as this node opens it
+            config = config.model_copy(update={"clip_model": self.folders.open(config.clip_model)})
+        self.filter = build_filter(config, self.models)
         self.filter.setup(device)
 
     def process_batch(self, batch: pa.Table) -> pa.Table:
@@ -193,6 +230,8 @@ class FilterStage(Stage):
         assert self.filter is not None, "call setup() first"
         values: dict[str, list] = {name: [] for name, _ in FILTER_FIELDS}
         for row in batch.to_pylist():
+            if row["status"] == "ok":
+                self.filter.prepare(row["source"])
             start = time.perf_counter()
             scores = self.filter.score(row) if row["status"] == "ok" else []
             values["scores"].append(scores)

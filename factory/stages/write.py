@@ -40,7 +40,7 @@ def status_row(row: dict, staged_file: str, seconds: float) -> dict:
     return {
         **{name: row[name] for name in ("identity", "source", "source_pid", "seed", "status", "error", "attempts",
                                         "caption", "caption_seconds", "timings", "filter_kind", "filter_seconds",
-                                        "reference_reused")},
+                                        "reference_reused", "generated_at")},
         "generated_count": len(row["generated"] or []) if ok else 0,
         "kept_count": sum(row["kept"] or []) if ok else 0,
         "staged_file": staged_file,
