@@ -1,4 +1,4 @@
-"""Time eval.metrics.evaluate_rank on a Market-1501-sized random problem.
+"""Time core.metrics.evaluate_rank on a Market-1501-sized random problem.
 
 Usage::
 
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-    from eval.metrics import evaluate_rank
+    from core.metrics import evaluate_rank
 
     # evaluate_rank itself never imports torch; importing it here just to pin
     # its pool would add ~0.5 GB to the RSS figure. Pin it if something loaded it.

@@ -26,13 +26,13 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-import factory  # noqa: F401  (before Ray: keeps the local cluster off `uv run` env rebuilds)
+import core  # noqa: F401  (before Ray: keeps the local cluster off `uv run` env rebuilds)
 import ray
 import torch
 
-from factory.datasets.config import SyntheticSpec
-from factory.datasets.market import load_market1501
-from factory.datasets.synthetic import generate_synthetic_dataset
+from core.datasets.config import SyntheticSpec
+from core.datasets.market import load_market1501
+from core.datasets.synthetic import generate_synthetic_dataset
 from trainers.pretrain.config import PretrainConfig, plan_batches
 from trainers.pretrain.data import IMAGE_KEY, LABEL_KEY, BatchAugment, build_train_dataset, train_batches
 from trainers.pretrain.recipe import build_loss, build_model, build_optimizer

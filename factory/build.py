@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 from core.storage import Location, StorageError, has_scheme, resolve
-from factory.config import ConfigError, config_origin, config_to_yaml
-from factory.datasets.base import DatasetError, ReidDataset
+from core.config import ConfigError, config_origin, config_to_yaml
+from core.datasets.base import DatasetError, ReidDataset
 from factory.models.locate import ModelNotAvailableError
 from factory.preflight import check_config, check_models, check_sources, raise_problems
 from factory.report import BuildSummary, PlanClock, error_class, write_contact_sheet, write_dataset_card
@@ -103,7 +103,7 @@ def resolve_models(config: RunConfig, log=print) -> RunConfig:
 
 
 def load_sources(config: RunConfig, log=print) -> list[ReidDataset]:
-    from factory.datasets.registry import load_source
+    from core.datasets.registry import load_source
 
     datasets = []
     for source in config.sources:
@@ -152,6 +152,7 @@ def run(config: RunConfig, out_dir: str | os.PathLike[str] | None = None, log=pr
     raise_problems(check_sources(config, datasets, plan, out / "filter_models"), origin)
 
     # Ray, torch and the stages only now: the check phase above answers in a second or two.
+    from core.cluster import cluster_gpus, init_ray
     from factory import ray_pipeline
     from factory.filter_models import ensure_filter_models, finish_filter_models
     from factory.models.shipping import ModelFolders
@@ -180,7 +181,7 @@ def run(config: RunConfig, out_dir: str | os.PathLike[str] | None = None, log=pr
 
     previews = out / "previews"
     if table.num_rows:
-        ray_pipeline.init_ray(config.ray)  # before the filter model's Ray Train run: the build's settings win
+        init_ray(config.ray)  # before the filter model's Ray Train run: the build's settings win
         t0 = time.perf_counter()
         filter_models = ensure_filter_models(datasets, config.filter, out / "filter_models", log=log)
         summary.add_seconds("filter_model", time.perf_counter() - t0)
@@ -188,7 +189,7 @@ def run(config: RunConfig, out_dir: str | os.PathLike[str] | None = None, log=pr
         # Local model folders exist only on this machine unless the cluster shares a filesystem:
         # packed once into the object store, opened by each actor on its own node.
         folders = ModelFolders.ship(run_model_ids(config))
-        use_gpus = ray_pipeline.cluster_gpus() > 0
+        use_gpus = cluster_gpus() > 0
         threads = 1 if use_gpus else None
         caption = functools.partial(CaptionStage, config.caption, config.caption.num_gpus, folders)
         generate = functools.partial(

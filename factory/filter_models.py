@@ -17,8 +17,8 @@ from typing import Any
 import ray
 
 from core.storage import Location, resolve
-from factory.datasets.base import ReidDataset
-from factory.datasets.images import read_images
+from core.datasets.base import ReidDataset
+from core.datasets.images import read_images
 from factory.stage_config import FilterConfig
 from factory.stages.filter import FilterModelSpec, PendingFilterModel
 from trainers.config import ReidTrainConfig

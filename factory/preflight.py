@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from core.storage import Location, resolve
-from factory.config import ConfigError
-from factory.datasets.base import ReidDataset
+from core.config import ConfigError
+from core.datasets.base import ReidDataset
 from factory.models.locate import read_model_json
 from factory.run_config import RunConfig
 from factory.sequences import IdentitySequence

@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw
 
 from core.storage import Location
 
-from factory.config import config_to_yaml
+from core.config import config_to_yaml
 from factory.run_config import RunConfig
 
 

@@ -12,14 +12,14 @@ from pathlib import Path
 from pydantic import Field, model_validator
 
 from eval.downstream.config import DownstreamConfig
-from factory.config import StrictModel, load_config
-from factory.datasets.config import SourceConfig
+from core.cluster import RayConfig
+from core.config import StrictModel, load_config
+from core.datasets.config import SourceConfig
 from factory.stage_config import (
     CaptionConfig,
     FilterConfig,
     GenerationConfig,
     OutputConfig,
-    RayConfig,
     SequenceConfig,
 )
 from trainers.pretrain.config import PretrainConfig

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+from core.shards import SHARD_SCHEMA
+
 
 # read sources -> identity sequences
 SEQUENCE_SCHEMA = pa.schema(
@@ -60,21 +61,6 @@ FILTER_FIELDS = [
     ("filter_seconds", pa.float64()),
 ]
 FILTERED_SCHEMA = pa.schema(list(GENERATED_SCHEMA) + [pa.field(n, t) for n, t in FILTER_FIELDS])
-
-# the product: one row per kept generated image (DIR/shards/*.parquet)
-SHARD_SCHEMA = pa.schema(
-    [
-        ("image", IMAGE_STRUCT),
-        ("pid", pa.int64()),  # dense over the output: 0..num_identities-1
-        ("source", pa.string()),
-        ("source_pid", pa.int64()),
-        ("identity", pa.string()),
-        ("prompt", pa.string()),
-        ("seed", pa.int64()),
-        ("score", pa.float64()),
-        ("index", pa.int64()),  # sample index within the identity
-    ]
-)
 
 # per-identity staging files hold every generated image, kept or not (resume + reports)
 STAGED_SCHEMA = pa.schema(

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from factory.datasets.base import ImageRecord, ReidDataset
-from factory.datasets.images import read_images
+from core.datasets.base import ImageRecord, ReidDataset
+from core.datasets.images import read_images
 from factory.schema import SEQUENCE_SCHEMA
 from factory.stage_config import SequenceConfig
 

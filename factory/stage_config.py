@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from factory.config import ImageSize, StrictModel, UriStr
+from core.config import ImageSize, StrictModel, UriStr
 from trainers.config import ReidTrainConfig
 
 class Concurrency(StrictModel):
@@ -165,11 +165,3 @@ class OutputConfig(StrictModel):
     jpeg_quality: int = Field(95, ge=1, le=100)
     rows_per_shard: int = Field(4096, ge=1)
     contact_sheet_identities: int = Field(4, ge=0)
-
-
-class RayConfig(StrictModel):
-    """How to reach Ray: `address` (or RAY_ADDRESS) joins an existing cluster; otherwise a local
-    one is started with `num_cpus`."""
-
-    address: str | None = None
-    num_cpus: int | None = Field(None, ge=1)

@@ -25,7 +25,8 @@ import numpy as np
 import pyarrow as pa
 
 from core.storage import Location, resolve
-from factory.schema import SHARD_SCHEMA, STAGED_SCHEMA
+from core.shards import SHARD_SCHEMA, SHARDS_DIR
+from factory.schema import STAGED_SCHEMA
 
 MANIFEST_VERSION = 1
 SHARDS_FORMAT = 2  # 2: identities mixed across shards, Hugging Face features metadata
@@ -86,7 +87,7 @@ class OutputStore:
     def __init__(self, root: Location | str) -> None:
         self.root = resolve(root)
         self.staging = self.root / "staging"
-        self.shards = self.root / "shards"
+        self.shards = self.root / SHARDS_DIR
         self.manifest_path = self.root / "manifest.json"
         if self.root.is_local:
             self.root.makedirs()
@@ -151,7 +152,7 @@ def write_shards(root: Location | str, identities: dict[str, dict[str, Any]], ro
     """`OutputStore.finalize` as a function of the manifest's identities (so a benchmark or a
     Ray task can run it in a process of its own)."""
     root = resolve(root)
-    shards = root / "shards"
+    shards = root / SHARDS_DIR
     kept = [(key, identities[key]["file"], int(identities[key]["kept"]))
             for key in sorted(identities, key=_identity_sort_key) if int(identities[key]["kept"]) > 0]
     fingerprint = _fingerprint(kept, rows_per_shard, seed)

@@ -25,7 +25,7 @@ def save_filter_model(directory: Path, source_root: Path, source: str = "synthet
     """A fixed (random-weight) filter model, so two builds score with identical weights."""
     import torch
 
-    from factory.datasets.market import load_market1501
+    from core.datasets.market import load_market1501
     from factory.stages.filter import FilterModelSpec
     from trainers.config import ReidTrainConfig
     from trainers.reid.data import TrainingSet

@@ -21,8 +21,8 @@ from tests.pipeline_fixtures import save_filter_model, save_tiny_models, small_p
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from factory.datasets.config import SourceConfig, SyntheticSpec
-    from factory.datasets.registry import load_source
+    from core.datasets.config import SourceConfig, SyntheticSpec
+    from core.datasets.registry import load_source
 
     root = tmp_path_factory.mktemp("resume")
     source = root / "source"
@@ -155,8 +155,8 @@ def test_failed_identity_is_recorded_then_retried(setup: dict[str, Path]) -> Non
 def test_systematic_failure_stops_the_build_after_k_identities(setup: dict[str, Path]) -> None:
     """Every identity fails alike: the circuit breaker stops after the first 3 instead of
     spending the whole plan, and the build exits 1 with the error and what to change."""
-    from factory.config import load_config
-    from factory.datasets.market import load_market1501
+    from core.config import load_config
+    from core.datasets.market import load_market1501
     from factory.run_config import RunConfig
     from factory.sequences import plan_identities
 
@@ -182,8 +182,8 @@ def test_corrupt_and_truncated_source_images_are_quarantined_and_the_run_complet
     trains its own filter model on that copy (no checkpoint configured) and still finishes."""
     import shutil
 
-    from factory.config import load_config
-    from factory.datasets.market import load_market1501
+    from core.config import load_config
+    from core.datasets.market import load_market1501
     from factory.run_config import RunConfig
     from factory.sequences import plan_identities
 

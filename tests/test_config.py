@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from factory.config import ConfigError, load_config, save_config
+from core.config import ConfigError, load_config, save_config
 from factory.run_config import REPO_ROOT, RunConfig, load_run_config
 from trainers.config import ReidTrainConfig
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from factory.datasets import (
+from core.datasets import (
     DatasetError,
     ImageRecord,
     ReidDataset,
@@ -25,7 +25,7 @@ from factory.datasets import (
     load_msmt17,
     load_source,
 )
-from factory.datasets.generic import parse_market_name
+from core.datasets.generic import parse_market_name
 
 
 def touch(root: Path, names: Iterable[str]) -> None:

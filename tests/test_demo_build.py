@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from factory.run_config import REPO_ROOT, RunConfig
-from factory.config import load_config
+from core.config import load_config
 
 
 @pytest.fixture(scope="module")

@@ -44,10 +44,10 @@ from eval.downstream.methods import METHODS, ReidMethod, get_method, register_me
 from eval.downstream.runner import Cell, count_executions, fine_tune_cell, plan_cells, run_downstream
 from eval.downstream.settings import Setting, few_shot_images, small_scale_identities, training_subset
 from eval.downstream.tables import results_frame, results_markdown
-from factory.config import ConfigError, load_config
-from factory.datasets.base import ImageRecord
-from factory.datasets.config import SourceConfig
-from factory.datasets.registry import load_source
+from core.config import ConfigError, load_config
+from core.datasets.base import ImageRecord
+from core.datasets.config import SourceConfig
+from core.datasets.registry import load_source
 from factory.run_config import REPO_ROOT
 from trainers.reid.model import ReidOutput
 from trainers.weights import WeightsMismatchError, build_backbone
@@ -498,7 +498,7 @@ def test_killed_run_resumes_without_repeating_finished_trials(ray_cluster, works
 
 
 def test_saved_config_loads_again(tmp_path: Path) -> None:
-    from factory.config import save_config
+    from core.config import save_config
 
     config = _tiny_grid(tmp_path)
     assert load_config(DownstreamConfig, save_config(config, tmp_path / "config.yaml")) == config

@@ -139,8 +139,8 @@ def head() -> Iterator[Head]:
 
 @pytest.fixture(scope="module")
 def preset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from factory.datasets.config import SourceConfig, SyntheticSpec
-    from factory.datasets.registry import load_source
+    from core.datasets.config import SourceConfig, SyntheticSpec
+    from core.datasets.registry import load_source
 
     root = tmp_path_factory.mktemp("jobs")
     source = root / "source"
@@ -198,9 +198,9 @@ def test_build_submitted_as_a_job_succeeds_and_writes_shards(head: Head, preset:
 def test_pretraining_submitted_as_a_job_joins_the_cluster(head: Head, tmp_path: Path) -> None:
     """The trainer, like the build, runs inside `ray job submit` unchanged: it joins the head
     through the job's RAY_ADDRESS and its Ray Train run writes the backbone."""
-    from factory.datasets.config import SyntheticSpec
-    from factory.datasets.market import load_market1501
-    from factory.datasets.synthetic import generate_synthetic_dataset
+    from core.datasets.config import SyntheticSpec
+    from core.datasets.market import load_market1501
+    from core.datasets.synthetic import generate_synthetic_dataset
     from trainers.pretrain.shards import write_shards
 
     source = generate_synthetic_dataset(tmp_path / "source", SyntheticSpec(ids=6, cameras=2, images_per_camera=3, seed=0))

@@ -1,6 +1,6 @@
-"""Tests for eval.metrics: the vectorised evaluator against a naive reference.
+"""Tests for core.metrics: the vectorised evaluator against a naive reference.
 
-The reference below is written independently of eval/metrics.py on purpose (plain
+The reference below is written independently of core/metrics.py on purpose (plain
 Python loops, one query at a time) so that a shared bug cannot hide.
 """
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from eval.metrics import _stable_argsort_rows, compute_distance_matrix, evaluate_rank
+from core.metrics import _stable_argsort_rows, compute_distance_matrix, evaluate_rank
 
 
 def naive_market1501(distmat, q_pids, g_pids, q_camids, g_camids, max_rank):

@@ -298,8 +298,8 @@ def _demo_config(root: Path):
 def _training_pedestrians(root: Path, ids: int = 12):
     """The first `ids` training identities of the demo models' training set (seed 1000): an
     identity's attributes and images depend on (seed, pid) only, not on how many are generated."""
-    from factory.datasets.config import SyntheticSpec
-    from factory.datasets.synthetic import generate_synthetic_dataset
+    from core.datasets.config import SyntheticSpec
+    from core.datasets.synthetic import generate_synthetic_dataset
     from factory.models.demo import DemoRecipe
     from factory.models.training import PedestrianCorpus
 

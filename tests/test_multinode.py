@@ -53,8 +53,8 @@ def preset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     that a node added once the first generation actor works still finds identities to take (at
     100 steps the first actor could finish the queue while the added node's actor was still
     starting on a loaded 2-core machine: 1 failure in 3 CI runs)."""
-    from factory.datasets.config import SourceConfig, SyntheticSpec
-    from factory.datasets.registry import load_source
+    from core.datasets.config import SourceConfig, SyntheticSpec
+    from core.datasets.registry import load_source
 
     root = tmp_path_factory.mktemp("multinode")
     source = root / "source"
@@ -212,7 +212,7 @@ def test_autoscaling_cluster_without_gpus_yet_still_requests_them(cluster: Clust
     from ray.core.generated import autoscaler_pb2
     from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_put
 
-    from factory.ray_pipeline import cluster_gpus
+    from core.cluster import cluster_gpus
 
     ray.init(address=cluster.address)
     assert ray.cluster_resources().get("GPU", 0) == 0
@@ -237,7 +237,10 @@ def test_node_added_mid_build_receives_generation_actors(cluster: Cluster, prese
     build, added = _start_build_then_add_gpu_node(cluster, preset, out)
     summary = build.finish()
 
-    actors = {a.actor_id: a.node_id for a in _generation_actors(cluster)}
+    generation = _generation_actors(cluster)
+    # Operators (and so progress lines and the dashboard) are named after their stage.
+    assert {a.class_name for a in generation} == {"MapWorker(MapBatches(Generate))"}
+    actors = {a.actor_id: a.node_id for a in generation}
     hosts = {node for node in actors.values() if node}  # a requested but never placed actor has none
     assert hosts == {first.node_id, added.node_id}, "the pool did not grow onto the added node"
     on_added = [t for t in _submits(cluster, set(actors)) if t.node_id == added.node_id and t.state == "FINISHED"]

@@ -56,8 +56,8 @@ def hidden_root():
 
 
 def _preset(root: Path) -> Path:
-    from factory.datasets.config import SourceConfig, SyntheticSpec
-    from factory.datasets.registry import load_source
+    from core.datasets.config import SourceConfig, SyntheticSpec
+    from core.datasets.registry import load_source
 
     source = root / "source"
     load_source(SourceConfig(kind="synthetic", root=source, generate=SyntheticSpec(ids=IDENTITIES, cameras=2, seed=3)))

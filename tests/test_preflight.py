@@ -24,7 +24,7 @@ CHECK_SECONDS = 5.0  # the issue's bound for a refusal; typically well under a s
 def demo_ready() -> None:
     """The demo models installed and the demo source written once (one-time bootstrap, not
     part of what a refusal costs), as the first `python -m factory.build` would leave them."""
-    from factory.datasets.registry import load_source
+    from core.datasets.registry import load_source
     from factory.models.demo import ensure_demo_models
 
     cwd = os.getcwd()

@@ -2,7 +2,7 @@
 
 Unit tests call the recipe, the batch planner, the shard checks and the pipeline stages directly
 on small in-memory data; the integration tests train for real under Ray Train on a local 2-CPU
-cluster from shards written here with pyarrow (procedural pedestrians, `factory.schema.SHARD_SCHEMA`),
+cluster from shards written here with pyarrow (procedural pedestrians, `core.shards.SHARD_SCHEMA`),
 so they do not depend on a factory run. The demo-preset acceptance run is marked slow.
 """
 
@@ -28,12 +28,12 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from factory.config import ConfigError
-from factory.datasets.config import SyntheticSpec
-from factory.datasets.market import load_market1501
-from factory.datasets.synthetic import generate_synthetic_dataset
+from core.config import ConfigError
+from core.datasets.config import SyntheticSpec
+from core.datasets.market import load_market1501
+from core.datasets.synthetic import generate_synthetic_dataset
 from factory.run_config import load_run_config
-from factory.schema import SHARD_SCHEMA
+from core.shards import SHARD_SCHEMA
 from trainers.config import ReidTrainConfig
 from trainers.pretrain import BatchPlan, PretrainConfig, plan_batches
 from trainers.pretrain.__main__ import main

@@ -20,8 +20,8 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file, save_file
 
-from factory.config import load_config
-from factory.datasets.base import ImageRecord, ReidDataset
+from core.config import load_config
+from core.datasets.base import ImageRecord, ReidDataset
 from trainers.config import ReidTrainConfig
 from trainers.reid import (
     BotLoss,
@@ -380,8 +380,8 @@ def test_cli_reads_its_source_from_and_writes_to_an_object_store(local_ray: None
     import pyarrow.fs as pafs
 
     from core.storage import resolve
-    from factory.datasets.config import SourceConfig, SyntheticSpec
-    from factory.datasets.registry import load_source
+    from core.datasets.config import SourceConfig, SyntheticSpec
+    from core.datasets.registry import load_source
     from trainers.reid.__main__ import main
 
     load_source(SourceConfig(kind="synthetic", root=tmp_path / "src", generate=SyntheticSpec(ids=8, cameras=2, seed=4)))
@@ -401,8 +401,8 @@ def test_cli_reads_its_source_from_and_writes_to_an_object_store(local_ray: None
 
 @pytest.mark.slow
 def test_demo_preset_beats_untrained_model_on_synthetic_data(local_ray: None, tmp_path: Path) -> None:
-    from factory.datasets.config import SourceConfig, SyntheticSpec
-    from factory.datasets.registry import load_source
+    from core.datasets.config import SourceConfig, SyntheticSpec
+    from core.datasets.registry import load_source
     from trainers.reid.baseline import run_bot_baseline
 
     dataset = load_source(SourceConfig(

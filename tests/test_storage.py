@@ -112,8 +112,8 @@ def test_shards_load_in_huggingface_datasets_with_image_and_class_label(tmp_path
 
 
 def test_a_source_dataset_on_an_object_store_is_fetched_once(bucket: str, tmp_path: Path) -> None:
-    from factory.datasets.config import SourceConfig, SyntheticSpec
-    from factory.datasets.registry import fetch_source, load_source
+    from core.datasets.config import SourceConfig, SyntheticSpec
+    from core.datasets.registry import fetch_source, load_source
 
     local = load_source(SourceConfig(kind="synthetic", root=tmp_path / "src", generate=SyntheticSpec(ids=3, cameras=2)))
     remote = resolve(f"{bucket}/market")

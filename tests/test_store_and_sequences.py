@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from factory.datasets.base import ImageRecord, ReidDataset
+from core.datasets.base import ImageRecord, ReidDataset
 from factory.schema import SHARD_SCHEMA, STAGED_SCHEMA
 from factory.sequences import plan_identities, read_sequences, select_sequence, stable_seed
 from factory.stage_config import SequenceConfig

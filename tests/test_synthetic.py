@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from factory.datasets import (
+from core.datasets import (
     DatasetError,
     ReidDataset,
     SourceConfig,
@@ -22,7 +22,7 @@ from factory.datasets import (
     load_market1501,
     load_source,
 )
-from factory.datasets.synthetic import PALETTE, generate_synthetic_dataset
+from core.datasets.synthetic import PALETTE, generate_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = re.compile(r"^(\d{4}|-1)_c(\d)s1_(\d{6})_00\.jpg$")
@@ -125,7 +125,7 @@ def test_refuses_non_empty_out(tmp_path: Path) -> None:
 
 def test_cli(tmp_path: Path) -> None:
     out = tmp_path / "cli"
-    command = [sys.executable, "-m", "factory.datasets.synthetic", "--out", str(out), "--ids", "3",
+    command = [sys.executable, "-m", "core.datasets.synthetic", "--out", str(out), "--ids", "3",
                "--cameras", "2", "--seed", "5", "--images-per-camera", "1"]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from factory.config import ImageSize, StrictModel
+from core.config import ImageSize, StrictModel
 
 
 class ReidTrainConfig(StrictModel):

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from core.storage import resolve
-from factory.config import ConfigError
-from factory.datasets.base import DatasetError
+from core.config import ConfigError
+from core.datasets.base import DatasetError
 from factory.run_config import DEFAULT_PRESET, load_run_config
 from trainers.weights import WeightsMismatchError, WeightsUnavailableError
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from factory.config import StrictModel
+from core.config import StrictModel
 from trainers.reid.model import ReidBaseline, ReidOutput
 
 

@@ -14,8 +14,8 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from factory.config import StrictModel, UriStr
-from factory.datasets.config import SourceConfig, SyntheticSpec
+from core.config import StrictModel, UriStr
+from core.datasets.config import SourceConfig, SyntheticSpec
 from trainers.config import ReidTrainConfig
 from eval.downstream.settings import Setting
 

@@ -22,7 +22,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 from torch import nn
 
-from factory.config import ConfigError, StrictModel
+from core.config import ConfigError, StrictModel
 from trainers.config import ReidTrainConfig
 from trainers.reid.losses import BotLoss
 from trainers.reid.model import ReidBaseline

@@ -52,12 +52,11 @@ from eval.downstream.tables import (
     results_markdown,
     write_results_csv,
 )
-from factory.config import ConfigError, config_to_yaml
-from factory.datasets.base import DatasetError, ReidDataset
-from factory.datasets.registry import load_source
-from factory.datasets.images import read_images
-from factory.ray_pipeline import cluster_gpus, init_ray
-from factory.stage_config import RayConfig
+from core.config import ConfigError, config_to_yaml
+from core.datasets.base import DatasetError, ReidDataset
+from core.datasets.registry import load_source
+from core.datasets.images import read_images
+from core.cluster import RayConfig, cluster_gpus, init_ray
 from trainers.config import ReidTrainConfig
 from trainers.reid.data import TrainingSet, make_train_loader
 from trainers.reid.evaluate import evaluate_reid

@@ -27,7 +27,7 @@ from typing import Literal
 
 import numpy as np
 
-from factory.datasets.base import ImageRecord
+from core.datasets.base import ImageRecord
 
 SettingKind = Literal["supervised", "fs", "ss"]
 SUPERVISED = "supervised"

@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-from factory.datasets.config import SyntheticSpec
+from core.datasets.config import SyntheticSpec
 from factory.models.locate import MARKER_FILES
 from factory.run_config import DemoModelsConfig
 
@@ -147,7 +147,7 @@ def build_demo_models(
     build); VERSION is written once all components are present. `half` saves fp16 weights.
     """
     # Training code only when training: a build that finds its demo models installed imports none of it.
-    from factory.datasets.synthetic import ensure_synthetic_dataset
+    from core.datasets.synthetic import ensure_synthetic_dataset
     from factory.models.tiny import tiny_blip2, tiny_clip, tiny_stable_diffusion
     from factory.models.tokenizers import train_clip_tokenizer, train_opt_tokenizer
     from factory.models.training import (

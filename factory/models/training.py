@@ -35,8 +35,8 @@ from diffusers.training_utils import EMAModel
 from PIL import Image
 from transformers import Blip2ForConditionalGeneration, Blip2Processor, CLIPModel, CLIPProcessor
 
-from factory.datasets.market import load_market1501
-from factory.datasets.synthetic import ATTRIBUTES_FILE, CameraStyle, render_image, sequence_shots
+from core.datasets.market import load_market1501
+from core.datasets.synthetic import ATTRIBUTES_FILE, CameraStyle, render_image, sequence_shots
 from factory.models.tiny import SD_V1_SCHEDULE, TEXT_TO_IMAGE_RESOLUTION
 from factory.stage_config import CaptionConfig, FilterConfig
 

@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from factory.config import ConfigError
+from core.config import ConfigError
 from factory.run_config import DEFAULT_PRESET, load_run_config
 
 

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from factory.config import ImageSize, StrictModel
+from core.config import ImageSize, StrictModel
 
 
 class FaultInjection(StrictModel):

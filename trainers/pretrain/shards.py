@@ -18,10 +18,9 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from core.storage import Location, StorageError, resolve
-from factory.datasets.base import ImageRecord
-from factory.schema import SHARD_SCHEMA
+from core.datasets.base import ImageRecord
+from core.shards import SHARD_SCHEMA, SHARDS_DIR
 
-SHARDS_DIR = "shards"
 # What pre-training reads; the other SHARD_SCHEMA columns are provenance.
 REQUIRED_COLUMNS = ("image", "pid")
 _MAX_LISTED = 10
@@ -70,7 +69,7 @@ def _check_schema(path: Location, schema: pa.Schema) -> None:
     missing = [name for name in REQUIRED_COLUMNS if name not in schema.names]
     if missing:
         raise ShardError(f"{path} lacks required column(s) {missing} (it has {schema.names}); "
-                         f"pre-training needs {list(REQUIRED_COLUMNS)} as in factory.schema.SHARD_SCHEMA")
+                         f"pre-training needs {list(REQUIRED_COLUMNS)} as in core.shards.SHARD_SCHEMA")
     image = schema.field("image").type
     has_bytes = pa.types.is_struct(image) and image.get_field_index("bytes") >= 0
     if not has_bytes or not (pa.types.is_binary(image.field("bytes").type)

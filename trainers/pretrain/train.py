@@ -44,9 +44,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from core.storage import Location, resolve, user_path
-from factory.config import config_to_yaml
-from factory.ray_pipeline import init_ray, resolve_use_gpu
-from factory.stage_config import RayConfig
+from core.config import config_to_yaml
+from core.cluster import RayConfig, init_ray, resolve_use_gpu
 from trainers.ray_logging import quiet_ray_train_reports
 from trainers.pretrain.config import BatchPlan, PretrainConfig, plan_batches
 from trainers.pretrain.data import IMAGE_KEY, LABEL_KEY, BatchAugment, build_train_dataset, train_batches

@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import get_args
 
 from core.storage import StorageError
-from factory.config import ConfigError, load_config
-from factory.datasets.base import DatasetError
-from factory.datasets.config import SourceConfig, SourceKind
-from factory.datasets.registry import load_source
+from core.config import ConfigError, load_config
+from core.datasets.base import DatasetError
+from core.datasets.config import SourceConfig, SourceKind
+from core.datasets.registry import load_source
 from trainers.config import ReidTrainConfig
 from trainers.reid.baseline import run_bot_baseline
 

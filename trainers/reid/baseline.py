@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 from core.storage import resolve
-from factory.datasets.base import DatasetError, ReidDataset
-from factory.datasets.images import read_images
+from core.datasets.base import DatasetError, ReidDataset
+from core.datasets.images import read_images
 from trainers.config import ReidTrainConfig
 from trainers.reid.data import TrainingSet
 from trainers.reid.evaluate import evaluate_reid

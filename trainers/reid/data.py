@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from factory.datasets.base import ImageRecord
+from core.datasets.base import ImageRecord
 from trainers.config import ReidTrainConfig
 from trainers.reid.sampler import PKBatchSampler
 from trainers.reid.transforms import build_eval_transform, build_train_transform

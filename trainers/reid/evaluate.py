@@ -2,7 +2,7 @@
 
 Features are the model's eval-mode output (BoT: the post-BNNeck feature), L2-normalised; the
 distance is Euclidean on those, which ranks exactly as cosine distance does (for unit vectors
-`|q - g|^2 = 2 - 2 cos`). Metrics come from `eval.metrics`.
+`|q - g|^2 = 2 - 2 cos`). Metrics come from `core.metrics`.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eval.metrics import compute_distance_matrix, evaluate_rank
-from factory.datasets.base import ImageRecord, ReidDataset
+from core.metrics import compute_distance_matrix, evaluate_rank
+from core.datasets.base import ImageRecord, ReidDataset
 from trainers.config import ReidTrainConfig
 from trainers.reid.data import make_eval_loader
 from trainers.weights import unwrap_model

@@ -36,10 +36,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from core.storage import local_folder, resolve, user_path
-from factory.config import config_to_yaml
-from factory.datasets.base import ReidDataset
-from factory.ray_pipeline import init_ray, resolve_use_gpu
-from factory.stage_config import RayConfig
+from core.config import config_to_yaml
+from core.datasets.base import ReidDataset
+from core.cluster import RayConfig, init_ray, resolve_use_gpu
 from trainers.config import ReidTrainConfig
 from trainers.ray_logging import quiet_ray_train_reports
 from trainers.reid.data import TrainingSet, make_train_loader

@@ -19,7 +19,7 @@ Images are 128x64 (H x W) JPEGs. Every random choice comes from a generator seed
 (seed, stream, keys...), so the same spec gives byte-identical files, and an identity's
 attributes do not depend on how many identities come after it.
 
-CLI: `python -m factory.datasets.synthetic --out DIR --ids N --cameras C --seed S`.
+CLI: `python -m core.datasets.synthetic --out DIR --ids N --cameras C --seed S`.
 """
 
 from __future__ import annotations
@@ -40,9 +40,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from pydantic import ValidationError
 
-from factory.datasets.base import DatasetError
-from factory.datasets.config import SyntheticSpec
-from factory.datasets.market import MARKET_SPLIT_DIRS, load_market1501
+from core.datasets.base import DatasetError
+from core.datasets.config import SyntheticSpec
+from core.datasets.market import MARKET_SPLIT_DIRS, load_market1501
 
 RGB = tuple[int, int, int]
 Point = tuple[float, float]  # (x, y) in person units, see `_Pen`
@@ -662,7 +662,7 @@ def ensure_synthetic_dataset(root: Path, spec: SyntheticSpec) -> Path:
 def build_parser() -> argparse.ArgumentParser:
     defaults = SyntheticSpec()
     parser = argparse.ArgumentParser(
-        prog="python -m factory.datasets.synthetic",
+        prog="python -m core.datasets.synthetic",
         description="Generate a procedural person Re-ID dataset in the Market-1501 layout.",
     )
     parser.add_argument(

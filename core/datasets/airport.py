@@ -22,8 +22,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from factory.datasets.base import DatasetError, ImageRecord, ReidDataset, require_dir
-from factory.datasets.generic import (
+from core.datasets.base import DatasetError, ImageRecord, ReidDataset, require_dir
+from core.datasets.generic import (
     ProblemCollector,
     iter_list_lines,
     located,

@@ -6,22 +6,22 @@ from collections.abc import Callable
 from pathlib import Path
 
 from core.storage import cache_dir, is_remote, mirror_folder, resolve
-from factory.datasets.airport import load_airport
-from factory.datasets.base import DatasetError, ReidDataset
-from factory.datasets.config import SourceConfig, SourceKind, SyntheticSpec
-from factory.datasets.cuhk03 import load_cuhk03
-from factory.datasets.generic import load_csv, load_folder
-from factory.datasets.market import load_market1501
-from factory.datasets.msmt17 import load_msmt17
+from core.datasets.airport import load_airport
+from core.datasets.base import DatasetError, ReidDataset
+from core.datasets.config import SourceConfig, SourceKind, SyntheticSpec
+from core.datasets.cuhk03 import load_cuhk03
+from core.datasets.generic import load_csv, load_folder
+from core.datasets.market import load_market1501
+from core.datasets.msmt17 import load_msmt17
 
 SourceLoader = Callable[[SourceConfig], ReidDataset]
 
 
 def _load_synthetic(config: SourceConfig) -> ReidDataset:
     """Generate the procedural dataset into `root` when absent, then read it as Market-1501."""
-    # Imported here so `python -m factory.datasets.synthetic` does not find its own module
+    # Imported here so `python -m core.datasets.synthetic` does not find its own module
     # already imported by the package (runpy warns about that), and PIL stays off other paths.
-    from factory.datasets.synthetic import ensure_synthetic_dataset
+    from core.datasets.synthetic import ensure_synthetic_dataset
 
     ensure_synthetic_dataset(config.root, config.generate or SyntheticSpec())
     return load_market1501(config.root, source=config.source_name)

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from factory.datasets.base import ImageRecord, ReidDataset, Split, confined_path, require_dir
-from factory.datasets.generic import (
+from core.datasets.base import ImageRecord, ReidDataset, Split, confined_path, require_dir
+from core.datasets.generic import (
     ProblemCollector,
     list_images,
     make_record,

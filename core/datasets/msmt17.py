@@ -19,8 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from factory.datasets.base import DatasetError, ImageRecord, ReidDataset, Split, confined_path
-from factory.datasets.generic import (
+from core.datasets.base import DatasetError, ImageRecord, ReidDataset, Split, confined_path
+from core.datasets.generic import (
     ProblemCollector,
     iter_list_lines,
     located,

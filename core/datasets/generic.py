@@ -38,7 +38,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import ParamSpec, TypeVar, get_args
 
-from factory.datasets.base import (
+from core.datasets.base import (
     DatasetError,
     ImageRecord,
     ReidDataset,

@@ -8,13 +8,13 @@ from pydantic import Field, model_validator
 
 from core.storage import is_remote
 
-from factory.config import StrictModel, UriStr
+from core.config import StrictModel, UriStr
 
 SourceKind = Literal["market1501", "msmt17", "cuhk03", "airport", "folder", "csv", "synthetic"]
 
 
 class SyntheticSpec(StrictModel):
-    """Parameters of the procedural Re-ID dataset (`python -m factory.datasets.synthetic`)."""
+    """Parameters of the procedural Re-ID dataset (`python -m core.datasets.synthetic`)."""
 
     ids: int = Field(120, ge=2, description="identities in the training split (test split gets as many)")
     cameras: int = Field(4, ge=2, le=9, description="cameras; Market-style names allow c1..c9")

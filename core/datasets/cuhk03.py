@@ -14,8 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from factory.datasets.base import DatasetError, ReidDataset
-from factory.datasets.market import read_market_layout
+from core.datasets.base import DatasetError, ReidDataset
+from core.datasets.market import read_market_layout
 
 Cuhk03Variant = Literal["labeled", "detected"]
 CUHK03_VARIANTS: tuple[Cuhk03Variant, ...] = ("labeled", "detected")
