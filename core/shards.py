@@ -3,7 +3,10 @@ it): one row per kept generated image in `DIR/shards/*.parquet`."""
 
 from __future__ import annotations
 
+import io
+
 import pyarrow as pa
+from PIL import Image
 
 SHARDS_DIR = "shards"
 IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])  # as Hugging Face's `Image` feature
@@ -22,3 +25,17 @@ SHARD_SCHEMA = pa.schema(
         ("index", pa.int64()),  # sample index within the identity
     ]
 )
+
+
+def encode_image(image: Image.Image, size: tuple[int, int] | None = None, fmt: str = "jpeg", quality: int = 95) -> bytes:
+    """`image` in RGB as the bytes of a shard row: resized to `size` (height, width) when given,
+    then JPEG at `quality` or PNG."""
+    image = image.convert("RGB")
+    if size is not None and image.size != (size[1], size[0]):
+        image = image.resize((size[1], size[0]), Image.Resampling.BICUBIC)
+    buffer = io.BytesIO()
+    if fmt == "jpeg":
+        image.save(buffer, format="JPEG", quality=quality)
+    else:
+        image.save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -83,7 +83,7 @@ class CircuitBreaker:
 
 def run_model_ids(config: RunConfig) -> list[str]:
     """The models the run's actors load, as the config names them."""
-    return [config.caption.model, config.generation.base_model,
+    return [config.generation.base_model, config.caption.model,
             *([config.filter.clip_model] if config.filter.kind == "clip" else [])]
 
 
@@ -96,7 +96,7 @@ def resolve_models(config: RunConfig, log=print) -> RunConfig:
         from factory.models.demo import ensure_demo_models
 
         ensure_demo_models(config.demo_models, log=log)
-    keys = ["caption.model", "generation.base_model", *(["filter.clip_model"] if config.filter.kind == "clip" else [])]
+    keys = ["generation.base_model", "caption.model", *(["filter.clip_model"] if config.filter.kind == "clip" else [])]
     for model_id, key in zip(run_model_ids(config), keys):
         check_model_available(model_id, key)
     return config

@@ -10,6 +10,13 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 
+def actor_device(num_gpus: float) -> str:
+    """The torch device of an actor that asked for `num_gpus`: its GPU when it holds one."""
+    import torch  # here, not at module level: the build's check phase imports the stages' configs only
+
+    return "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
+
+
 @dataclass(frozen=True)
 class StageResources:
     """What each actor of a stage asks the cluster for."""

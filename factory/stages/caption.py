@@ -16,7 +16,7 @@ from PIL import Image
 from factory.schema import CAPTION_FIELDS, SEQUENCE_SCHEMA, append_columns, require_columns
 from factory.stage_config import CaptionConfig
 from factory.models.shipping import ModelFolders
-from factory.stages.base import Stage, StageResources
+from factory.stages.base import Stage, StageResources, actor_device
 
 _PHRASE_SPLIT = re.compile(r",|;|\band\b|\bwith\b")
 
@@ -59,10 +59,6 @@ def build_prompts(caption: str, config: CaptionConfig) -> tuple[str, str]:
     return prompt, reference
 
 
-def _pick_device(num_gpus: float) -> str:
-    return "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
-
-
 class CaptionStage(Stage):
     """BLIP-2 captioning actor: one model per actor, batches of identities."""
 
@@ -84,7 +80,7 @@ class CaptionStage(Stage):
     def setup(self) -> None:
         from factory.models.loading import load_captioner
 
-        self.device = _pick_device(self.num_gpus)
+        self.device = actor_device(self.num_gpus)
         self.model, self.processor = load_captioner(self.folders.open(self.config.model), self.device, self.config.dtype)
 
     @torch.inference_mode()

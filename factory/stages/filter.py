@@ -28,7 +28,7 @@ from core.storage import Location, local_file, resolve
 from factory.schema import FILTER_FIELDS, GENERATED_SCHEMA, append_columns, require_columns
 from factory.stage_config import FilterConfig
 from factory.models.shipping import ModelFolders
-from factory.stages.base import Stage, StageResources
+from factory.stages.base import Stage, StageResources, actor_device
 from trainers.config import ReidTrainConfig
 
 
@@ -218,7 +218,7 @@ class FilterStage(Stage):
         return StageResources(1, c.min, c.max, 1.0, self.num_gpus)
 
     def setup(self) -> None:
-        device = "cuda" if self.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        device = actor_device(self.num_gpus)
         config = self.config
         if config.kind == "clip":  # the CLIP model as this node opens it
             config = config.model_copy(update={"clip_model": self.folders.open(config.clip_model)})

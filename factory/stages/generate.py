@@ -30,8 +30,9 @@ from core.storage import resolve
 from factory.schema import CAPTIONED_SCHEMA, GENERATION_FIELDS, append_columns, require_columns
 from factory.sequences import stable_seed
 from factory.stage_config import GenerationConfig, OutputConfig, VariationConfig, fault_target
+from core.shards import encode_image
 from factory.models.shipping import ModelFolders
-from factory.stages.base import Stage, StageResources
+from factory.stages.base import Stage, StageResources, actor_device
 
 
 @dataclass(frozen=True)
@@ -80,18 +81,6 @@ def sample_prompt(prompt: str, variations: VariationConfig, rng: random.Random) 
         if options and rng.random() < variations.probability:
             phrases.append(rng.choice(options))
     return ", ".join([prompt, *phrases]) if phrases else prompt
-
-
-def encode_image(image: Image.Image, size: tuple[int, int], fmt: str, quality: int) -> bytes:
-    """Resize to (height, width) and encode; outputs are stored at the paper's 256x128."""
-    height, width = size
-    image = image.convert("RGB").resize((width, height), Image.Resampling.BICUBIC)
-    buffer = io.BytesIO()
-    if fmt == "jpeg":
-        image.save(buffer, format="JPEG", quality=quality)
-    else:
-        image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def module_fingerprint(module: torch.nn.Module) -> str:
@@ -523,7 +512,7 @@ class GenerationStage(Stage):
         if self.num_threads:
             # Same thread count on every actor keeps CPU results bit-reproducible across reruns.
             torch.set_num_threads(self.num_threads)
-        device = "cuda" if self.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        device = actor_device(self.num_gpus)
         pipeline = self.loader(self.folders.open(self.config.base_model), device)
         self.model_loads += 1
         references = ReferenceSetStore(self.reference_dir) if self.reference_dir else None

@@ -7,7 +7,6 @@ Diff-Person's 777K rows, and it names the file and the problem when something is
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ from PIL import Image
 
 from core.storage import Location, StorageError, resolve
 from core.datasets.base import ImageRecord
-from core.shards import SHARD_SCHEMA, SHARDS_DIR
+from core.shards import SHARD_SCHEMA, SHARDS_DIR, encode_image
 
 # What pre-training reads; the other SHARD_SCHEMA columns are provenance.
 REQUIRED_COLUMNS = ("image", "pid")
@@ -120,16 +119,6 @@ def inspect_shards(data_dir: str | Path | Location) -> ShardSummary:
         raise ShardError(f"pid column of {shards_dir} is not dense: {problem}")
     return ShardSummary(shards_dir=shards_dir.uri, files=tuple(f.uri for f in files), num_rows=int(pids.size),
                         num_classes=int(pids.max()) + 1)
-
-
-def encode_image(image: Image.Image, size: tuple[int, int] | None = None, quality: int = 95) -> bytes:
-    """JPEG bytes of `image` in RGB, resized to `size` (height, width) when given."""
-    image = image.convert("RGB")
-    if size is not None and image.size != (size[1], size[0]):
-        image = image.resize((size[1], size[0]), Image.Resampling.BICUBIC)
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=quality)
-    return buffer.getvalue()
 
 
 def write_shards(
