@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 from core.storage import Location, StorageError, has_scheme, resolve
@@ -24,7 +25,7 @@ from factory.models.locate import ModelNotAvailableError
 from factory.preflight import check_config, check_models, check_sources, raise_problems
 from factory.report import BuildSummary, PlanClock, error_class, write_contact_sheet, write_dataset_card
 from factory.run_config import DEFAULT_PRESET, RunConfig, load_run_config
-from factory.sequences import plan_identities, read_sequences
+from factory.sequences import identity_key, plan_identities, read_sequences
 from factory.store import OutputStore
 
 
@@ -210,12 +211,13 @@ def run(config: RunConfig, out_dir: str | os.PathLike[str] | None = None, log=pr
         for make_stage in (caption, generate, filter_then_write):
             dataset = ray_pipeline.apply_stage(dataset, make_stage, use_gpus)
 
+        source_images = Counter(identity_key(r.source, r.pid) for d in datasets for r in d.train if not r.distractor)
         breaker = CircuitBreaker(config.generation.circuit_breaker)
         clock = PlanClock(total=len(todo))
         summary.gpus = use_gpus
         rows = ray_pipeline.iter_rows(dataset)
         for row in rows:
-            _record_row(row, store, summary, config, clock, use_gpus, log)
+            _record_row(row, store, summary, config, clock, use_gpus, log, source_images.get(row["identity"], 0))
             summary.aborted = breaker.record(row["status"] == "ok", row["error"], row["attempts"])
             if summary.aborted:
                 log(f"[stop] {summary.aborted}")
@@ -262,7 +264,7 @@ def identity_cost(row: dict, config: RunConfig, use_gpus: bool) -> tuple[dict[st
 
 
 def _record_row(row: dict, store: OutputStore, summary: BuildSummary, config: RunConfig,
-                clock: PlanClock, use_gpus: bool, log) -> None:
+                clock: PlanClock, use_gpus: bool, log, source_images: int = 0) -> None:
     """Book one identity's status row (its images are already in staging, written by a worker)."""
     summary.identities_processed += 1
     seconds, gpu_seconds = identity_cost(row, config, use_gpus)
@@ -280,9 +282,12 @@ def _record_row(row: dict, store: OutputStore, summary: BuildSummary, config: Ru
     kept, generated = row["kept_count"], row["generated_count"]
     summary.generated += generated
     summary.kept += kept
+    if not kept:
+        summary.identities_without_kept.append(row["identity"])
     store.record_identity(
         row["identity"],
-        {"generated": generated, "kept": kept, "caption": row["caption"], "seed": row["seed"],
+        {"generated": generated, "kept": kept, "source_images": source_images, "caption": row["caption"],
+         "seed": row["seed"],
          "reference_reused": bool(row["reference_reused"]),
          "seconds": {phase: round(value, 3) for phase, value in seconds.items()},
          "gpu_seconds": round(gpu_seconds, 3)},

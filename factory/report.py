@@ -44,6 +44,10 @@ class BuildSummary:
     references_reused: int = 0  # identities whose Attribute Reference Set was shared, this run
     identity_seconds: float = 0.0  # summed over the identities generated this run (all phases)
     gpu_seconds: float = 0.0
+    # Identities generated this run of which the filter kept no image: in the manifest (done),
+    # not in the shards. Named, so a shrinking dataset is never silent.
+    identities_without_kept: list[str] = field(default_factory=list)
+    source_images: int = 0  # training images in the sources of the identities in the shards (all runs)
 
     @property
     def acceptance_rate(self) -> float:
@@ -77,6 +81,7 @@ class BuildSummary:
         self.total_identities_done = len(done)
         self.total_generated = sum(entry.get("generated", 0) for entry in done)
         self.total_kept = sum(entry.get("kept", 0) for entry in done)
+        self.source_images = sum(entry.get("source_images", 0) for entry in done if entry.get("kept", 0))
 
     def failures_by_error(self) -> dict[str, dict]:
         """Failed identities grouped by error class: count, one example message, the identities."""
@@ -112,6 +117,14 @@ class BuildSummary:
             f"(all runs: {self.total_identities_done} identities done, {self.total_generated} generated, "
             f"{self.total_kept} kept, acceptance {100 * self.acceptance_rate:.1f}%)",
         ]
+        if self.identities_without_kept:
+            empty = self.identities_without_kept
+            shown = ", ".join(empty[:8]) + (" ..." if len(empty) > 8 else "")
+            lines.append(f"no image kept:   {len(empty)} of {self.identities_processed - self.identities_failed} "
+                         f"identities this run (done, but not in the shards; summary.json lists them): {shown}")
+        if self.source_images:
+            lines.append(f"vs the source:   {self.output_images} images in the shards from {self.source_images} source "
+                         f"training images of the same identities ({self.output_images / self.source_images:.2f}x)")
         for name, group in self.failures_by_error().items():
             shown = ", ".join(group["identities"][:8]) + (" ..." if group["count"] > 8 else "")
             lines.append(f"failed:          {group['count']} x {name}, e.g. {group['example'][:200]!r}: {shown}")
@@ -171,6 +184,9 @@ fine-tuning with the Fine-Grain-Specific Prior Preservation Loss, {f.kind} filte
 | images in shards | {summary.output_images} |
 | generated (all identities done) | {generated} |
 | kept | {kept} (acceptance rate {100 * rate:.1f}%) |
+| source training images of these identities | {summary.source_images} |
+| generated images per source image | {f"{summary.output_images / summary.source_images:.2f}" if summary.source_images else "-"} |
+| identities done with no image kept | {sum(1 for e in manifest.get("identities", {}).values() if not e.get("kept", 0))} (not in the shards) |
 | failed identities | {len(manifest.get("failed", {}))} |
 | sources | {sources} |
 | text-to-image base | `{g.base_model}` at {g.resolution[0]}x{g.resolution[1]} |

@@ -60,6 +60,16 @@ def test_demo_outputs_match_the_interface(demo_out: tuple[Path, str]) -> None:
     assert min(table.column("score").to_pylist()) >= config.filter.threshold
     manifest = json.loads((out / "manifest.json").read_text())
     assert len(manifest["identities"]) == config.sequences.max_identities
+    # The dataset is compared with its source, and identities that kept nothing are named.
+    empty = sorted(i for i, e in manifest["identities"].items() if not e["kept"])
+    assert sorted(summary["identities_without_kept"]) == empty
+    if empty:
+        assert f"no image kept:   {len(empty)} of" in log
+    in_shards = [e for e in manifest["identities"].values() if e["kept"]]
+    assert summary["source_images"] == sum(e["source_images"] for e in in_shards) > 0
+    assert f"from {summary['source_images']} source training images" in log
+    card = (out / "README.md").read_text()
+    assert f"| source training images of these identities | {summary['source_images']} |" in card
     assert (out / "README.md").read_text().startswith("# Diffusion-ReID synthetic dataset")
     assert (out / "contact_sheet.png").stat().st_size > 0
     assert yaml.safe_load((out / "config.yaml").read_text())["caption"]["iir_token"] == "zwx"
