@@ -393,10 +393,10 @@ def _random_captioner(config, device: str):
     for it (a small trained OPT tokenizer whose ids fit the 50,272-token embedding)."""
     from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessor
 
-    from factory.models.full_size import BLIP2_QFORMER, BLIP2_VISION, OPT_2_7B
+    from factory.demo.full_size import BLIP2_QFORMER, BLIP2_VISION, OPT_2_7B
     from factory.models.loading import resolve_dtype
-    from factory.models.tiny import CLIP_MEAN, CLIP_STD
-    from factory.models.tokenizers import train_opt_tokenizer
+    from factory.demo.tiny import CLIP_MEAN, CLIP_STD
+    from factory.demo.tokenizers import train_opt_tokenizer
 
     tokenizer = train_opt_tokenizer()
     image_processor = BlipImageProcessor(size={"height": 224, "width": 224}, image_mean=CLIP_MEAN, image_std=CLIP_STD)
@@ -416,8 +416,8 @@ def _random_captioner(config, device: str):
 
 
 def _random_pipeline_loader():
-    from factory.models.full_size import random_stable_diffusion_v1_4
-    from factory.models.tokenizers import train_clip_tokenizer
+    from factory.demo.full_size import random_stable_diffusion_v1_4
+    from factory.demo.tokenizers import train_clip_tokenizer
 
     tokenizer = train_clip_tokenizer()
     return lambda model_id, device: random_stable_diffusion_v1_4(tokenizer).to(device)

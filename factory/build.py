@@ -94,7 +94,7 @@ def resolve_models(config: RunConfig, log=print) -> RunConfig:
     from factory.models.locate import check_model_available
 
     if config.demo_models.enabled:
-        from factory.models.demo import ensure_demo_models
+        from factory.demo.models import ensure_demo_models
 
         ensure_demo_models(config.demo_models, log=log)
     keys = ["generation.base_model", "caption.model", *(["filter.clip_model"] if config.filter.kind == "clip" else [])]

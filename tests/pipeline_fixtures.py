@@ -11,7 +11,7 @@ from factory.run_config import REPO_ROOT
 
 
 def save_tiny_models(root: Path) -> tuple[Path, Path]:
-    from factory.models.tiny import tiny_blip2, tiny_stable_diffusion
+    from factory.demo.tiny import tiny_blip2, tiny_stable_diffusion
 
     sd, blip = root / "sd", root / "blip2"
     tiny_stable_diffusion(seed=0).save_pretrained(sd)

@@ -1,7 +1,7 @@
 """The product's main job on the embedded default, end to end, as a user runs it:
 `python -m factory.build --out DIR` (configs/demo.yaml), then the outputs of SPEC "Interfaces".
 
-The demo models come from the weights committed in factory/models/demo_weights (installed into
+The demo models come from the weights committed in factory/demo/weights (installed into
 .cache/demo-models on first use), so the whole demo runs in the default selection: a few CPU
 minutes. Its shards then feed `python -m trainers.pretrain`, as a user would chain them."""
 
@@ -44,7 +44,8 @@ def test_demo_prints_progress_and_summary(demo_out: tuple[Path, str]) -> None:
 
 
 def test_demo_outputs_match_the_interface(demo_out: tuple[Path, str]) -> None:
-    out, _ = demo_out
+    out, log = demo_out
+    summary = json.loads((out / "summary.json").read_text())
     shards = sorted((out / "shards").glob("*.parquet"))
     assert shards
     table = pa.concat_tables(pq.read_table(s) for s in shards)

@@ -49,7 +49,7 @@ def _tiny_config(**overrides) -> GenerationConfig:
 
 @pytest.fixture(scope="module")
 def tiny_sd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from factory.models.tiny import tiny_stable_diffusion
+    from factory.demo.tiny import tiny_stable_diffusion
 
     path = tmp_path_factory.mktemp("tiny-sd")
     tiny_stable_diffusion(seed=0).save_pretrained(path)

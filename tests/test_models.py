@@ -19,8 +19,8 @@ from factory.models.loading import (
     load_clip,
     load_text_to_image,
 )
-from factory.models.tiny import tiny_blip2, tiny_clip, tiny_stable_diffusion
-from factory.models.tokenizers import train_clip_tokenizer, train_opt_tokenizer, write_vocab_files
+from factory.demo.tiny import tiny_blip2, tiny_clip, tiny_stable_diffusion
+from factory.demo.tokenizers import train_clip_tokenizer, train_opt_tokenizer, write_vocab_files
 
 
 DESCRIPTION = (
@@ -238,7 +238,7 @@ def test_downloads_only_when_explicitly_allowed(monkeypatch: pytest.MonkeyPatch,
 
 
 def test_recipe_scales_steps_not_clock() -> None:
-    from factory.models.demo import DemoRecipe
+    from factory.demo.models import DemoRecipe
 
     short, long = DemoRecipe().scaled(2), DemoRecipe().scaled(4)
     assert short == DemoRecipe().scaled(2)
@@ -248,7 +248,7 @@ def test_recipe_scales_steps_not_clock() -> None:
 
 
 def test_cache_without_current_stamp_is_incomplete(tmp_path: Path) -> None:
-    from factory.models.demo import COMPONENTS, DEMO_MODELS_VERSION, VERSION_FILE, is_complete
+    from factory.demo.models import COMPONENTS, DEMO_MODELS_VERSION, VERSION_FILE, is_complete
 
     for component in COMPONENTS:
         (tmp_path / component).mkdir()
@@ -262,7 +262,7 @@ def test_cache_without_current_stamp_is_incomplete(tmp_path: Path) -> None:
 
 def test_build_demo_models_end_to_end_with_a_few_steps(tmp_path: Path) -> None:
     """The training path with 2 steps per phase on 4 identities: mechanics, not quality."""
-    from factory.models.demo import DemoRecipe, build_demo_models, ensure_demo_models, is_complete
+    from factory.demo.models import DemoRecipe, build_demo_models, ensure_demo_models, is_complete
     from factory.run_config import DemoModelsConfig
 
     recipe = DemoRecipe(
@@ -300,8 +300,8 @@ def _training_pedestrians(root: Path, ids: int = 12):
     identity's attributes and images depend on (seed, pid) only, not on how many are generated."""
     from core.datasets.config import SyntheticSpec
     from core.datasets.synthetic import generate_synthetic_dataset
-    from factory.models.demo import DemoRecipe
-    from factory.models.training import PedestrianCorpus
+    from factory.demo.models import DemoRecipe
+    from factory.demo.training import PedestrianCorpus
 
     spec = DemoRecipe().synthetic_spec.model_copy(update={"ids": ids})
     corpus = PedestrianCorpus.from_market_folder(generate_synthetic_dataset(root, SyntheticSpec(**spec.model_dump())))
@@ -310,7 +310,7 @@ def _training_pedestrians(root: Path, ids: int = 12):
 
 
 def _check_demo_quality(paths, tmp_path: Path) -> None:
-    from factory.models.quality import caption_accuracy, colour_response
+    from factory.demo.quality import caption_accuracy, colour_response
 
     pipeline = load_text_to_image(str(paths.text_to_image), "cpu", torch.float32)
     means = colour_response(pipeline, ("red", "blue"), samples=8)
@@ -330,7 +330,7 @@ def _check_demo_quality(paths, tmp_path: Path) -> None:
 def test_committed_weights_install_and_work(tmp_path: Path) -> None:
     """The product path: the first run copies the committed fp16 weights into the cache as fp32
     (no training, seconds), and they do what the factory needs."""
-    from factory.models.demo import COMMITTED_WEIGHTS, ensure_demo_models, is_complete
+    from factory.demo.models import COMMITTED_WEIGHTS, ensure_demo_models, is_complete
 
     if not is_complete(COMMITTED_WEIGHTS):
         pytest.skip(f"no committed demo weights in {COMMITTED_WEIGHTS}")
@@ -349,7 +349,7 @@ def test_committed_weights_install_and_work(tmp_path: Path) -> None:
 def test_demo_models_trained_from_scratch_are_useful(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The fallback path with no committed weights: the full default recipe (about 25 minutes
     of one CPU thread), then the same quality checks."""
-    import factory.models.demo as demo
+    import factory.demo.models as demo
 
     monkeypatch.setattr(demo, "COMMITTED_WEIGHTS", tmp_path / "no-committed-weights")
     paths = demo.ensure_demo_models(_demo_config(tmp_path))

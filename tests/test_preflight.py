@@ -25,7 +25,7 @@ def demo_ready() -> None:
     """The demo models installed and the demo source written once (one-time bootstrap, not
     part of what a refusal costs), as the first `python -m factory.build` would leave them."""
     from core.datasets.registry import load_source
-    from factory.models.demo import ensure_demo_models
+    from factory.demo.models import ensure_demo_models
 
     cwd = os.getcwd()
     os.chdir(REPO_ROOT)

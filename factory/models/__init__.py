@@ -1,6 +1,6 @@
-"""Models of the factory: where a model lives (`locate`, light: no torch), loading hub ids or
-local folders offline (`loading`), tiny seeded instances of the real architectures (`tiny`), and
-the embedded default's trained demo models (`demo`).
+"""The product's model loading: where a model lives (`locate`, light: no torch), loading hub ids,
+URIs or local folders offline (`loading`), and local folders shipped to the actors of other nodes
+(`shipping`). The embedded default's tiny models live apart, in `factory.demo`.
 
 The loaders are imported lazily, so `factory.models.locate` (used by the build's check phase)
 does not pull torch, diffusers and transformers in with the package.

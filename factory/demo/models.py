@@ -11,8 +11,8 @@ the factory then loads like hub ids (`configs/demo.yaml` points `generation.base
 
 Where the weights come from, in order:
 1. the cache, if its VERSION matches (returns at once);
-2. the weights committed in the package (`factory/models/demo_weights/`, fp16 safetensors made
-   by `python -m factory.models --out factory/models/demo_weights --fp16`): loaded through the
+2. the weights committed in the package (`factory/demo/weights/`, fp16 safetensors made
+   by `python -m factory.demo --out factory/demo/weights --fp16`): loaded through the
    regular loaders, upcast to fp32 and saved into the cache (seconds, no training);
 3. otherwise trained here with the default recipe (about 25 minutes of one CPU thread) on a
    procedural training set generated into `config.train_source` (seed 1000, a different seed
@@ -46,7 +46,7 @@ VERSION_FILE = "VERSION"
 RECIPE_FILE = "recipe.json"
 TEXT_TO_IMAGE, CAPTIONER, CLIP = "text-to-image", "captioner", "clip"
 COMPONENTS = (TEXT_TO_IMAGE, CAPTIONER, CLIP)
-COMMITTED_WEIGHTS = Path(__file__).resolve().parent / "demo_weights"
+COMMITTED_WEIGHTS = Path(__file__).resolve().parent / "weights"
 
 
 @dataclass(frozen=True)
@@ -148,9 +148,9 @@ def build_demo_models(
     """
     # Training code only when training: a build that finds its demo models installed imports none of it.
     from core.datasets.synthetic import ensure_synthetic_dataset
-    from factory.models.tiny import tiny_blip2, tiny_clip, tiny_stable_diffusion
-    from factory.models.tokenizers import train_clip_tokenizer, train_opt_tokenizer
-    from factory.models.training import (
+    from factory.demo.tiny import tiny_blip2, tiny_clip, tiny_stable_diffusion
+    from factory.demo.tokenizers import train_clip_tokenizer, train_opt_tokenizer
+    from factory.demo.training import (
         PedestrianCorpus,
         pipeline_pixels,
         train_autoencoder,
@@ -227,7 +227,7 @@ def _save(model, directory: Path, half: bool = False) -> None:
     vocab.json/merges.txt, the layout hub repos ship."""
     import torch
 
-    from factory.models.tokenizers import write_vocab_files
+    from factory.demo.tokenizers import write_vocab_files
 
     if isinstance(model, tuple):
         model, processor = model

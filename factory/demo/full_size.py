@@ -16,7 +16,7 @@ from transformers import (
     OPTConfig,
 )
 
-from factory.models.tiny import SD_V1_SCHEDULE
+from factory.demo.tiny import SD_V1_SCHEDULE
 
 # CompVis/stable-diffusion-v1-4: unet/config.json, vae/config.json, text_encoder/config.json
 SD_V1_4_UNET = dict(

@@ -40,7 +40,7 @@ from transformers import (
     OPTConfig,
 )
 
-from factory.models.tokenizers import CLIP_MAX_LENGTH, train_clip_tokenizer, train_opt_tokenizer
+from factory.demo.tokenizers import CLIP_MAX_LENGTH, train_clip_tokenizer, train_opt_tokenizer
 
 Size = tuple[int, int]  # (height, width)
 

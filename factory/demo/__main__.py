@@ -1,12 +1,12 @@
 """CLI: build the embedded default's demo models.
 
-    python -m factory.models --out DIR [--minutes N] [--train-source DIR] [--fp16]
+    python -m factory.demo --out DIR [--minutes N] [--train-source DIR] [--fp16]
                              [--components text-to-image clip captioner] [--threads N]
 
 With `--minutes` the training steps scale from a fixed calibration (not the clock), so the same
 arguments give the same weights. The weights committed with the package were made with
 
-    python -m factory.models --out factory/models/demo_weights --fp16
+    python -m factory.demo --out factory/demo/weights --fp16
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ from pathlib import Path
 
 import torch
 
-from factory.models.demo import COMPONENTS, DemoRecipe, build_demo_models
+from factory.demo.models import COMPONENTS, DemoRecipe, build_demo_models
 from factory.run_config import DemoModelsConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m factory.models",
+        prog="python -m factory.demo",
         description=(
             "Train the tiny demo models (Stable Diffusion, BLIP-2, CLIP of the real classes) on "
             "procedural pedestrians and save them with save_pretrained under DIR/text-to-image, "
