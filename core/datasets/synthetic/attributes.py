@@ -1,0 +1,236 @@
+"""What a procedural identity and a camera are: attributes sampled per pid and per camera, and
+the frames of a walk through one camera. Every draw comes from a generator seeded by
+(seed, stream, keys...)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+RGB = tuple[int, int, int]
+Point = tuple[float, float]  # (x, y) in person units, see `_Pen`
+
+IMAGE_HEIGHT, IMAGE_WIDTH = 128, 64
+SUPERSAMPLE = 2  # draw at 2x and box-downsample: cheap anti-aliasing
+ATTRIBUTES_FILE = "attributes.jsonl"
+SPEC_FILE = "synthetic.json"
+MAX_PID = 9999  # Market names carry 4 pid digits
+
+PALETTE: dict[str, RGB] = {
+    "red": (200, 30, 35),
+    "blue": (40, 90, 210),
+    "green": (40, 150, 60),
+    "yellow": (235, 210, 50),
+    "black": (25, 25, 28),
+    "white": (238, 238, 235),
+    "grey": (130, 130, 130),
+    "orange": (240, 130, 30),
+    "purple": (130, 50, 160),
+    "pink": (240, 150, 190),
+    "brown": (115, 70, 35),
+    "navy": (20, 30, 95),
+}
+HAIR_COLORS: dict[str, RGB] = {
+    "black": (20, 18, 18),
+    "brown": (95, 60, 30),
+    "blonde": (220, 190, 110),
+    "grey": (160, 160, 160),
+    "red": (160, 60, 25),
+}
+SKIN_TONES: dict[str, RGB] = {
+    "light": (240, 205, 180),
+    "fair": (225, 180, 145),
+    "tan": (195, 145, 105),
+    "brown": (145, 100, 65),
+    "dark": (95, 65, 45),
+}
+UPPER_PATTERNS = ("solid", "horizontal stripes", "vertical stripes", "checks", "two-tone")
+UPPER_PATTERN_WEIGHTS = (0.4, 0.15, 0.15, 0.15, 0.15)
+LOWER_TYPES = ("trousers", "shorts", "skirt")
+LOWER_TYPE_WEIGHTS = (0.6, 0.2, 0.2)
+BAGS = ("none", "backpack", "handbag", "shoulder bag")
+BAG_WEIGHTS = (0.4, 0.25, 0.175, 0.175)
+VIEWS = ("front", "back", "side")
+TEXTURES = ("plain", "panels", "tiles", "noise")
+
+# Independent random streams: (seed, stream, keys...) seeds one generator per decision group.
+_ATTRIBUTES, _CAMERA, _SEQUENCE, _IMAGE, _SPLIT, _EXTRA = range(1, 7)
+
+
+def _rng(seed: int, stream: int, *keys: int) -> np.random.Generator:
+    # SeedSequence entropy must be non-negative; fold negative seeds into that range.
+    return np.random.default_rng([seed % 2**64, stream, *keys])
+
+
+def _choice(
+    rng: np.random.Generator, options: Sequence[str], weights: Sequence[float] | None = None
+) -> str:
+    p = None if weights is None else np.asarray(weights) / sum(weights)
+    index = rng.choice(len(options), p=p)
+    return options[int(index)]
+
+
+# --------------------------------------------------------------------------------------------
+# What an identity is, and what a camera does to it
+
+
+@dataclass(frozen=True)
+class PersonAttributes:
+    """The appearance that defines one identity; colour fields are names from the palettes."""
+
+    upper_color: str
+    upper_pattern: str
+    upper_color2: str | None  # second colour of patterned tops, None when solid
+    lower_color: str
+    lower_type: str
+    shoe_color: str
+    skin_tone: str
+    hair_color: str
+    hair_length: str
+    height: float  # factor on the camera's person height
+    width: float  # factor on body widths
+    bag: str
+    bag_color: str | None
+
+    @classmethod
+    def sample(cls, rng: np.random.Generator) -> PersonAttributes:
+        colors = list(PALETTE)
+        upper = _choice(rng, colors)
+        pattern = _choice(rng, UPPER_PATTERNS, UPPER_PATTERN_WEIGHTS)
+        second = _choice(rng, [c for c in colors if c != upper]) if pattern != "solid" else None
+        bag = _choice(rng, BAGS, BAG_WEIGHTS)
+        return cls(
+            upper_color=upper,
+            upper_pattern=pattern,
+            upper_color2=second,
+            lower_color=_choice(rng, colors),
+            lower_type=_choice(rng, LOWER_TYPES, LOWER_TYPE_WEIGHTS),
+            shoe_color=_choice(rng, colors),
+            skin_tone=_choice(rng, list(SKIN_TONES)),
+            hair_color=_choice(rng, list(HAIR_COLORS)),
+            hair_length=_choice(rng, ("short", "long"), (0.6, 0.4)),
+            height=round(float(rng.uniform(0.86, 1.0)), 3),
+            width=round(float(rng.uniform(0.85, 1.2)), 3),
+            bag=bag,
+            bag_color=_choice(rng, colors) if bag != "none" else None,
+        )
+
+    @property
+    def signature(self) -> tuple[str | None, ...]:
+        """The clothing that tells identities apart at a glance; kept unique per dataset."""
+        return (
+            self.upper_color,
+            self.upper_pattern,
+            self.upper_color2,
+            self.lower_color,
+            self.lower_type,
+        )
+
+    def describe(self) -> str:
+        """Plain English naming the colour of every visible attribute (training text for the
+        demo text-to-image and captioning models)."""
+        if self.upper_pattern == "solid":
+            top = f"a {self.upper_color} shirt"
+        else:
+            kind = {
+                "horizontal stripes": "horizontally striped",
+                "vertical stripes": "vertically striped",
+                "checks": "checked",
+                "two-tone": "two-tone",
+            }[self.upper_pattern]
+            top = f"a {self.upper_color} and {self.upper_color2} {kind} shirt"
+        bottom = f"{self.lower_color} {self.lower_type}"
+        if self.lower_type == "skirt":
+            bottom = f"a {bottom}"
+        text = (
+            f"a person with {self.hair_length} {self.hair_color} hair wearing {top}, {bottom} "
+            f"and {self.shoe_color} shoes"
+        )
+        if self.bag != "none":
+            text += f", carrying a {self.bag_color} {self.bag}"
+        return text
+
+
+@dataclass(frozen=True)
+class CameraStyle:
+    """What one camera does to every image it takes."""
+
+    wall_top: RGB
+    wall_bottom: RGB
+    floor: RGB
+    horizon: float  # fraction of the image height where the floor starts
+    texture: str
+    brightness: float
+    cast: tuple[float, float, float]  # per-channel gain: colour temperature of the light
+    person_scale: float  # person height as a fraction of the image height
+    offset: float  # horizontal offset of the walking lane, fraction of the width
+    blur: float  # Gaussian radius in output pixels
+    jpeg_quality: int
+    view_weights: tuple[float, float, float]  # front, back, side
+
+    @classmethod
+    def sample(cls, rng: np.random.Generator) -> CameraStyle:
+        def color(low: int, high: int) -> RGB:
+            r, g, b = rng.integers(low, high, size=3)
+            return int(r), int(g), int(b)
+
+        front, back, side = (round(float(w), 3) for w in rng.dirichlet((1.5, 1.5, 1.5)) * 0.7 + 0.1)
+        r, g, b = (round(float(x), 3) for x in rng.uniform(0.88, 1.12, size=3))
+        return cls(
+            wall_top=color(50, 210),
+            wall_bottom=color(50, 210),
+            floor=color(40, 180),
+            horizon=round(float(rng.uniform(0.55, 0.8)), 3),
+            texture=_choice(rng, TEXTURES),
+            brightness=round(float(rng.uniform(0.78, 1.18)), 3),
+            cast=(r, g, b),
+            person_scale=round(float(rng.uniform(0.78, 0.92)), 3),
+            offset=round(float(rng.uniform(-0.06, 0.06)), 3),
+            blur=round(float(rng.uniform(0.0, 0.9)), 3),
+            jpeg_quality=int(rng.integers(60, 93)),
+            view_weights=(front, back, side),
+        )
+
+
+@dataclass(frozen=True)
+class Shot:
+    """Pose and framing of one image."""
+
+    view: str
+    facing: int  # +1 or -1: mirrors the person (side views walk left or right)
+    phase: float  # walking cycle, radians
+    center_x: float  # body axis, fraction of the width
+    feet_y: float  # feet line, fraction of the height
+    scale: float  # person height, fraction of the image height (before the build factor)
+    light: float  # per-image brightness jitter
+    shift: int  # background texture shift in pixels (the scene is not pixel-identical)
+
+
+def sequence_shots(camera: CameraStyle, rng: np.random.Generator, frames: int) -> list[Shot]:
+    """Consecutive frames of one identity walking through one camera: the view and lane stay,
+    the walking phase advances and the position drifts a little."""
+    view = _choice(rng, VIEWS, camera.view_weights)
+    facing = int(rng.choice((-1, 1)))
+    phase = float(rng.uniform(0, 2 * math.pi))
+    step = float(rng.uniform(0.9, 1.6))
+    center = 0.5 + camera.offset + float(rng.uniform(-0.05, 0.05))
+    scale = camera.person_scale * float(rng.uniform(0.95, 1.05))
+    shots = []
+    for k in range(frames):
+        shots.append(
+            Shot(
+                view=view,
+                facing=facing,
+                phase=phase + k * step,
+                center_x=center + float(rng.uniform(-0.025, 0.025)),
+                feet_y=float(rng.uniform(0.955, 0.985)),
+                scale=min(scale * float(rng.uniform(0.97, 1.03)), 0.94),
+                light=float(rng.uniform(0.94, 1.06)),
+                shift=int(rng.integers(-6, 7)),
+            )
+        )
+    return shots

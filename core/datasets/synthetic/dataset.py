@@ -1,0 +1,196 @@
+"""Planning the identities of a spec and writing them in the Market-1501 layout."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from core.datasets.base import DatasetError
+from core.datasets.config import SyntheticSpec
+from core.datasets.market import MARKET_SPLIT_DIRS
+from core.datasets.synthetic.attributes import (
+    ATTRIBUTES_FILE,
+    CameraStyle,
+    MAX_PID,
+    PersonAttributes,
+    SPEC_FILE,
+    Shot,
+    _ATTRIBUTES,
+    _CAMERA,
+    _EXTRA,
+    _IMAGE,
+    _SEQUENCE,
+    _SPLIT,
+    _rng,
+    sequence_shots,
+)
+from core.datasets.synthetic.render import render_image
+
+# --------------------------------------------------------------------------------------------
+# The dataset
+
+
+@dataclass(frozen=True)
+class IdentityPlan:
+    """Which cameras one identity walks through."""
+
+    pid: int
+    split: str  # "train" or "test"
+    cameras: tuple[int, ...]  # 0-based
+    attributes: PersonAttributes
+
+
+@dataclass(frozen=True)
+class PlannedImage:
+    """One file to write: where, and what it shows."""
+
+    folder: str
+    filename: str
+    person: PersonAttributes | None
+    camera: int
+    shot: Shot
+    seed_keys: tuple[int, ...]
+
+
+def plan_identities(spec: SyntheticSpec) -> list[IdentityPlan]:
+    """Train ids 1..N and test ids N+1..2N; each appears in a random subset of >= 2 cameras.
+    Clothing signatures are unique so no two identities are indistinguishable twins."""
+    plans: list[IdentityPlan] = []
+    seen: set[tuple[str | None, ...]] = set()
+    for pid in range(1, 2 * spec.ids + 1):
+        rng = _rng(spec.seed, _ATTRIBUTES, pid)
+        attributes = PersonAttributes.sample(rng)
+        for _ in range(50):  # resample a twin; the bound only matters for absurd id counts
+            if attributes.signature not in seen:
+                break
+            attributes = PersonAttributes.sample(rng)
+        seen.add(attributes.signature)
+        split_rng = _rng(spec.seed, _SPLIT, pid)
+        count = int(split_rng.integers(2, spec.cameras + 1))
+        chosen = split_rng.choice(spec.cameras, size=count, replace=False)
+        cameras = tuple(sorted(int(c) for c in chosen))
+        plans.append(IdentityPlan(pid, "train" if pid <= spec.ids else "test", cameras, attributes))
+    return plans
+
+
+def _market_name(pid: int, camera: int, frame: int) -> str:
+    pid_text = f"{pid:04d}" if pid >= 0 else str(pid)  # junk is `-1_...`, not `-001_...`
+    return f"{pid_text}_c{camera + 1}s1_{frame:06d}_00.jpg"
+
+
+def _identity_images(
+    plan: IdentityPlan, spec: SyntheticSpec, cameras: list[CameraStyle]
+) -> Iterator[PlannedImage]:
+    """Train ids: `images_per_camera` consecutive frames per camera. Test ids: one more frame per
+    camera, one of which goes to query, so every query has gallery matches in other cameras."""
+    frames = spec.images_per_camera + (1 if plan.split == "test" else 0)
+    for camera in plan.cameras:
+        rng = _rng(spec.seed, _SEQUENCE, plan.pid, camera)
+        start, step = int(rng.integers(1, 90000)), int(rng.integers(3, 13))
+        query_index = int(rng.integers(frames)) if plan.split == "test" else -1
+        for k, shot in enumerate(sequence_shots(cameras[camera], rng, frames)):
+            if plan.split == "train":
+                folder = MARKET_SPLIT_DIRS["train"]
+            else:
+                folder = MARKET_SPLIT_DIRS["query" if k == query_index else "gallery"]
+            name = _market_name(plan.pid, camera, start + k * step)
+            yield PlannedImage(folder, name, plan.attributes, camera, shot, (plan.pid, camera, k))
+
+
+def _extra_images(spec: SyntheticSpec, cameras: list[CameraStyle]) -> Iterator[PlannedImage]:
+    """Distractors (0000: strangers) and junk (-1: a person mostly outside the crop) in the
+    gallery, so the distractor and junk conventions of every reader get exercised."""
+    gallery = MARKET_SPLIT_DIRS["gallery"]
+    distractors, junk = max(2, spec.ids // 10), max(2, spec.ids // 20)
+    for i in range(distractors + junk):
+        rng = _rng(spec.seed, _EXTRA, i)
+        camera = int(rng.integers(spec.cameras))
+        shot = sequence_shots(cameras[camera], rng, 1)[0]
+        pid = 0 if i < distractors else -1
+        if pid < 0:  # a bad detection: the body axis sits at the crop's border
+            shot = Shot(**{**asdict(shot), "center_x": float(rng.choice((-0.1, 1.1)))})
+        name = _market_name(pid, camera, 100000 + i * 10)
+        keys = (MAX_PID + 1 + i, camera, 0)  # clear of every identity's image keys
+        yield PlannedImage(gallery, name, PersonAttributes.sample(rng), camera, shot, keys)
+
+
+def _write_images(out: Path, spec: SyntheticSpec, plans: list[IdentityPlan]) -> None:
+    cameras = [CameraStyle.sample(_rng(spec.seed, _CAMERA, c)) for c in range(spec.cameras)]
+    for folder in MARKET_SPLIT_DIRS.values():
+        (out / folder).mkdir(parents=True, exist_ok=True)
+    images = [image for plan in plans for image in _identity_images(plan, spec, cameras)]
+    for item in images + list(_extra_images(spec, cameras)):
+        style = cameras[item.camera]
+        rng = _rng(spec.seed, _IMAGE, *item.seed_keys)
+        image = render_image(item.person, style, item.shot, rng)
+        image.save(out / item.folder / item.filename, "JPEG", quality=style.jpeg_quality)
+
+
+def _write_attributes(out: Path, plans: list[IdentityPlan]) -> None:
+    with (out / ATTRIBUTES_FILE).open("w", encoding="utf-8") as handle:
+        for plan in plans:
+            row = {
+                "pid": plan.pid,
+                "split": plan.split,
+                "description": plan.attributes.describe(),
+                **asdict(plan.attributes),
+                "cameras": [c + 1 for c in plan.cameras],
+            }
+            handle.write(json.dumps(row) + "\n")
+
+
+def _is_empty(path: Path) -> bool:
+    return not path.exists() or (path.is_dir() and not any(path.iterdir()))
+
+
+def generate_synthetic_dataset(out: Path, spec: SyntheticSpec) -> Path:
+    """Write the dataset of `spec` to `out` (absent or empty) and return `out`.
+
+    Files are written to a hidden sibling folder and renamed into place, so a crash or a
+    concurrent generator never leaves a half-written dataset that looks complete.
+    """
+    out = Path(out)
+    if 2 * spec.ids > MAX_PID:
+        raise DatasetError(
+            f"synthetic ids={spec.ids}: Market names allow at most {MAX_PID // 2} ids per split"
+        )
+    if not _is_empty(out):
+        raise FileExistsError(f"{out} exists and is not empty; choose another --out or delete it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        plans = plan_identities(spec)
+        _write_images(staging, spec, plans)
+        _write_attributes(staging, plans)
+        (staging / SPEC_FILE).write_text(json.dumps(spec.model_dump(), sort_keys=True) + "\n")
+        try:
+            os.replace(staging, out)  # onto an absent or empty directory: atomic
+        except OSError:
+            if _is_empty(out):
+                raise
+            # another process generated the same folder first; keep theirs
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def ensure_synthetic_dataset(root: Path, spec: SyntheticSpec) -> Path:
+    """Generate the dataset into `root` unless it is already there; refuse a folder generated
+    from a different spec rather than silently reading other data."""
+    root = Path(root)
+    if _is_empty(root):
+        return generate_synthetic_dataset(root, spec)
+    spec_file = root / SPEC_FILE
+    if spec_file.is_file():
+        found = json.loads(spec_file.read_text())
+        if found != spec.model_dump():
+            raise DatasetError(
+                f"{root} holds a synthetic dataset generated with {found}, but the config asks for "
+                f"{spec.model_dump()}; delete the folder or point 'root' elsewhere"
+            )
+    return root

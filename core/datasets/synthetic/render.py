@@ -1,0 +1,244 @@
+"""Drawing one person seen by one camera at 128x64, supersampled."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from functools import lru_cache
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+from core.datasets.synthetic.attributes import (
+    CameraStyle,
+    HAIR_COLORS,
+    IMAGE_HEIGHT,
+    IMAGE_WIDTH,
+    PALETTE,
+    PersonAttributes,
+    Point,
+    RGB,
+    SKIN_TONES,
+    SUPERSAMPLE,
+    Shot,
+)
+
+# --------------------------------------------------------------------------------------------
+# Rendering
+
+
+@lru_cache(maxsize=64)
+def _camera_background(camera: CameraStyle) -> np.ndarray:
+    """The camera's empty scene at drawing resolution (float32 HxWx3), cached per camera."""
+    height, width = IMAGE_HEIGHT * SUPERSAMPLE, IMAGE_WIDTH * SUPERSAMPLE
+    t = np.linspace(0.0, 1.0, height, dtype=np.float32)[:, None, None]
+    top, bottom = np.array(camera.wall_top, np.float32), np.array(camera.wall_bottom, np.float32)
+    wall = (1 - t) * top + t * bottom
+    image = np.broadcast_to(wall, (height, width, 3)).copy()
+    horizon = int(camera.horizon * height)
+    image[horizon:] = np.array(camera.floor, np.float32)
+    ys, xs = np.mgrid[0:height, 0:width]
+    if camera.texture == "panels":  # shop fronts / pillars on the wall
+        image[:horizon][(xs[:horizon] // 22) % 2 == 0] *= 0.8
+    elif camera.texture == "tiles":  # floor tiles
+        lines = ((ys[horizon:] % 18) < 2) | ((xs[horizon:] % 26) < 2)
+        image[horizon:][lines] *= 0.7
+    elif camera.texture == "noise":  # gravel, foliage
+        grain = np.random.default_rng([*camera.wall_top, *camera.floor])
+        image += grain.normal(0.0, 14.0, size=(height, width, 1)).astype(np.float32)
+    return np.clip(image, 0, 255)
+
+
+class _Pen:
+    """Draws in person units: x along the body axis times `facing`, y down from the top of the
+    head, both as fractions of the person's height, so one drawing serves every size and the
+    mirrored side view."""
+
+    def __init__(
+        self, draw: ImageDraw.ImageDraw, center_x: float, top: float, height: float, facing: int
+    ) -> None:
+        self.draw, self.cx, self.top, self.h, self.facing = draw, center_x, top, height, facing
+
+    def xy(self, dx: float, dy: float) -> Point:
+        return self.cx + self.facing * dx * self.h, self.top + dy * self.h
+
+    def rect(self, dx0: float, dy0: float, dx1: float, dy1: float, fill: RGB) -> None:
+        (x0, y0), (x1, y1) = self.xy(dx0, dy0), self.xy(dx1, dy1)
+        self.draw.rectangle((min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)), fill=fill)
+
+    def ellipse(self, dx: float, dy: float, rx: float, ry: float, fill: RGB) -> None:
+        (x0, y0), (x1, y1) = self.xy(dx - rx, dy - ry), self.xy(dx + rx, dy + ry)
+        self.draw.ellipse((min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)), fill=fill)
+
+    def polygon(self, points: Sequence[Point], fill: RGB) -> None:
+        self.draw.polygon([self.xy(dx, dy) for dx, dy in points], fill=fill)
+
+    def limb(self, start: Point, end: Point, width: float, fill: RGB) -> None:
+        """A straight limb of `width` (person units) from `start` to `end`."""
+        (ax, ay), (bx, by) = start, end
+        length = math.hypot(bx - ax, by - ay) or 1.0
+        nx, ny = -(by - ay) / length * width / 2, (bx - ax) / length * width / 2
+        corners = [(ax + nx, ay + ny), (bx + nx, by + ny), (bx - nx, by - ny), (ax - nx, ay - ny)]
+        self.polygon(corners, fill)
+
+
+def _lerp(a: Point, b: Point, t: float) -> Point:
+    return a[0] + (b[0] - a[0]) * t, a[1] + (b[1] - a[1]) * t
+
+
+def _draw_top(pen: _Pen, person: PersonAttributes, half_width: float) -> None:
+    """The torso with its pattern, clipped to the torso box."""
+    x0, x1, y0, y1 = -half_width, half_width, 0.15, 0.52
+    first = PALETTE[person.upper_color]
+    second = PALETTE[person.upper_color2] if person.upper_color2 else first
+    pen.rect(x0, y0, x1, y1, first)
+    pattern = person.upper_pattern
+    if pattern == "two-tone":
+        pen.rect(x0, (y0 + y1) / 2, x1, y1, second)
+    if pattern == "horizontal stripes":
+        for i, y in enumerate(np.arange(y0, y1, 0.025)):
+            if i % 2:
+                pen.rect(x0, y, x1, min(y + 0.025, y1), second)
+    if pattern == "vertical stripes":
+        for i, x in enumerate(np.arange(x0, x1, 0.025)):
+            if i % 2:
+                pen.rect(x, y0, min(x + 0.025, x1), y1, second)
+    if pattern == "checks":
+        cell = 0.035
+        for i, y in enumerate(np.arange(y0, y1, cell)):
+            for j, x in enumerate(np.arange(x0, x1, cell)):
+                if (i + j) % 2:
+                    pen.rect(x, y, min(x + cell, x1), min(y + cell, y1), second)
+
+
+def _draw_legs(pen: _Pen, person: PersonAttributes, shot: Shot, half_width: float) -> None:
+    """Legs (walking), shoes and the lower garment."""
+    skin, lower = SKIN_TONES[person.skin_tone], PALETTE[person.lower_color]
+    shoes = PALETTE[person.shoe_color]
+    width = 0.085 * person.width
+    swing = math.sin(shot.phase)
+    if shot.view == "side":
+        angle = 0.38 * swing
+        legs = [
+            ((0.0, 0.5), (0.465 * math.sin(a), 0.5 + 0.465 * math.cos(a))) for a in (angle, -angle)
+        ]
+    else:  # front/back: the stepping foot lifts a little
+        spread = 0.055 * person.width
+        legs = [
+            ((-spread, 0.5), (-spread * 1.1, 0.965 - 0.03 * max(0.0, swing))),
+            ((spread, 0.5), (spread * 1.1, 0.965 - 0.03 * max(0.0, -swing))),
+        ]
+    for hip, foot in legs:
+        if person.lower_type == "trousers":
+            pen.limb(hip, foot, width, lower)
+        else:
+            pen.limb(hip, foot, width * 0.85, skin)
+            if person.lower_type == "shorts":
+                pen.limb(hip, _lerp(hip, foot, 0.42), width * 1.05, lower)
+        toe = 0.05 if shot.view == "side" else 0.0  # shoes point where the person walks
+        pen.rect(foot[0] - 0.04, foot[1] - 0.012, foot[0] + 0.04 + toe, foot[1] + 0.03, shoes)
+    if person.lower_type == "skirt":
+        flare = 1.35 if shot.view != "side" else 1.6
+        waist, hem = half_width * 0.95, half_width * flare
+        pen.polygon([(-waist, 0.49), (waist, 0.49), (hem, 0.73), (-hem, 0.73)], lower)
+
+
+def _draw_head(pen: _Pen, person: PersonAttributes, view: str) -> None:
+    skin, hair = SKIN_TONES[person.skin_tone], HAIR_COLORS[person.hair_color]
+    pen.rect(-0.025, 0.12, 0.025, 0.16, skin)  # neck
+    if view == "back":
+        pen.ellipse(0.0, 0.075, 0.056, 0.068, hair)
+        if person.hair_length == "long":
+            pen.rect(-0.06, 0.07, 0.06, 0.25, hair)
+    elif view == "front":
+        pen.ellipse(0.0, 0.07, 0.058, 0.068, hair)
+        pen.ellipse(0.0, 0.088, 0.05, 0.056, skin)
+    else:
+        pen.ellipse(-0.008, 0.07, 0.056, 0.066, hair)
+        pen.ellipse(0.014, 0.088, 0.046, 0.054, skin)
+
+
+def _draw_arms(pen: _Pen, person: PersonAttributes, shot: Shot, half_width: float) -> Point:
+    """Sleeves and hands; returns the carrying hand's position (handbags hang from it)."""
+    sleeve, skin = PALETTE[person.upper_color], SKIN_TONES[person.skin_tone]
+    swing = math.sin(shot.phase)
+    if shot.view == "side":
+        angle = -0.45 * swing  # the near arm swings against the near leg
+        shoulders = [(0.0, 0.17)]
+        hands = [(0.30 * math.sin(angle), 0.17 + 0.30 * math.cos(angle))]
+    else:
+        shoulders = [(-(half_width + 0.025), 0.17), (half_width + 0.025, 0.17)]
+        hands = [
+            (-(half_width + 0.04), 0.46 - 0.015 * swing),
+            (half_width + 0.04, 0.46 + 0.015 * swing),
+        ]
+    for shoulder, hand in zip(shoulders, hands):
+        pen.limb(shoulder, hand, 0.055 * person.width, sleeve)
+        pen.ellipse(hand[0], hand[1], 0.022, 0.022, skin)
+    return hands[-1]
+
+
+def _draw_bag(
+    pen: _Pen, person: PersonAttributes, view: str, half_width: float, hand: Point, behind: bool
+) -> None:
+    """The carried item: a backpack shows as a block from the back, straps from the front and a
+    bump behind in side views; handbags hang from the hand; shoulder bags have a diagonal strap."""
+    if person.bag == "none" or person.bag_color is None:
+        return
+    color = PALETTE[person.bag_color]
+    if person.bag == "backpack":
+        if behind and view == "side":
+            pen.rect(-(half_width + 0.075), 0.17, -half_width + 0.01, 0.42, color)
+        elif not behind and view == "back":
+            pen.rect(-half_width * 0.8, 0.18, half_width * 0.8, 0.42, color)
+        elif not behind and view == "front":
+            for x in (-half_width * 0.55, half_width * 0.55):
+                pen.rect(x - 0.013, 0.15, x + 0.013, 0.36, color)
+        elif not behind:  # side view: the strap over the shoulder
+            pen.rect(-0.02, 0.15, 0.01, 0.33, color)
+    elif behind:
+        return
+    elif person.bag == "handbag":
+        hx, hy = hand
+        pen.rect(hx - 0.04, hy + 0.01, hx + 0.04, hy + 0.1, color)
+    else:  # shoulder bag
+        pen.limb((-half_width * 0.9, 0.16), (half_width * 0.9, 0.43), 0.02, color)
+        pen.rect(half_width * 0.55, 0.40, half_width + 0.07, 0.51, color)
+
+
+def draw_person(
+    draw: ImageDraw.ImageDraw, person: PersonAttributes, shot: Shot, size: tuple[int, int]
+) -> None:
+    """Paint `person` in `shot` onto a canvas of `size` (width, height), back to front."""
+    width, height = size
+    person_height = shot.scale * person.height * height
+    top = shot.feet_y * height - person_height
+    pen = _Pen(draw, shot.center_x * width, top, person_height, shot.facing)
+    half_width = (0.085 if shot.view == "side" else 0.13) * person.width
+    hair = HAIR_COLORS[person.hair_color]
+    if person.hair_length == "long" and shot.view != "back":
+        behind = -0.065 if shot.view == "side" else -0.068
+        pen.rect(behind, 0.05, 0.0 if shot.view == "side" else 0.068, 0.24, hair)
+    _draw_bag(pen, person, shot.view, half_width, (0.0, 0.0), behind=True)
+    _draw_legs(pen, person, shot, half_width)
+    _draw_top(pen, person, half_width)
+    hand = _draw_arms(pen, person, shot, half_width)
+    _draw_head(pen, person, shot.view)
+    _draw_bag(pen, person, shot.view, half_width, hand, behind=False)
+
+
+def render_image(
+    person: PersonAttributes | None, camera: CameraStyle, shot: Shot, rng: np.random.Generator
+) -> Image.Image:
+    """One camera image (128x64) of `person` (None: the empty scene) before JPEG encoding."""
+    background = np.roll(_camera_background(camera), shot.shift, axis=1)
+    canvas = Image.fromarray(background.astype(np.uint8))
+    if person is not None:
+        draw_person(ImageDraw.Draw(canvas), person, shot, canvas.size)
+    small = canvas.resize((IMAGE_WIDTH, IMAGE_HEIGHT), Image.Resampling.BOX)
+    gain = np.array(camera.cast, np.float32) * camera.brightness * shot.light
+    sensor_noise = rng.normal(0.0, 3.0, size=(IMAGE_HEIGHT, IMAGE_WIDTH, 1))
+    pixels = np.asarray(small, np.float32) * gain + sensor_noise
+    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    radius = camera.blur * float(rng.uniform(0.8, 1.2))
+    return image.filter(ImageFilter.GaussianBlur(radius)) if radius > 0.15 else image
