@@ -41,7 +41,9 @@ from core.storage import resolve
 from eval.downstream.config import DownstreamConfig
 from eval.downstream.inits import resolve_imagenet
 from eval.downstream.methods import METHODS, ReidMethod, get_method, register_method
-from eval.downstream.runner import Cell, count_executions, fine_tune_cell, plan_cells, run_downstream
+from eval.downstream.cells import Cell, count_executions, plan_cells
+from eval.downstream.runner import run_downstream
+from eval.downstream.trial import fine_tune_cell
 from eval.downstream.settings import Setting, few_shot_images, small_scale_identities, training_subset
 from eval.downstream.tables import results_frame, results_markdown
 from core.config import ConfigError, load_config
@@ -350,7 +352,7 @@ def _tiny_grid(root: Path, **overrides: object) -> DownstreamConfig:
 
 def test_fine_tune_cell_resumes_from_its_checkpoint(workspace: dict[str, Path], tmp_path: Path) -> None:
     from eval.downstream.inits import random_init
-    from eval.downstream.runner import _load_training_state, _save_training_state
+    from eval.downstream.trial import _load_training_state, _save_training_state
 
     config = _tiny_grid(workspace["root"], train={**TINY_TRAIN, "epochs": 2}, checkpoint_every=1)
     dataset = load_source(config.datasets[0])

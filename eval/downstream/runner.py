@@ -19,30 +19,34 @@ trains appends a line to its cell's `executions.log`.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import tempfile
 import time
-import warnings
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import ray
-import torch
 from ray import tune
-from safetensors.torch import load_file, save_file
-from torch import nn
 
+from core.cluster import RayConfig, cluster_gpus, init_ray
+from core.config import ConfigError, config_to_yaml
+from core.datasets.base import DatasetError, ReidDataset
+from core.datasets.images import read_images
+from core.datasets.registry import load_source
 from core.storage import Location, local_folder, resolve, user_path
-from eval.downstream.config import INIT_IMAGENET, INIT_OURS, INIT_RANDOM, DownstreamConfig
-from eval.downstream.inits import InitWeights, build_initialised_backbone, load_ours, random_init, resolve_imagenet
-from eval.downstream.methods import ReidMethod, get_method
-from eval.downstream.settings import Setting, training_subset
+from eval.downstream.cells import (
+    CONFIG_FILE,
+    Cell,
+    RESULTS_CSV,
+    RESULTS_MD,
+    _digest,
+    cell_digest,
+    plan_cells,
+    read_cell_result,
+)
+from eval.downstream.config import INIT_IMAGENET, INIT_OURS, DownstreamConfig
+from eval.downstream.inits import InitWeights, load_ours, random_init, resolve_imagenet
+from eval.downstream.methods import get_method
 from eval.downstream.tables import (
     STATUS_DONE,
     STATUS_ERROR,
@@ -52,322 +56,7 @@ from eval.downstream.tables import (
     results_markdown,
     write_results_csv,
 )
-from core.config import ConfigError, config_to_yaml
-from core.datasets.base import DatasetError, ReidDataset
-from core.datasets.registry import load_source
-from core.datasets.images import read_images
-from core.cluster import RayConfig, cluster_gpus, init_ray
-from trainers.config import ReidTrainConfig
-from trainers.reid.data import TrainingSet, make_train_loader
-from trainers.reid.evaluate import evaluate_reid
-from trainers.reid.schedule import build_lr_scheduler, build_optimizer
-from trainers.reid.train import train_one_epoch
-
-RESULT_FILE = "result.json"
-EXECUTIONS_FILE = "executions.log"
-RESULTS_CSV = "results.csv"
-RESULTS_MD = "results.md"
-CONFIG_FILE = "config.yaml"
-_CHECKPOINT_MODEL, _CHECKPOINT_LOSS = "model.safetensors", "loss.safetensors"
-_CHECKPOINT_OPTIMIZER, _CHECKPOINT_STATE = "optimizer.pt", "state.json"
-
-
-@dataclass(frozen=True, order=True)
-class Cell:
-    """One point of the grid, and one Tune trial."""
-
-    dataset: str
-    method: str
-    init: str
-    setting: Setting
-    seed: int
-
-    @property
-    def key(self) -> str:
-        return f"{self.dataset}/{self.method}/{self.init}/{self.setting.name}/seed{self.seed}"
-
-    def params(self) -> dict[str, Any]:
-        """The trial's config entry (plain JSON, as Tune stores it)."""
-        return {"dataset": self.dataset, "method": self.method, "init": self.init,
-                "setting": self.setting.name, "seed": self.seed}
-
-    @classmethod
-    def from_params(cls, params: dict[str, Any]) -> Cell:
-        return cls(params["dataset"], params["method"], params["init"], Setting.parse(params["setting"]),
-                   int(params["seed"]))
-
-    def directory(self, out_dir: Location | str) -> Location:
-        safe = [part.replace("/", "_") for part in (self.dataset, self.method, self.init, self.setting.name)]
-        return resolve(out_dir) / "/".join(["cells", *safe, f"seed{self.seed}"])
-
-
-def plan_cells(config: DownstreamConfig) -> list[Cell]:
-    """The grid: dataset x method x init x setting x seed, with the Fs/Ss settings limited to
-    `fraction_datasets` / `fraction_methods` when those are given."""
-    cells = []
-    for source in config.datasets:
-        for method in config.methods:
-            for setting in config.setting_list:
-                if setting.kind != "supervised":
-                    if config.fraction_datasets and source.source_name not in config.fraction_datasets:
-                        continue
-                    if config.fraction_methods and method not in config.fraction_methods:
-                        continue
-                for init in config.inits:
-                    for seed in config.seeds:
-                        cells.append(Cell(source.source_name, method, init, setting, seed))
-    return cells
-
-
-def _digest(payload: Any) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def cell_digest(cell: Cell, config: DownstreamConfig, init: InitWeights) -> str:
-    """Changes whenever anything that determines the cell's result does."""
-    source = next(d for d in config.datasets if d.source_name == cell.dataset)
-    return _digest({
-        "cell": cell.params(),
-        "train": config.train.model_dump(mode="json"),
-        "method_options": config.method_options.get(cell.method, {}),
-        "dataset": source.model_dump(mode="json"),
-        "weights": init.digest,
-        "fs_min_images_per_id": config.fs_min_images_per_id,
-        "ss_min_identities": config.ss_min_identities,
-    })
-
-
-def read_cell_result(out_dir: Location | str, cell: Cell, digest: str) -> dict[str, Any] | None:
-    """The cell's finished result if it was computed under `digest`, else None."""
-    location = cell.directory(out_dir) / RESULT_FILE
-    try:
-        result = json.loads(location.read_bytes())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-    return result if result.get("digest") == digest else None
-
-
-def count_executions(out_dir: Location | str, cell: Cell) -> int:
-    """How many trials started training this cell (lines of its `executions.log`)."""
-    location = cell.directory(out_dir) / EXECUTIONS_FILE
-    return len(location.read_text().splitlines()) if location.exists() else 0
-
-
-def _write_json(location: Location, data: Any) -> None:
-    location.write_bytes(json.dumps(data, indent=2).encode())
-
-
-# ------------------------------------------------------------------------------------------
-# One cell: fine-tune and evaluate
-
-
-@dataclass
-class TrainingState:
-    """What a trial checkpoint restores."""
-
-    model: dict[str, torch.Tensor]
-    loss: dict[str, torch.Tensor]
-    optimizer: dict[str, Any]
-    epoch: int
-    history: list[dict[str, float]]
-
-
-# (epoch metrics, state to checkpoint or None) -> None
-EpochReporter = Callable[[dict[str, Any], "TrainingState | None"], None]
-
-
-def cell_recipe(config: DownstreamConfig, method: ReidMethod, options: Any, cell: Cell, num_ids: int) -> ReidTrainConfig:
-    """The cell's training config: the shared recipe as the method adjusts it, with the cell's
-    seed, and the PK sampler's P capped at the identities there are (a small Ss subset can have
-    fewer than `ids_per_batch`)."""
-    recipe = method.adjust_recipe(config.train, options)
-    return recipe.model_copy(update={
-        "seed": cell.seed, "init": INIT_RANDOM, "ids_per_batch": min(recipe.ids_per_batch, num_ids),
-    })
-
-
-def build_cell_model(
-    method: ReidMethod, options: Any, recipe: ReidTrainConfig, init: InitWeights, num_classes: int, seed: int
-) -> tuple[nn.Module, nn.Module]:
-    """(model, loss) of a cell; random weights follow `seed`."""
-    torch.manual_seed(seed)
-    backbone = build_initialised_backbone(recipe.arch, init, recipe.last_stride)
-    model = method.build_model(backbone, num_classes, recipe, options)
-    return model, method.build_loss(model, num_classes, recipe, options)
-
-
-def fine_tune_cell(
-    cell: Cell,
-    dataset: ReidDataset,
-    config: DownstreamConfig,
-    init: InitWeights,
-    method: ReidMethod | None = None,
-    device: torch.device | str = "cpu",
-    restored: TrainingState | None = None,
-    report: EpochReporter | None = None,
-    images: Mapping[str, bytes] | None = None,
-) -> dict[str, Any]:
-    """Fine-tune `cell` on its training subset of `dataset` and evaluate on query/gallery.
-
-    Returns the result record (metrics as fractions in [0, 1], the CMC curve, subset sizes,
-    timings, per-epoch history). `method` defaults to the registered `cell.method`. `report` is
-    called after every epoch with the metrics and, every `checkpoint_every` epochs, the state to
-    checkpoint. `images` (path -> encoded bytes, read by the driver) spare the trial any access to
-    the dataset's files.
-    """
-    start = time.perf_counter()
-    device = torch.device(device)
-    method = method or get_method(cell.method)
-    options = method.options(config.method_options.get(cell.method))
-    all_train = [r for r in dataset.train if not r.distractor]
-    records = training_subset(dataset.train, cell.setting, cell.seed,
-                              config.fs_min_images_per_id, config.ss_min_identities)
-    training = TrainingSet.from_records(records, images)
-    if training.num_classes < 2:
-        raise ValueError(f"{cell.key}: {training.num_classes} training identities; metric learning needs 2")
-    recipe = cell_recipe(config, method, options, cell, training.num_classes)
-    model, loss_fn = build_cell_model(method, options, recipe, init, training.num_classes, cell.seed)
-    model.to(device)
-    loss_fn.to(device)
-    optimizer = build_optimizer(model, recipe)
-    scheduler = build_lr_scheduler(optimizer, recipe)
-    start_epoch, history = 0, []
-    if restored is not None:
-        model.load_state_dict(restored.model)
-        loss_fn.load_state_dict(restored.loss)
-        optimizer.load_state_dict(restored.optimizer)
-        start_epoch, history = restored.epoch, list(restored.history)
-        with warnings.catch_warnings():  # fast-forwarding the schedule without optimizer steps is intended
-            warnings.simplefilter("ignore", UserWarning)
-            for _ in range(start_epoch):
-                scheduler.step()
-    torch.manual_seed(cell.seed + 1000 + start_epoch)  # augmentation draws
-    loader = make_train_loader(training, recipe)
-    train_start = time.perf_counter()
-    for epoch in range(start_epoch, recipe.epochs):
-        loader.batch_sampler.set_epoch(epoch)
-        lr = optimizer.param_groups[0]["lr"]
-        metrics = {"epoch": epoch + 1, "lr": lr, **train_one_epoch(model, loader, loss_fn, optimizer, device)}
-        scheduler.step()
-        history.append(metrics)
-        if report is not None:
-            every = config.checkpoint_every
-            checkpoint = every and ((epoch + 1) % every == 0) and epoch + 1 < recipe.epochs
-            state = TrainingState(
-                model={k: v.detach().cpu() for k, v in model.state_dict().items()},
-                loss={k: v.detach().cpu() for k, v in loss_fn.state_dict().items()},
-                optimizer=optimizer.state_dict(), epoch=epoch + 1, history=list(history),
-            ) if checkpoint else None
-            report(metrics, state)
-    train_seconds = time.perf_counter() - train_start
-    metrics = evaluate_reid(model, dataset, recipe, device=device, images=images)
-    return {
-        **cell.params(),
-        "status": STATUS_DONE,
-        "kind": cell.setting.kind,
-        "percent": cell.setting.percent,
-        **{k: metrics[k] for k in ("mAP", "rank1", "rank5", "rank10", "mINP")},
-        "cmc": metrics["cmc"],
-        "train_images": len(training.paths),
-        "train_ids": training.num_classes,
-        "image_fraction": len(training.paths) / max(1, len(all_train)),
-        "id_fraction": training.num_classes / max(1, len({(r.source, r.pid) for r in all_train})),
-        "ids_per_batch": recipe.ids_per_batch,
-        "epochs": recipe.epochs,
-        "train_seconds": train_seconds,
-        "total_seconds": time.perf_counter() - start,
-        "weights": init.source,
-        "history": history,
-    }
-
-
-# ------------------------------------------------------------------------------------------
-# Tune trial
-
-
-@dataclass
-class TrialContext:
-    """Everything a trial needs, shipped once through the object store (`tune.with_parameters`)."""
-
-    config: DownstreamConfig
-    out_dir: Location  # travels as its URI; each trial's node resolves it
-    datasets: dict[str, ReidDataset]
-    inits: dict[str, InitWeights]
-    # Each dataset's images (path -> encoded bytes), read once by the driver: trials on any node
-    # train and evaluate from them, with no access to the dataset's filesystem.
-    images: dict[str, dict[str, bytes]] = field(default_factory=dict)
-    # The driver's registry entries: a method registered at run time reaches the workers too
-    # (its functions travel by reference, so their module must be importable there).
-    methods: dict[str, ReidMethod] = field(default_factory=dict)
-    digests: dict[str, str] = field(default_factory=dict)  # cell key -> digest
-
-
-def _save_training_state(directory: Path, state: TrainingState) -> None:
-    save_file({k: v.contiguous() for k, v in state.model.items()}, str(directory / _CHECKPOINT_MODEL))
-    save_file({k: v.contiguous() for k, v in state.loss.items()}, str(directory / _CHECKPOINT_LOSS))
-    torch.save(state.optimizer, directory / _CHECKPOINT_OPTIMIZER)
-    (directory / _CHECKPOINT_STATE).write_text(json.dumps({"epoch": state.epoch, "history": state.history}))
-
-
-def _load_training_state(directory: Path) -> TrainingState:
-    meta = json.loads((directory / _CHECKPOINT_STATE).read_text())
-    return TrainingState(
-        model=load_file(str(directory / _CHECKPOINT_MODEL)),
-        loss=load_file(str(directory / _CHECKPOINT_LOSS)),
-        # weights_only: a checkpoint folder is data, never code to run
-        optimizer=torch.load(directory / _CHECKPOINT_OPTIMIZER, map_location="cpu", weights_only=True),
-        epoch=int(meta["epoch"]),
-        history=list(meta["history"]),
-    )
-
-
-def _report_epoch(metrics: dict[str, Any], state: TrainingState | None) -> None:
-    if state is None:
-        tune.report(metrics)
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        _save_training_state(Path(tmp), state)
-        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
-
-
-def run_trial(params: dict[str, Any], context: TrialContext) -> None:
-    """Tune function trainable: one cell (`params["cell"]`)."""
-    cell = Cell.from_params(params["cell"])
-    digest = context.digests[cell.key]
-    cell_dir = cell.directory(context.out_dir)
-    finished = read_cell_result(context.out_dir, cell, digest)
-    if finished is not None:  # done by an earlier run that Tune's own state did not record
-        tune.report({"mAP": finished["mAP"], "rank1": finished["rank1"], "reused": True})
-        return
-    torch.set_num_threads(max(1, int(context.config.cpus_per_trial)))
-    device = torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
-    restored = None
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            restored = _load_training_state(Path(directory))
-    # One line per execution; read and rewritten whole, since object stores cannot append
-    # (one trial per cell at a time, so there is no other writer).
-    executions = cell_dir / EXECUTIONS_FILE
-    stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    earlier = executions.read_text() if executions.exists() else ""
-    executions.write_text(f"{earlier}{stamp} pid={os.getpid()} device={device} "
-                          f"from_epoch={restored.epoch if restored else 0}\n")
-    result = fine_tune_cell(cell, context.datasets[cell.dataset], context.config, context.inits[cell.init],
-                            method=context.methods.get(cell.method), device=device, restored=restored,
-                            report=_report_epoch, images=context.images.get(cell.dataset))
-    result["digest"] = digest
-    _write_json(cell_dir / RESULT_FILE, result)
-    tune.report({k: result[k] for k in ("mAP", "rank1", "mINP", "train_seconds")})
-
-
-def trial_dirname(trial: Any) -> str:
-    params = trial.config["cell"]
-    return "_".join(str(params[k]) for k in ("dataset", "method", "init", "setting")) + f"_seed{params['seed']}"
-
-
-def trial_name(trial: Any) -> str:
-    return Cell.from_params(trial.config["cell"]).key
+from eval.downstream.trial import TrialContext, build_cell_model, run_trial, trial_dirname, trial_name
 
 
 # ------------------------------------------------------------------------------------------
