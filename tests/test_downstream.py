@@ -245,6 +245,22 @@ def test_methods_registry() -> None:
 # config, grid, tables, initialisations
 
 
+def test_an_unreadable_benchmark_image_stops_the_run_before_any_trial(tmp_path: Path) -> None:
+    """The driver reads every benchmark image once (the trials get the bytes): a truncated file
+    is named up front instead of failing trials one by one."""
+    from core.datasets.base import DatasetError
+    from eval.downstream.runner import read_dataset_images
+
+    dataset = load_source(SourceConfig(kind="synthetic", root=tmp_path / "bench",
+                                       generate={"ids": 4, "cameras": 2, "seed": 9}))
+    images = read_dataset_images({"tiny": dataset})["tiny"]
+    assert set(images) == {r.path for r in (*dataset.train, *dataset.query, *dataset.gallery)}
+    broken = Path(dataset.gallery[0].path)
+    broken.write_bytes(broken.read_bytes()[:200])
+    with pytest.raises(DatasetError, match=f"tiny has 1 unreadable images.*{broken.name}"):
+        read_dataset_images({"tiny": dataset})
+
+
 def test_config_validation_names_the_key() -> None:
     with pytest.raises(ConfigError, match="train.seed is set per cell"):
         load_config(DownstreamConfig, overrides=["train.seed=3"])
