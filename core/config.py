@@ -140,8 +140,11 @@ def load_config(
     Raises `ConfigError` naming the file, the key and the offending value.
     """
     data = _read_yaml(Path(path)) if path is not None else {}
-    data = apply_overrides(data, overrides)
-    origin = config_origin(path, overrides)
+    return validate_config(model, apply_overrides(data, overrides), config_origin(path, overrides))
+
+
+def validate_config(model: type[M], data: Mapping[str, Any], origin: str) -> M:
+    """`model` from plain data; `ConfigError` naming `origin`, the key and the value otherwise."""
     try:
         return model.model_validate(data)
     except ValidationError as err:

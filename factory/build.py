@@ -82,10 +82,18 @@ class CircuitBreaker:
         return None
 
 
+def run_models(config: RunConfig) -> dict[str, str]:
+    """The models the run's actors load: config key -> model id, as the config names them."""
+    models = {"generation.base_model": config.generation.base_model}
+    if config.caption.captions == "lpe":
+        models["caption.model"] = config.caption.model
+    if config.filter.kind == "clip":
+        models["filter.clip_model"] = config.filter.clip_model
+    return models
+
+
 def run_model_ids(config: RunConfig) -> list[str]:
-    """The models the run's actors load, as the config names them."""
-    return [config.generation.base_model, config.caption.model,
-            *([config.filter.clip_model] if config.filter.kind == "clip" else [])]
+    return list(run_models(config).values())
 
 
 def resolve_models(config: RunConfig, log=print) -> RunConfig:
@@ -97,8 +105,7 @@ def resolve_models(config: RunConfig, log=print) -> RunConfig:
         from factory.demo.models import ensure_demo_models
 
         ensure_demo_models(config.demo_models, log=log)
-    keys = ["generation.base_model", "caption.model", *(["filter.clip_model"] if config.filter.kind == "clip" else [])]
-    for model_id, key in zip(run_model_ids(config), keys):
+    for key, model_id in run_models(config).items():
         check_model_available(model_id, key)
     return config
 

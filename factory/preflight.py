@@ -252,10 +252,12 @@ def iir_token_unknown_to_tokenizers(config: RunConfig) -> Iterable[Problem]:
     """The paper's IIR is 'a meaningless text not in CLIP's vocabulary': a word either tokenizer
     already knows carries prior meaning into P_E (and may come back in captions)."""
     token = config.caption.iir_token
-    for model_id, subfolder, what in (
-        (config.generation.base_model, "tokenizer", "the text encoder's tokenizer"),
-        (config.caption.model, "", "the captioner's tokenizer"),
-    ):
+    if not config.caption.use_iir:
+        return
+    tokenizers = [(config.generation.base_model, "tokenizer", "the text encoder's tokenizer")]
+    if config.caption.captions == "lpe":
+        tokenizers.append((config.caption.model, "", "the captioner's tokenizer"))
+    for model_id, subfolder, what in tokenizers:
         found = tokenizer_vocabulary(model_id, subfolder)
         if found is None:
             continue

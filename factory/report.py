@@ -190,7 +190,7 @@ fine-tuning with the Fine-Grain-Specific Prior Preservation Loss, {f.kind} filte
 | failed identities | {len(manifest.get("failed", {}))} |
 | sources | {sources} |
 | text-to-image base | `{g.base_model}` at {g.resolution[0]}x{g.resolution[1]} |
-| captioner | `{config.caption.model}`, IIR token `{config.caption.iir_token}` |
+| captioner | {f"`{config.caption.model}`" if config.caption.captions == "lpe" else "none (category prompt)"}, IIR token {f"`{config.caption.iir_token}`" if config.caption.use_iir else "none"} |
 | fine-tune | {g.train_steps} steps, lr {g.learning_rate}, lambda {g.prior_loss_weight}, {g.reference_images} reference images |
 | samples per identity | {g.samples_per_identity}, {g.num_inference_steps} steps, guidance {g.guidance_scale} |
 | filter | {f.kind}, threshold {f.threshold} |

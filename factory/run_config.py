@@ -12,6 +12,7 @@ from pathlib import Path
 from pydantic import Field, model_validator
 
 from eval.downstream.config import DownstreamConfig
+from eval.experiment.config import ExperimentConfig
 from core.cluster import RayConfig
 from core.config import StrictModel, load_config
 from core.datasets.config import SourceConfig
@@ -55,6 +56,7 @@ class RunConfig(StrictModel):
     demo_models: DemoModelsConfig = DemoModelsConfig()
     downstream: DownstreamConfig = DownstreamConfig()
     pretrain: PretrainConfig = PretrainConfig()
+    experiment: ExperimentConfig = ExperimentConfig()
 
     @model_validator(mode="after")
     def _unique_source_names(self) -> RunConfig:

@@ -51,6 +51,14 @@ class CaptionConfig(StrictModel):
     iir_token: str = Field("zwx", min_length=1, description="Identity Information Representer")
     prompt_template: str = "a photo of {iir} person, {caption}"
     reference_template: str = "a photo of a person, {caption}"
+    # Ablations of the paper's Table 6 (eval.experiment runs them); the defaults are the method.
+    captions: Literal["lpe", "category"] = Field(
+        "lpe", description="lpe: BLIP-2 captions merged per identity (the paper); category: no captioner, "
+        "the prompts carry the category only ('a photo of zwx person')",
+    )
+    use_iir: bool = Field(
+        True, description="false: fine-tune and sample on the prompt without the IIR token (the reference prompt)",
+    )
 
 
 class VariationConfig(StrictModel):

@@ -53,9 +53,12 @@ def merge_captions(captions: Sequence[str]) -> str:
 
 
 def build_prompts(caption: str, config: CaptionConfig) -> tuple[str, str]:
-    """(P_E with the IIR token, the LPE prompt without it for the Attribute Reference Set)."""
-    prompt = config.prompt_template.format(iir=config.iir_token, caption=caption).strip(" ,")
+    """(P_E with the IIR token, the LPE prompt without it for the Attribute Reference Set).
+    Without the IIR (`use_iir: false`) both are the reference prompt."""
     reference = config.reference_template.format(caption=caption).strip(" ,")
+    if not config.use_iir:
+        return reference, reference
+    prompt = config.prompt_template.format(iir=config.iir_token, caption=caption).strip(" ,")
     return prompt, reference
 
 
@@ -80,6 +83,8 @@ class CaptionStage(Stage):
     def setup(self) -> None:
         from factory.models.loading import load_captioner
 
+        if self.config.captions == "category":
+            return  # no captioner: every identity's caption is empty, its prompt the category's
         self.device = actor_device(self.num_gpus)
         self.model, self.processor = load_captioner(self.folders.open(self.config.model), self.device, self.config.dtype)
 
@@ -102,7 +107,8 @@ class CaptionStage(Stage):
         values: dict[str, list] = {name: [] for name, _ in CAPTION_FIELDS}
         for seq in batch.column("image_bytes").to_pylist():
             start = time.perf_counter()
-            captions = self.caption_images([Image.open(io.BytesIO(b)).convert("RGB") for b in seq])
+            captions = ([] if self.config.captions == "category" else
+                        self.caption_images([Image.open(io.BytesIO(b)).convert("RGB") for b in seq]))
             caption = merge_captions(captions)
             prompt, reference = build_prompts(caption, self.config)
             values["captions"].append(captions)

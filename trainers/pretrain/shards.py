@@ -121,40 +121,65 @@ def inspect_shards(data_dir: str | Path | Location) -> ShardSummary:
                         num_classes=int(pids.max()) + 1)
 
 
+def records_table(records: Sequence[ImageRecord], image_size: tuple[int, int] | None = None) -> pa.Table:
+    """Re-ID records (e.g. a dataset's training split) as rows of `SHARD_SCHEMA`: images re-encoded
+    as JPEG (resized to `image_size` if given), distractors dropped, `pid` still the source's
+    (`write_table_shards` makes it dense)."""
+    kept = sorted((r for r in records if not r.distractor), key=lambda r: (r.source, r.pid, r.path))
+    rows: dict[str, list] = {name: [] for name in SHARD_SCHEMA.names}
+    index_of: dict[tuple[str, int], int] = {}
+    for record in kept:
+        with Image.open(record.path) as image:
+            data = encode_image(image, image_size)
+        identity = (record.source, record.pid)
+        rows["image"].append({"bytes": data, "path": Path(record.path).name})
+        rows["pid"].append(record.pid)
+        rows["source"].append(record.source)
+        rows["source_pid"].append(record.pid)
+        rows["identity"].append(f"{record.source}/{record.pid}")
+        rows["prompt"].append("")  # a real image: no prompt, seed or filter score
+        rows["seed"].append(0)
+        rows["score"].append(1.0)
+        rows["index"].append(index_of.get(identity, 0))
+        index_of[identity] = index_of.get(identity, 0) + 1
+    return pa.Table.from_pydict(rows, schema=SHARD_SCHEMA)
+
+
+def read_shard_table(data_dir: str | Path | Location) -> pa.Table:
+    """Every row of `DIR/shards/*.parquet` in `SHARD_SCHEMA` (the files' own metadata dropped)."""
+    _, files = find_shard_files(data_dir)
+    return pa.concat_tables([f.read_parquet().select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA) for f in files])
+
+
+def write_table_shards(table: pa.Table, data_dir: str | Path | Location, rows_per_shard: int = 4096) -> ShardSummary:
+    """Write `table` (`SHARD_SCHEMA` rows) as `DIR/shards/part-*.parquet` on any URI, with `pid`
+    relabelled dense over the identities sorted by (source, source_pid) (rows of one identity from several
+    tables, real and generated, share a label)."""
+    if table.num_rows == 0:
+        raise ShardError("no rows to write")
+    keys = zip(table.column("source").to_pylist(), table.column("source_pid").to_pylist(),
+               table.column("identity").to_pylist())
+    label_of = {identity: label for label, (_, _, identity) in enumerate(sorted(set(keys)))}
+    labels = pa.array([label_of[i] for i in table.column("identity").to_pylist()], pa.int64())
+    table = table.set_column(table.schema.get_field_index("pid"), "pid", labels).sort_by([("pid", "ascending")])
+    shards_dir = resolve(data_dir) / SHARDS_DIR
+    for old in shards_dir.files(".parquet"):  # a rewrite replaces the set, never mixes two
+        old.delete()
+    for number, start in enumerate(range(0, table.num_rows, rows_per_shard)):
+        (shards_dir / f"part-{number:05d}.parquet").write_parquet(table.slice(start, rows_per_shard))
+    return inspect_shards(data_dir)
+
+
 def write_shards(
     records: Sequence[ImageRecord],
-    data_dir: str | Path,
+    data_dir: str | Path | Location,
     image_size: tuple[int, int] | None = None,
     rows_per_shard: int = 4096,
 ) -> ShardSummary:
     """Write `records` (e.g. a Re-ID dataset's training split) as `DIR/shards/part-*.parquet` in
     the factory's `SHARD_SCHEMA`: images re-encoded as JPEG (resized to `image_size` if given),
-    `pid` dense over the sorted (source, pid) pairs, distractors dropped."""
-    kept = [r for r in records if not r.distractor]
-    if not kept:
+    `pid` dense over the sorted identities, distractors dropped."""
+    table = records_table(records, image_size)
+    if table.num_rows == 0:
         raise ShardError("no records to write (after dropping distractors)")
-    identities = sorted({(r.source, r.pid) for r in kept})
-    label_of = {identity: label for label, identity in enumerate(identities)}
-    kept.sort(key=lambda r: (label_of[(r.source, r.pid)], r.path))
-    rows: dict[str, list] = {name: [] for name in SHARD_SCHEMA.names}
-    index_of: dict[int, int] = {}
-    for record in kept:
-        label = label_of[(record.source, record.pid)]
-        with Image.open(record.path) as image:
-            data = encode_image(image, image_size)
-        rows["image"].append({"bytes": data, "path": Path(record.path).name})
-        rows["pid"].append(label)
-        rows["source"].append(record.source)
-        rows["source_pid"].append(record.pid)
-        rows["identity"].append(f"{record.source}/{record.pid}")
-        rows["prompt"].append("")
-        rows["seed"].append(0)
-        rows["score"].append(1.0)
-        rows["index"].append(index_of.setdefault(label, 0))
-        index_of[label] += 1
-    table = pa.Table.from_pydict(rows, schema=SHARD_SCHEMA)
-    shards_dir = Path(data_dir) / SHARDS_DIR
-    shards_dir.mkdir(parents=True, exist_ok=True)
-    for number, start in enumerate(range(0, table.num_rows, rows_per_shard)):
-        pq.write_table(table.slice(start, rows_per_shard), shards_dir / f"part-{number:05d}.parquet")
-    return inspect_shards(data_dir)
+    return write_table_shards(table, data_dir, rows_per_shard)
