@@ -95,6 +95,17 @@ def build_configs(config: RunConfig, origin: str) -> dict[str, RunConfig]:
     return builds
 
 
+def share_filter_models(ablation: RunConfig, main: RunConfig, out: Location) -> RunConfig:
+    """An ablation whose Re-ID filter would be trained exactly as the main build's (same sources,
+    same trainer settings) uses the main build's model instead of training its own."""
+    same = (ablation.filter.kind == "reid" and ablation.filter.reid == main.filter.reid
+            and ablation.sources == main.sources and not ablation.filter.reid_checkpoints)
+    if not same:
+        return ablation
+    shared = {s.source_name: (out / "builds" / MAIN_BUILD / "filter_models" / s.source_name).uri for s in main.sources}
+    return ablation.model_copy(update={"filter": ablation.filter.model_copy(update={"reid_checkpoints": shared})})
+
+
 def check_builds(builds: Mapping[str, RunConfig], origin: str, log: Callable[[str], None]) -> None:
     """The build's check phase for every build, before the first one starts."""
     from factory.build import resolve_models
@@ -260,8 +271,11 @@ def run_experiment(config: RunConfig, out_dir: str | os.PathLike[str] | None = N
     from core.cluster import init_ray
 
     # Ray only for work left to do: a rerun of a finished experiment starts nothing.
-    build_markers = {name: ensure_build(name, build, out, log, start_ray=lambda: init_ray(config.ray))
-                     for name, build in builds.items()}
+    build_markers = {}
+    for name, build in builds.items():
+        if name != MAIN_BUILD and MAIN_BUILD in builds:
+            build = share_filter_models(build, builds[MAIN_BUILD], out)
+        build_markers[name] = ensure_build(name, build, out, log, start_ray=lambda: init_ray(config.ray))
 
     from trainers.pretrain.shards import inspect_shards, read_shard_table
 

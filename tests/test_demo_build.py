@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -109,23 +110,57 @@ def test_paper_preset_without_weights_stops_early_naming_the_model(tmp_path: Pat
     assert not (tmp_path / "o" / "shards").exists()
 
 
-def test_demo_shards_pretrain_a_backbone_timm_loads(demo_out: tuple[Path, str], tmp_path: Path) -> None:
-    """The demo's shards as `trainers.pretrain` input (the demo preset's `pretrain` section, cut to
-    2 epochs here; `-m slow` in tests/test_pretrain.py runs it whole)."""
+# The experiment's reduced grid on the demo build: 2 arms, 1 seed, tiny sizes.
+REDUCED_EXPERIMENT = [
+    "experiment.arms=[random,generated]", "experiment.seeds=[0]", "experiment.baseline=random",
+    "pretrain.epochs=2", "pretrain.warmup_epochs=1",
+    "downstream.methods=[agw]", "downstream.settings=[fs10]",
+    "downstream.train.epochs=2", "downstream.train.warmup_epochs=1", "downstream.train.milestones=[1]",
+]
+
+
+def test_reduced_experiment_on_the_demo_build_then_rerun_trains_nothing(demo_out: tuple[Path, str],
+                                                                          tmp_path: Path) -> None:
+    """`python -m eval.experiment` as a user runs it: its main build is the demo's (copied in: the
+    build step resumes it, generating nothing), the generated arm pre-trains a backbone on its
+    shards that timm loads with every key, both arms fine-tune and evaluate; then the same
+    command again reads every step back and trains nothing."""
+    import shutil
+
     import timm
     from safetensors.torch import load_file
 
-    out, _ = demo_out
+    built, _ = demo_out
+    out = tmp_path / "experiment"
+    shutil.copytree(built, out / "builds" / "main")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    result = subprocess.run(
-        [sys.executable, "-m", "trainers.pretrain", "--data", str(out), "--out", str(tmp_path / "ckpt"),
-         "--set", "pretrain.epochs=2", "--set", "pretrain.warmup_epochs=1"],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900,
-    )
-    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
-    assert "pretrain: done" in result.stdout
+    command = [sys.executable, "-m", "eval.experiment", "--out", str(out),
+               *[arg for override in REDUCED_EXPERIMENT for arg in ("--set", override)]]
+    first = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert first.returncode == 0, (first.stdout + first.stderr)[-6000:]
+    assert "nothing generated this run" in first.stdout, "the copied build is resumed, not rebuilt"
+    assert "2 chains: 0 done before, 2 to run" in first.stdout
+
+    runs = pd.read_csv(out / "runs.csv")
+    assert sorted(runs["arm"]) == ["generated", "random"] and set(runs["status"]) == {"done"}
+    assert runs["mAP"].between(0, 100).all()
+    summary = json.loads((built / "summary.json").read_text())
+    generated = runs[runs["arm"] == "generated"].iloc[0]
+    assert generated["pretrain_images"] == summary["output_images"]
+    table = (out / "results.md").read_text()
+    assert "| generated | " in table and "vs random" in table and (out / "plots").is_dir()
+
+    checkpoint = out / "chains" / "generated" / "seed-0" / "pretrain"
     arch = load_config(RunConfig, REPO_ROOT / "configs" / "demo.yaml").pretrain.arch
     loaded = timm.create_model(arch, num_classes=0).load_state_dict(
-        load_file(str(tmp_path / "ckpt" / "backbone.safetensors")), strict=True)
+        load_file(str(checkpoint / "backbone.safetensors")), strict=True)
     assert not loaded.missing_keys and not loaded.unexpected_keys
-    assert (tmp_path / "ckpt" / "curves.png").stat().st_size > 0
+    assert (checkpoint / "curves.png").stat().st_size > 0
+    trained_at = (checkpoint / "backbone.safetensors").stat().st_mtime_ns
+
+    second = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, (second.stdout + second.stderr)[-6000:]
+    assert "2 chains: 2 done before, 0 to run" in second.stdout and "(0 chains run now)" in second.stdout
+    assert "[build main] done before" in second.stdout and "started a local Ray" not in second.stderr.lower()
+    assert (checkpoint / "backbone.safetensors").stat().st_mtime_ns == trained_at
+    assert pd.read_csv(out / "runs.csv").equals(runs)
