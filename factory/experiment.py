@@ -156,7 +156,7 @@ def source_table_of(config: RunConfig) -> Any:
 def ensure_data(name: str, out: Location, wanted: str, make_table: Callable[[], Any], rows_per_shard: int,
                 log: Callable[[str], None]) -> str:
     """`OUT/data/<name>/shards` written once per digest; returns the folder's URI."""
-    from trainers.pretrain.shards import inspect_shards, write_table_shards
+    from trainers.pretrain.shards import write_table_shards
 
     location = out / "data" / name
     marker = location / MARKER

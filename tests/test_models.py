@@ -168,6 +168,27 @@ def test_clip_round_trip_returns_logits(clip_dir: Path) -> None:
     assert outputs.logits_per_text.shape == (3, 2)
 
 
+def test_clip_filter_scores_generated_images_as_probabilities(clip_dir: Path) -> None:
+    """The CLIP filter as a build runs it (it was broken by transformers 5, where
+    get_text_features returns an output object, and no test loaded it)."""
+    import io
+
+    from factory.stage_config import FilterConfig
+    from factory.stages.filter import ClipFilter
+
+    config = FilterConfig(kind="clip", clip_model=str(clip_dir), threshold=0.5)
+    clip = ClipFilter(config.threshold, config)
+    clip.setup("cpu")
+    images = []
+    for colour in ((200, 30, 30), (30, 30, 200)):
+        buffer = io.BytesIO()
+        _person(colour).save(buffer, format="PNG")
+        images.append(buffer.getvalue())
+    scores = clip.score({"generated": images})
+    assert len(scores) == 2 and all(0.0 <= s <= 1.0 for s in scores)
+    assert clip.score({"generated": []}) == []
+
+
 def test_builders_are_seeded() -> None:
     first, _ = tiny_clip(seed=5)
     second, _ = tiny_clip(seed=5)

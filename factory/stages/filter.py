@@ -179,17 +179,16 @@ class ClipFilter(ImageFilter):
         super().setup(device)
         self.model, self.processor = load_clip(self.config.clip_model, device, torch.float32)
         texts = [self.config.clip_positive, *self.config.clip_negatives]
-        tokens = self.processor(text=texts, return_tensors="pt", padding=True).to(device)
-        with torch.inference_mode():
-            self.text_features = F.normalize(self.model.get_text_features(**tokens), dim=-1)
+        self.text_tokens = dict(self.processor(text=texts, return_tensors="pt", padding=True).to(device))
 
     @torch.inference_mode()
     def score(self, row: Mapping) -> list[float]:
         if not row["generated"]:
             return []
         pixels = self.processor(images=decode(row["generated"]), return_tensors="pt").to(self.device)
-        image_features = F.normalize(self.model.get_image_features(**pixels), dim=-1)
-        logits = self.model.logit_scale.exp() * image_features @ self.text_features.T
+        # The model's own forward gives image-text logits (scaled cosine): stable across
+        # transformers versions, unlike the return type of get_text_features / get_image_features.
+        logits = self.model(**self.text_tokens, pixel_values=pixels["pixel_values"]).logits_per_image
         return logits.softmax(dim=1)[:, 0].cpu().tolist()
 
 
