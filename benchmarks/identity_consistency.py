@@ -33,7 +33,7 @@ def main() -> int:
     from factory.consistency import identity_consistency
 
     config = load_run_config(args.config, args.overrides)
-    rates = identity_consistency(config, resolve(args.build_dir), args.identities)
+    rates = identity_consistency(config, resolve(args.build_dir) / "filter_models", args.identities)
     print(f"{args.identities} identities at most, {config.generation.samples_per_identity} samples each, "
           f"same prompts and seeds; Re-ID filter threshold {config.filter.threshold}")
     for label, rate in (("base model (no fine-tune)", rates["base_model"]), ("fine-tuned (DI)", rates["fine_tuned"])):

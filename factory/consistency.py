@@ -20,8 +20,9 @@ class PassRate:
     samples: int
 
 
-def identity_consistency(config: RunConfig, build_dir: Location, identities: int) -> dict[str, PassRate]:
-    """{"base_model": ..., "fine_tuned": ...} over the first `identities` planned identities."""
+def identity_consistency(config: RunConfig, filter_models: Location, identities: int) -> dict[str, PassRate]:
+    """{"base_model": ..., "fine_tuned": ...} over the first `identities` planned identities, scored
+    by the Re-ID models in `filter_models/<source>` (a build's `DIR/filter_models`)."""
     from factory.build import load_sources, resolve_models
     from factory.sequences import plan_identities, read_sequences
     from factory.stages.caption import CaptionStage
@@ -32,7 +33,7 @@ def identity_consistency(config: RunConfig, build_dir: Location, identities: int
     datasets = load_sources(config, log=lambda _: None)
     plan = plan_identities(datasets, config.sequences)[:identities]
     table, _ = read_sequences(plan, config.sequences, config.generation.seed)
-    models = {d.name: FilterModelSpec.load(build_dir / "filter_models" / d.name) for d in datasets}
+    models = {d.name: FilterModelSpec.load(filter_models / d.name) for d in datasets}
     caption = CaptionStage(config.caption)
     caption.setup()
     captioned = caption.process_batch(table)

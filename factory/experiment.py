@@ -96,9 +96,10 @@ def build_configs(config: RunConfig, origin: str) -> dict[str, RunConfig]:
 
 
 def share_filter_models(ablation: RunConfig, main: RunConfig, out: Location) -> RunConfig:
-    """An ablation whose Re-ID filter would be trained exactly as the main build's (same sources,
-    same trainer settings) uses the main build's model instead of training its own."""
-    same = (ablation.filter.kind == "reid" and ablation.filter.reid == main.filter.reid
+    """An ablation whose Re-ID filter model (the `reid` and `cctf` filters score with it) would be
+    trained exactly as the main build's (same sources, same trainer settings) uses the main
+    build's model instead of training its own."""
+    same = (ablation.filter.kind in ("reid", "cctf") and ablation.filter.reid == main.filter.reid
             and ablation.sources == main.sources and not ablation.filter.reid_checkpoints)
     if not same:
         return ablation
@@ -118,23 +119,42 @@ def check_builds(builds: Mapping[str, RunConfig], origin: str, log: Callable[[st
         raise_problems(check_models(build), where)
 
 
-def ensure_build(name: str, config: RunConfig, out: Location, log: Callable[[str], None],
+def place_build(name: str, config: RunConfig, out: Location) -> tuple[Location, RunConfig, str]:
+    """Where build `name` goes, its config writing there, and the digest of what it makes."""
+    location = out / "builds" / name
+    config = config.model_copy(update={"output": config.output.model_copy(update={"dir": location.uri})})
+    return location, config, digest(config.model_dump(mode="json", exclude={"experiment", "pretrain", "downstream"}))
+
+
+def refuse_changed_builds(placed: Mapping[str, tuple[Location, RunConfig, str]]) -> None:
+    """A build folder started under another config would be resumed over (done identities are
+    not redone): refused before any work, naming the folder."""
+    for name, (location, _, wanted) in placed.items():
+        marker = location / MARKER
+        if marker.exists() and marker.read_json().get("digest") != wanted:
+            raise ConfigError(
+                f"experiment build {name!r}: {location} holds a build of another config (its generation, "
+                "caption, filter, sequences or source settings changed); a build resumes rather than redoes "
+                "finished identities, so use another --out, or delete that folder to rebuild it"
+            )
+
+
+def ensure_build(name: str, placed: tuple[Location, RunConfig, str], log: Callable[[str], None],
                  start_ray: Callable[[], None] = lambda: None) -> dict[str, Any]:
     """Run (or resume, or skip) one build; returns its marker (config digest, counts)."""
     from factory.build import run
 
-    location = out / "builds" / name
-    config = config.model_copy(update={"output": config.output.model_copy(update={"dir": location.uri})})
-    wanted = digest(config.model_dump(mode="json", exclude={"experiment", "pretrain", "downstream"}))
+    location, config, wanted = placed
     marker = location / MARKER
-    if marker.exists() and marker.read_json().get("digest") == wanted:
+    if marker.exists() and marker.read_json().get("finished"):
         done = marker.read_json()
         log(f"[build {name}] done before: {done['kept']} kept of {done['generated']} generated")
         return done
     log(f"[build {name}] {location}")
+    marker.write_json({"digest": wanted, "finished": False})  # claims the folder for this config
     start_ray()  # the experiment's own `ray:` settings win over the build's defaults
     summary = run(config, location.uri, log=lambda line: log(f"[build {name}] {line}"))
-    done = {"digest": wanted, "generated": summary.total_generated, "kept": summary.total_kept,
+    done = {"digest": wanted, "finished": True, "generated": summary.total_generated, "kept": summary.total_kept,
             "identities": summary.output_identities, "images": summary.output_images}
     marker.write_json(done)
     return done
@@ -266,18 +286,25 @@ def run_experiment(config: RunConfig, out_dir: str | os.PathLike[str] | None = N
     config = absolute_local_roots(config)
     builds = build_configs(config, origin)
     check_builds(builds, origin, log)
+    placed = {name: place_build(name, share_filter_models(build, builds[MAIN_BUILD], out)
+                                if name != MAIN_BUILD and MAIN_BUILD in builds else build, out)
+              for name, build in builds.items()}
+    refuse_changed_builds(placed)
     (out / "config.yaml").write_text(config_to_yaml(config))
 
     from core.cluster import init_ray
 
     # Ray only for work left to do: a rerun of a finished experiment starts nothing.
-    build_markers = {}
-    for name, build in builds.items():
-        if name != MAIN_BUILD and MAIN_BUILD in builds:
-            build = share_filter_models(build, builds[MAIN_BUILD], out)
-        build_markers[name] = ensure_build(name, build, out, log, start_ray=lambda: init_ray(config.ray))
+    build_markers = {name: ensure_build(name, place, log, start_ray=lambda: init_ray(config.ray))
+                     for name, place in placed.items()}
+    if exp.consistency_identities:
+        judge_build = MAIN_BUILD if MAIN_BUILD in placed else next(iter(placed), None)
+        for name, place in placed.items():
+            judge = placed[judge_build][0] / "filter_models"
+            build_markers[name] = ensure_consistency(name, place, judge, build_markers[name],
+                                                     exp.consistency_identities, log)
 
-    from trainers.pretrain.shards import inspect_shards, read_shard_table
+    from trainers.pretrain.shards import ShardError, inspect_shards, read_shard_table
 
     data = {name: (out / "builds" / name).uri for name in builds}
     data_digests = {name: marker["digest"] + str(marker["images"]) for name, marker in build_markers.items()}
@@ -305,18 +332,26 @@ def run_experiment(config: RunConfig, out_dir: str | os.PathLike[str] | None = N
                 lambda: pa.concat_tables([source_rows(), read_shard_table(data[MAIN_BUILD])]), rows_per_shard, log)
 
     chains = plan_chains(config, data)
-    sizes = {c.data: inspect_shards(c.data) for c in chains if c.data is not None}
+    sizes, unusable = {}, {}
+    for location in {c.data for c in chains if c.data is not None}:
+        try:
+            sizes[location] = inspect_shards(location)
+        except ShardError as err:  # e.g. an ablation whose filter kept nothing: its chains fail, not the run
+            unusable[location] = f"no pre-training data: {err}"
     specs = [chain_spec(c, config, out, data_digests.get(_data_name(c, data), "")) for c in chains]
-    results: dict[str, Any] = {}
+    results: dict[str, Any] = {c.key: unusable[c.data] for c in chains if c.data in unusable}
     pending = []
     for spec in specs:
         done = resolve(spec["out"]) / DONE
-        if done.exists() and done.read_json().get("digest") == spec["digest"]:
+        if spec["key"] in results:
+            log(f"[chain {spec['key']}] not run: {results[spec['key']]}")
+        elif done.exists() and done.read_json().get("digest") == spec["digest"]:
             results[spec["key"]] = done.read_json()
         else:
             pending.append(spec)
-    log(f"[experiment] {len(builds)} build(s), {len(chains)} chains: {len(chains) - len(pending)} done before, "
-        f"{len(pending)} to run")
+    log(f"[experiment] {len(builds)} build(s), {len(chains)} chains: "
+        f"{len(chains) - len(pending) - len(unusable_chains(results))} done before, {len(pending)} to run"
+        + (f", {len(unusable_chains(results))} without data" if unusable_chains(results) else ""))
     if pending:
         init_ray(config.ray)
         for key, result in run_chains(pending, exp.concurrency, log).items():
@@ -326,7 +361,7 @@ def run_experiment(config: RunConfig, out_dir: str | os.PathLike[str] | None = N
                 (resolve(spec["out"]) / DONE).write_json({"digest": spec["digest"], **result})
 
     runs, errors = _runs_frame(chains, results, sizes, config)
-    summary, report = _write_report(config, out, runs, build_markers, builds)
+    summary, report = _write_report(config, out, runs, build_markers)
     report.trained = [s["key"] for s in pending]
     report.errors = errors
     report.seconds = time.perf_counter() - started
@@ -334,6 +369,10 @@ def run_experiment(config: RunConfig, out_dir: str | os.PathLike[str] | None = N
         raise ExperimentFailed(f"{len(errors)} chain(s) failed: " + "; ".join(f"{k}: {v[:200]}" for k, v in errors.items())
                                + f". The report in {out} marks them; rerun the same command to retry them")
     return report
+
+
+def unusable_chains(results: Mapping[str, Any]) -> list[str]:
+    return [key for key, result in results.items() if isinstance(result, str)]
 
 
 def _data_name(chain: Chain, data: Mapping[str, str]) -> str:
@@ -366,8 +405,8 @@ def _runs_frame(chains: Sequence[Chain], results: Mapping[str, Any], sizes: Mapp
     return frame[list(RUN_COLUMNS)], errors
 
 
-def _write_report(config: RunConfig, out: Location, runs: pd.DataFrame, build_markers: Mapping[str, Any],
-                  builds: Mapping[str, RunConfig]) -> tuple[pd.DataFrame, ExperimentReport]:
+def _write_report(config: RunConfig, out: Location, runs: pd.DataFrame,
+                  build_markers: Mapping[str, Any]) -> tuple[pd.DataFrame, ExperimentReport]:
     from eval.experiment.report import results_markdown, write_plots
     from eval.experiment.stats import summarize
 
@@ -376,9 +415,6 @@ def _write_report(config: RunConfig, out: Location, runs: pd.DataFrame, build_ma
     runs["rank1"] = pd.to_numeric(runs["rank1"], errors="coerce")
     summary = summarize(runs, exp.baseline)
     consistency = {name: dict(marker) for name, marker in build_markers.items()}
-    if exp.consistency_identities:
-        consistency = {name: ensure_consistency(name, builds[name], out, marker, exp.consistency_identities)
-                       for name, marker in build_markers.items()}
     meta = {"command": "python -m eval.experiment", "seeds": f"main arms {exp.seeds}, ablations {exp.ablation_seeds}",
             "pre-training": f"{config.pretrain.arch}, {config.pretrain.epochs} epochs",
             "fine-tuning": f"{config.downstream.train.arch}, {config.downstream.train.epochs} epochs",
@@ -395,13 +431,24 @@ def _write_report(config: RunConfig, out: Location, runs: pd.DataFrame, build_ma
     return summary, report
 
 
-def ensure_consistency(name: str, config: RunConfig, out: Location, marker: dict[str, Any],
-                       identities: int) -> dict[str, Any]:
-    """The build's fine-tuned vs base-model pass rates, computed once and kept in its marker."""
-    if marker.get("consistency_identities") != identities:
-        from factory.consistency import identity_consistency
+def ensure_consistency(name: str, placed: tuple[Location, RunConfig, str], judge: Location, marker: dict[str, Any],
+                       identities: int, log: Callable[[str], None]) -> dict[str, Any]:
+    """The build's fine-tuned vs base-model pass rates, scored by the Re-ID models in `judge` (the
+    main build's, so every build is judged alike), computed once and kept in its marker. A
+    failure here is reported in the table, never the end of the experiment."""
+    if marker.get("consistency_identities") == identities:
+        return marker
+    from factory.consistency import identity_consistency
 
-        rates = identity_consistency(config, out / "builds" / name, identities)
-        marker = {**marker, "consistency_identities": identities, "fine_tuned": rates["fine_tuned"].rate, "base_model": rates["base_model"].rate}
-        (out / "builds" / name / MARKER).write_json(marker)
+    location, config, _ = placed
+    try:
+        rates = identity_consistency(config, judge, identities)
+    except Exception as err:  # noqa: BLE001 - a side measurement: the chains still run
+        log(f"[build {name}] identity consistency not measured: {type(err).__name__}: {err}")
+        return marker
+    marker = {**marker, "consistency_identities": identities, "fine_tuned": rates["fine_tuned"].rate,
+              "base_model": rates["base_model"].rate}
+    log(f"[build {name}] Re-ID pass rate over {identities} identities: fine-tuned "
+        f"{100 * marker['fine_tuned']:.1f} %, base model {100 * marker['base_model']:.1f} %")
+    (location / MARKER).write_json(marker)
     return marker

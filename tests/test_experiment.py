@@ -122,3 +122,18 @@ def test_cli_refuses_a_bad_ablation_before_any_work(tmp_path: Path) -> None:
     assert result.returncode == 2, result.stdout + result.stderr
     assert "experiment.ablations.big" in result.stderr and "generation.resolution" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "o" / "builds").exists()
+
+
+def test_a_build_folder_of_another_config_is_refused_not_resumed_over(tmp_path: Path) -> None:
+    """A build resumes by identity (done identities are not redone), so a folder started under
+    another filter threshold would silently mix two configs."""
+    from core.storage import resolve
+    from factory.experiment import MARKER, place_build, refuse_changed_builds
+
+    out = resolve(tmp_path)
+    before = place_build("main", load_run_config(None, ["filter.threshold=0.5"]), out)
+    (before[0] / MARKER).write_json({"digest": before[2], "finished": False})
+    refuse_changed_builds({"main": place_build("main", load_run_config(None, ["filter.threshold=0.5"]), out)})
+    after = place_build("main", load_run_config(None, ["filter.threshold=0.2"]), out)
+    with pytest.raises(ConfigError, match="holds a build of another config"):
+        refuse_changed_builds({"main": after})
