@@ -238,9 +238,10 @@ def _plain(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
 
 
-def run_chains(specs: Sequence[dict[str, Any]], concurrency: int, log: Callable[[str], None]) -> dict[str, Any]:
+def run_chains(specs: Sequence[dict[str, Any]], concurrency: int, log: Callable[[str], None],
+               on_done: Callable[[dict[str, Any], Any], None] = lambda spec, result: None) -> dict[str, Any]:
     """Run the chains as Ray tasks, `concurrency` at a time, on this node; returns key ->
-    result (or the error text for a chain that raised)."""
+    result (or the error text for a chain that raised). `on_done` sees each as it finishes."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -262,6 +263,7 @@ def run_chains(specs: Sequence[dict[str, Any]], concurrency: int, log: Callable[
         except Exception as err:  # a failed chain is reported; the others go on
             results[spec["key"]] = f"{type(err).__name__}: {err}"
             log(f"[chain {spec['key']}] FAILED: {str(err).splitlines()[-1][:300]}")
+        on_done(spec, results[spec["key"]])
     return results
 
 
@@ -352,13 +354,14 @@ def run_experiment(config: RunConfig, out_dir: str | os.PathLike[str] | None = N
     log(f"[experiment] {len(builds)} build(s), {len(chains)} chains: "
         f"{len(chains) - len(pending) - len(unusable_chains(results))} done before, {len(pending)} to run"
         + (f", {len(unusable_chains(results))} without data" if unusable_chains(results) else ""))
+    def record(spec: dict[str, Any], result: Any) -> None:
+        # At once, not at the end: a killed experiment keeps every chain that finished.
+        if isinstance(result, dict) and not result["errors"]:
+            (resolve(spec["out"]) / DONE).write_json({"digest": spec["digest"], **result})
+
     if pending:
         init_ray(config.ray)
-        for key, result in run_chains(pending, exp.concurrency, log).items():
-            results[key] = result
-            spec = next(s for s in pending if s["key"] == key)
-            if isinstance(result, dict) and not result["errors"]:
-                (resolve(spec["out"]) / DONE).write_json({"digest": spec["digest"], **result})
+        results.update(run_chains(pending, exp.concurrency, log, on_done=record))
 
     runs, errors = _runs_frame(chains, results, sizes, config)
     summary, report = _write_report(config, out, runs, build_markers)
