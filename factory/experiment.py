@@ -16,6 +16,7 @@ everything they write goes to `OUT`, which on a cluster without a shared filesys
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -313,13 +314,7 @@ def run_experiment(config: RunConfig, out_dir: str | os.PathLike[str] | None = N
     if {ARM_SOURCE, ARM_BOTH} & set(exp.arms):
         source_digest = digest([config.model_dump(mode="json", include={"sources", "sequences"}),
                                 list(config.output.image_size)])
-        source_table = None
-
-        def source_rows() -> Any:
-            nonlocal source_table
-            if source_table is None:
-                source_table = source_table_of(config)
-            return source_table
+        source_rows = functools.cache(lambda: source_table_of(config))  # read once, only if a set is written
 
         rows_per_shard = config.output.rows_per_shard
         data[ARM_SOURCE] = ensure_data(ARM_SOURCE, out, source_digest, source_rows, rows_per_shard, log)
