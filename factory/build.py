@@ -84,7 +84,7 @@ class CircuitBreaker:
 
 def run_models(config: RunConfig) -> dict[str, str]:
     """The models the run's actors load: config key -> model id, as the config names them."""
-    models = {"generation.base_model": config.generation.base_model}
+    models = {} if config.generation.replay_from else {"generation.base_model": config.generation.base_model}
     if config.caption.captions == "lpe":
         models["caption.model"] = config.caption.model
     if config.filter.kind == "clip":
@@ -167,6 +167,7 @@ def run(config: RunConfig, out_dir: str | os.PathLike[str] | None = None, log=pr
     from factory.stages.caption import CaptionStage
     from factory.stages.filter import FilterStage
     from factory.stages.generate import GenerationStage
+    from factory.stages.replay import ReplayStage
     from factory.stages.base import StageChain
     from factory.stages.write import WriteStage
 
@@ -200,16 +201,19 @@ def run(config: RunConfig, out_dir: str | os.PathLike[str] | None = None, log=pr
         use_gpus = cluster_gpus() > 0
         threads = 1 if use_gpus else None
         caption = functools.partial(CaptionStage, config.caption, config.caption.num_gpus, folders)
-        generate = functools.partial(
-            GenerationStage,
-            config.generation,
-            config.output,
-            config.generation.num_gpus,
-            threads,
-            config.generation.debug_fail_identities,
-            reference_dir=str(out / "reference_sets"),
-            folders=folders,
-        )
+        if config.generation.replay_from:  # a filter-only variant: that build's samples, scored again
+            generate = functools.partial(ReplayStage, config.generation.replay_from)
+        else:
+            generate = functools.partial(
+                GenerationStage,
+                config.generation,
+                config.output,
+                config.generation.num_gpus,
+                threads,
+                config.generation.debug_fail_identities,
+                reference_dir=str(out / "reference_sets"),
+                folders=folders,
+            )
         filtering = functools.partial(FilterStage, config.filter, filter_models, config.filter.num_gpus, folders)
         wanted = max(0, config.output.contact_sheet_identities - len(previews.files(".png")))
         write = functools.partial(WriteStage, out.uri, frozenset(table.column("identity").to_pylist()[:wanted]))

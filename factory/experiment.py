@@ -108,6 +108,17 @@ def share_filter_models(ablation: RunConfig, main: RunConfig, out: Location) -> 
     return ablation.model_copy(update={"filter": ablation.filter.model_copy(update={"reid_checkpoints": shared})})
 
 
+def share_samples(ablation: RunConfig, main: RunConfig, out: Location) -> RunConfig:
+    """An ablation that changes only the filter scores the main build's samples again
+    (`generation.replay_from`) instead of generating the same images a second time."""
+    from factory.preflight import generation_changes
+
+    if generation_changes(ablation, main):
+        return ablation
+    replay = (out / "builds" / MAIN_BUILD).uri
+    return ablation.model_copy(update={"generation": ablation.generation.model_copy(update={"replay_from": replay})})
+
+
 def check_builds(builds: Mapping[str, RunConfig], origin: str, log: Callable[[str], None]) -> None:
     """The build's check phase for every build, before the first one starts."""
     from factory.build import resolve_models
@@ -289,7 +300,8 @@ def run_experiment(config: RunConfig, out_dir: str | os.PathLike[str] | None = N
     config = absolute_local_roots(config)
     builds = build_configs(config, origin)
     check_builds(builds, origin, log)
-    placed = {name: place_build(name, share_filter_models(build, builds[MAIN_BUILD], out)
+    placed = {name: place_build(name, share_samples(share_filter_models(build, builds[MAIN_BUILD], out),
+                                                    builds[MAIN_BUILD], out)
                                 if name != MAIN_BUILD and MAIN_BUILD in builds else build, out)
               for name, build in builds.items()}
     refuse_changed_builds(placed)
@@ -300,10 +312,14 @@ def run_experiment(config: RunConfig, out_dir: str | os.PathLike[str] | None = N
     # Ray only for work left to do: a rerun of a finished experiment starts nothing.
     build_markers = {name: ensure_build(name, place, log, start_ray=lambda: init_ray(config.ray))
                      for name, place in placed.items()}
-    if exp.consistency_identities:
+    if exp.consistency_identities and placed:
         judge_build = MAIN_BUILD if MAIN_BUILD in placed else next(iter(placed), None)
+        judge = placed[judge_build][0] / "filter_models"
         for name, place in placed.items():
-            judge = placed[judge_build][0] / "filter_models"
+            if place[1].generation.replay_from:  # the main build's very samples: its rates are this build's
+                build_markers[name] = {**build_markers[name], **consistency_of(build_markers[MAIN_BUILD]),
+                                       "consistency_source": MAIN_BUILD}
+                continue
             build_markers[name] = ensure_consistency(name, place, judge, build_markers[name],
                                                      exp.consistency_identities, log)
 
@@ -427,6 +443,10 @@ def _write_report(config: RunConfig, out: Location, runs: pd.DataFrame,
     report = ExperimentReport(user_path(out), user_path(out / "results.csv"), user_path(out / "results.md"),
                               summary, runs)
     return summary, report
+
+
+def consistency_of(marker: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: marker[key] for key in ("consistency_identities", "fine_tuned", "base_model") if key in marker}
 
 
 def ensure_consistency(name: str, placed: tuple[Location, RunConfig, str], judge: Location, marker: dict[str, Any],

@@ -301,6 +301,8 @@ def check_sources(
             elif not (filter_models_dir / dataset.name / "filter_model.json").is_file():
                 problems.extend(_trainable_problems(config, dataset))
     planned = {sequence.key for sequence in plan}
+    if config.generation.replay_from:
+        problems.extend(_replay_problems(config, resolve(config.generation.replay_from), planned))
     for entry in config.generation.debug_fail_identities:
         if fault_target(entry)[0] not in planned:
             problems.append(Problem("generation.debug_fail_identities", entry,
@@ -344,3 +346,53 @@ def _trainable_problems(config: RunConfig, dataset: ReidDataset) -> list[Problem
             f"lower it, or give a trained model in filter.reid_checkpoints.{dataset.name}",
         )]
     return []
+
+
+# Settings that decide how a build runs, not what it generates: a replayed build may differ in them.
+EXECUTION_KEYS = {
+    "caption": {"concurrency", "num_gpus"},
+    "generation": {"replay_from", "concurrency", "num_gpus", "max_retries", "max_failed_identities",
+                   "circuit_breaker", "debug_fail_identities"},
+}
+REPLAYED_SECTIONS = ("sources", "sequences", "caption", "generation")
+
+
+def _replay_problems(config: RunConfig, build: Location, planned: set[str]) -> list[Problem]:
+    """`generation.replay_from` must be a build of the same generation settings that finished
+    every planned identity: its samples then are exactly what this build would generate."""
+    import yaml
+
+    key = "generation.replay_from"
+    try:
+        theirs = RunConfig.model_validate(yaml.safe_load((build / "config.yaml").read_text()))
+        finished = set(((build / "manifest.json").read_json())["identities"])
+    except FileNotFoundError as err:
+        return [Problem(key, build.uri, f"not a build folder ({err})")]
+    except (ValueError, KeyError, TypeError) as err:
+        return [Problem(key, build.uri, f"unreadable build ({type(err).__name__}: {err})")]
+    changed = generation_changes(config, theirs)
+    problems = []
+    if changed:
+        problems.append(Problem(key, build.uri, f"that build was made with other settings ({', '.join(changed[:8])}): "
+                                                "its samples are not what this config generates", str(build / "config.yaml")))
+    missing = sorted(planned - finished)
+    if missing:
+        problems.append(Problem(key, build.uri, f"{len(missing)} of the {len(planned)} planned identities are not "
+                                                f"finished there (e.g. {missing[:3]}); finish that build first",
+                                str(build / "manifest.json")))
+    return problems
+
+
+def generation_changes(config: RunConfig, other: RunConfig) -> list[str]:
+    """The keys of `other` that make it generate other samples than `config` (empty: the same)."""
+    ours = config.model_dump(mode="json", include=set(REPLAYED_SECTIONS))
+    theirs = other.model_dump(mode="json", include=set(REPLAYED_SECTIONS))
+    return [name for section in REPLAYED_SECTIONS
+            for name in _changed_keys(section, ours[section], theirs[section], EXECUTION_KEYS.get(section, set()))]
+
+
+def _changed_keys(section: str, ours: Any, theirs: Any, ignored: set[str]) -> list[str]:
+    if not (isinstance(ours, dict) and isinstance(theirs, dict)):
+        return [] if ours == theirs else [section]
+    return [f"{section}.{name}" for name in sorted(set(ours) | set(theirs))
+            if name not in ignored and ours.get(name) != theirs.get(name)]

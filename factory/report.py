@@ -192,7 +192,7 @@ fine-tuning with the Fine-Grain-Specific Prior Preservation Loss, {f.kind} filte
 | text-to-image base | `{g.base_model}` at {g.resolution[0]}x{g.resolution[1]} |
 | captioner | {f"`{config.caption.model}`" if config.caption.captions == "lpe" else "none (category prompt)"}, IIR token {f"`{config.caption.iir_token}`" if config.caption.use_iir else "none"} |
 | fine-tune | {g.train_steps} steps, lr {g.learning_rate}, lambda {g.prior_loss_weight}, {g.reference_images} reference images |
-| samples per identity | {g.samples_per_identity}, {g.num_inference_steps} steps, guidance {g.guidance_scale} |
+| samples per identity | {g.samples_per_identity}, {g.num_inference_steps} steps, guidance {g.guidance_scale}{f"; replayed from `{g.replay_from}` (filtered again, not generated)" if g.replay_from else ""} |
 | filter | {f.kind}, threshold {f.threshold} |
 | measured cost | {summary.plan_projection() or "nothing generated this run"} |
 | reference sets reused | {sum(bool(e.get("reference_reused")) for e in manifest.get("identities", {}).values())} of {summary.total_identities_done} identities |

@@ -135,6 +135,11 @@ class GenerationConfig(StrictModel):
         "error class (a systematic failure); 0 = never stop early",
     )
     seed: int = 0
+    replay_from: UriStr | None = Field(
+        None, description="a finished build (folder or URI) of the same sources, sequences, captions and "
+        "generation settings: its staged samples are filtered again instead of generated (no diffusion model "
+        "loads). A filter-only variant of a build; eval.experiment uses it for the filter ablations",
+    )
     debug_fail_identities: list[str] = Field(
         [], description="fault injection: identities ('source/pid') whose generation always raises "
         "(RuntimeError; 'source/pid:oom' raises CUDA's OutOfMemoryError)",

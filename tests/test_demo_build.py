@@ -119,6 +119,38 @@ REDUCED_EXPERIMENT = [
 ]
 
 
+def test_a_filter_only_variant_scores_the_demo_builds_samples_without_generating(demo_out: tuple[Path, str],
+                                                                                 tmp_path: Path) -> None:
+    """`generation.replay_from`: the same samples, byte for byte, filtered again (here: keep all),
+    and no fine-tune or sampling. A replay of a build made with other generation settings is
+    refused by the check phase, naming the setting."""
+    built, _ = demo_out
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    build = [sys.executable, "-m", "factory.build", "--set", f"generation.replay_from={built}",
+             "--set", f"filter.reid_checkpoints.synthetic={built / 'filter_models' / 'synthetic'}"]
+    refused = subprocess.run([*build, "--out", str(tmp_path / "refused"), "--set", "generation.train_steps=7"],
+                             cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2, (refused.stdout + refused.stderr)[-3000:]
+    assert "generation.replay_from" in refused.stderr and "generation.train_steps" in refused.stderr
+    assert not (tmp_path / "refused" / "manifest.json").exists()
+
+    out = tmp_path / "no-filter"
+    result = subprocess.run([*build, "--out", str(out), "--set", "filter.threshold=-1.0"],
+                            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+    summary = json.loads((out / "summary.json").read_text())
+    original = json.loads((built / "summary.json").read_text())
+    assert summary["generated"] == summary["kept"] == summary["output_images"] == original["generated"]
+    assert "replay" in summary["stage_seconds"] and not {"fine_tune", "sample"} & set(summary["stage_seconds"])
+    for staged in sorted((built / "staging").glob("*.parquet")):
+        before, after = pq.read_table(staged), pq.read_table(out / "staging" / staged.name)
+        assert after.column("image").to_pylist() == before.column("image").to_pylist()
+        assert after.column("seed").equals(before.column("seed")) and all(after.column("kept").to_pylist())
+        assert after.column("score").to_pylist() == pytest.approx(before.column("score").to_pylist(), abs=1e-5), \
+            "the same images under the same filter model: the same scores"
+    assert "replayed from" in (out / "README.md").read_text()
+
+
 def test_reduced_experiment_on_the_demo_build_then_rerun_trains_nothing(demo_out: tuple[Path, str],
                                                                           tmp_path: Path) -> None:
     """`python -m eval.experiment` as a user runs it: its main build is the demo's (copied in: the

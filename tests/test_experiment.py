@@ -76,6 +76,25 @@ def test_each_ablation_is_a_build_of_its_own_named_in_its_errors() -> None:
     assert {c.data for c in chains if c.arm == "random"} == {None}
 
 
+def test_filter_only_ablations_score_the_main_builds_samples_again(tmp_path: Path) -> None:
+    """Generating the same images twice would be most of such an ablation's cost."""
+    from core.storage import resolve
+    from factory.experiment import share_samples
+
+    config = load_run_config(REPO_ROOT / "configs" / "evidence.yaml")
+    builds, out = build_configs(config, "evidence.yaml"), resolve(tmp_path)
+    shared = {name: share_samples(build, builds["main"], out).generation.replay_from
+              for name, build in builds.items() if name != "main"}
+    main_uri = (out / "builds" / "main").uri
+    assert {name for name, replay in shared.items() if replay == main_uri} == {"no-filter", "clip-filter", "cctf-filter"}
+    assert shared["no-prior"] is None and shared["no-iir"] is None and shared["category-prompt"] is None
+    # The build's execution settings are not what it generates: a variant may differ in them.
+    more_actors = load_run_config(REPO_ROOT / "configs" / "evidence.yaml", ["generation.concurrency.max=4"])
+    assert share_samples(more_actors, builds["main"], out).generation.replay_from == main_uri
+    assert run_models(share_samples(builds["no-filter"], builds["main"], out)) == {
+        "caption.model": config.caption.model}, "a replaying build loads no diffusion model"
+
+
 def test_ablation_prompts_and_the_models_they_need() -> None:
     config = load_run_config(None)
     assert build_prompts("red coat", config.caption) == ("a photo of zwx person, red coat", "a photo of a person, red coat")

@@ -47,13 +47,16 @@ def results_markdown(summary: pd.DataFrame, baseline: str, meta: Mapping[str, st
     if consistency:
         lines += ["", "## The builds", "",
                   "Pass rates: the Re-ID filter's, of samples after the per-identity fine-tune vs the base model "
-                  "with the same prompts and seeds (`experiment.consistency_identities`).", "",
+                  "with the same prompts and seeds (`experiment.consistency_identities`). A build that only "
+                  "changes the filter scores the main build's samples again (`generation.replay_from`): its "
+                  "rates are the main build's.", "",
                   "| build | kept / generated | identities in the shards | fine-tuned pass rate | base-model pass rate "
                   "| identities measured |",
                   "|---|---|---|---|---|---|"]
         for name, entry in consistency.items():
             fine, base = entry.get("fine_tuned"), entry.get("base_model")
             rates = (f"{100 * fine:.1f} %" if fine is not None else "-", f"{100 * base:.1f} %" if base is not None else "-")
+            name += f" ({entry['consistency_source']}'s samples)" if entry.get("consistency_source") else ""
             lines.append(f"| {name} | {entry['kept']} / {entry['generated']} | {entry['identities']} | {rates[0]} | "
                          f"{rates[1]} | {entry.get('consistency_identities', '-')} |")
     return "\n".join(lines) + "\n"

@@ -1,0 +1,63 @@
+"""Replay stage: the generation stage's output read back from a finished build's staging files
+(`generation.replay_from`), so a variant that changes only the filter scores the very samples
+that build generated instead of generating them again. No diffusion model loads."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pyarrow as pa
+
+from core.storage import resolve
+from factory.schema import CAPTIONED_SCHEMA, GENERATION_FIELDS, append_columns, require_columns
+from factory.stages.base import Stage, StageResources
+
+
+class ReplayStage(Stage):
+    """`source`: the finished build's folder or URI; its manifest is read once per actor."""
+
+    name = "generate"  # it stands in for the generation stage: same output columns
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.identities: dict[str, dict] = {}
+
+    def resources(self) -> StageResources:
+        # Reads one parquet file per identity: I/O, not compute.
+        return StageResources(1, 1, 1, 0.25, 0.0)
+
+    def setup(self) -> None:
+        self.root = resolve(self.source)
+        self.identities = (self.root / "manifest.json").read_json()["identities"]
+
+    def replay(self, row: dict) -> tuple[pa.Table | None, str]:
+        """The identity's staged samples in generation order, or the reason there are none."""
+        entry = self.identities.get(row["identity"])
+        if entry is None:
+            return None, f"{row['identity']} is not among the finished identities of the replayed build {self.source}"
+        if entry["caption"] != row["caption"]:
+            # The samples were generated from another prompt: scoring them as this one's would lie.
+            return None, (f"{row['identity']}: caption {row['caption']!r} differs from the replayed build's "
+                          f"{entry['caption']!r}; generate instead (unset generation.replay_from)")
+        return (self.root / entry["file"]).read_parquet(["image", "prompt", "seed", "index"]).sort_by("index"), ""
+
+    def process_batch(self, batch: pa.Table) -> pa.Table:
+        require_columns(batch, CAPTIONED_SCHEMA, self.name)
+        values: dict[str, list] = {name: [] for name, _ in GENERATION_FIELDS}
+        for row in batch.to_pylist():
+            start = time.perf_counter()
+            staged, error = self.replay(row)
+            ok = staged is not None
+            values["status"].append("ok" if ok else "failed")
+            values["error"].append(error)
+            values["generated"].append([image["bytes"] for image in staged.column("image").to_pylist()] if ok else [])
+            values["sample_seeds"].append(staged.column("seed").to_pylist() if ok else [])
+            values["sample_prompts"].append(staged.column("prompt").to_pylist() if ok else [])
+            values["reference_preview"].append([])
+            values["timings"].append(json.dumps({"replay": time.perf_counter() - start} if ok else {}))
+            values["model_loads"].append(0)
+            values["attempts"].append(1)
+            values["reference_reused"].append(False)
+            values["generated_at"].append(time.time())
+        return append_columns(batch, GENERATION_FIELDS, values)
