@@ -16,6 +16,8 @@ from typing import Annotated, Any, TypeVar
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, PositiveInt, ValidationError
 
+from core.storage import atomic_local_path
+
 BASE_KEY = "base"
 # (height, width) everywhere in this project; a zero or negative side is refused at load time.
 ImageSize = tuple[PositiveInt, PositiveInt]
@@ -157,9 +159,6 @@ def config_to_yaml(config: BaseModel) -> str:
 
 def save_config(config: BaseModel, path: str | Path) -> Path:
     """Write the resolved config as YAML (loadable again with `load_config`)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(config_to_yaml(config))
-    tmp.replace(path)
-    return path
+    with atomic_local_path(path) as tmp:
+        tmp.write_text(config_to_yaml(config))
+    return Path(path)

@@ -160,17 +160,9 @@ class Location:
 
     def _write(self, write) -> None:
         """Run `write(stream)` so that readers see the old object or the whole new one."""
-        parent = self.path.rstrip("/").rsplit("/", 1)[0]
         if self.is_local:
-            self.filesystem.create_dir(parent, recursive=True)
-            tmp = f"{parent}/.{self.name}.{uuid.uuid4().hex}.tmp"
-            try:
-                with self.filesystem.open_output_stream(tmp) as stream:
-                    write(stream)
-                os.replace(tmp, self.path)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+            with atomic_local_path(self.path) as tmp, self.filesystem.open_output_stream(str(tmp)) as stream:
+                write(stream)
             return
         with self.filesystem.open_output_stream(self.path) as stream:  # one object, one PUT
             write(stream)
@@ -198,6 +190,21 @@ class Location:
             self.filesystem.delete_dir(self.path)
         except FileNotFoundError:
             pass
+
+
+@contextmanager
+def atomic_local_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """A temporary name beside `path` for a writer that wants a file name (safetensors, pandas,
+    a stream); renamed onto `path` when the block ends without error, so a reader sees the old
+    file or the whole new one, never half of one, and a failed write leaves nothing behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def user_path(location: Location) -> Path | str:

@@ -113,6 +113,7 @@ def test_paper_preset_without_weights_stops_early_naming_the_model(tmp_path: Pat
 # The experiment's reduced grid on the demo build: 2 arms, 1 seed, tiny sizes.
 REDUCED_EXPERIMENT = [
     "experiment.arms=[random,generated]", "experiment.seeds=[0]", "experiment.baseline=random",
+    "experiment.concurrency=2",  # the random arm fine-tunes while the generated arm pre-trains
     "pretrain.epochs=2", "pretrain.warmup_epochs=1",
     "downstream.methods=[agw]", "downstream.settings=[fs10]",
     "downstream.train.epochs=2", "downstream.train.warmup_epochs=1", "downstream.train.milestones=[1]",

@@ -218,6 +218,22 @@ def test_circuit_breaker_needs_k_alike_failures_first() -> None:
     assert CircuitBreaker(limit=0).record(False, "ValueError: a") is None
 
 
+def test_failed_identities_within_the_tolerance_count_as_done(tmp_path: Path) -> None:
+    """`generation.max_failed_identities`: up to N failed identities exit 0 (the build's CLI
+    maps `BuildFailed` to 1, as tests/test_build_resume.py shows end to end)."""
+    from core.storage import resolve
+    from factory.build import BuildFailed, raise_if_too_many_failed
+    from factory.report import BuildSummary
+
+    summary = BuildSummary(out_dir=str(tmp_path))
+    summary.identities_processed = 3
+    summary.record_failure("synthetic/2", "RuntimeError: injected")
+    raise_if_too_many_failed(summary, 1, resolve(tmp_path))
+    with pytest.raises(BuildFailed, match=r"1 identities failed \(tolerated: generation.max_failed_identities=0\): "
+                                          r"1 x RuntimeError \(synthetic/2\)"):
+        raise_if_too_many_failed(summary, 0, resolve(tmp_path))
+
+
 def test_identities_with_one_reference_prompt_share_one_reference_set(tiny_sd_dir: Path, tmp_path: Path) -> None:
     """Reuse is exact: a shared set is the one that would have been sampled (its seeds come from
     the prompt, not the identity), so outputs equal a run without reuse; another actor (or a

@@ -11,7 +11,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from core.storage import has_scheme, resolve
+from core.storage import atomic_local_path, has_scheme, resolve
 from factory.schema import STAGED_SCHEMA
 from factory.store import SHARDS_INDEX, OutputStore
 
@@ -58,6 +58,17 @@ def test_locations_read_write_list_and_travel_as_uris(root: str) -> None:
     assert copy.uri == (location / "t.parquet").uri and copy.read_parquet().column("v").to_pylist() == [1, 2]
     with pytest.raises(FileNotFoundError, match="nope"):
         (location / "nope").read_bytes()
+
+
+def test_a_local_file_is_replaced_whole_or_not_at_all(tmp_path: Path) -> None:
+    """Writers that want a file name (safetensors, pandas, YAML) go through one temporary name."""
+    target = tmp_path / "deep" / "results.csv"
+    with atomic_local_path(target) as tmp:
+        tmp.write_text("old")
+    with pytest.raises(RuntimeError), atomic_local_path(target) as tmp:
+        tmp.write_text("half of the new")
+        raise RuntimeError("the writer died")
+    assert target.read_text() == "old" and sorted(p.name for p in target.parent.iterdir()) == ["results.csv"]
 
 
 def test_paths_and_uris_are_told_apart() -> None:

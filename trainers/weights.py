@@ -18,6 +18,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from core.storage import atomic_local_path
+
+
 INIT_RANDOM = "random"
 INIT_IMAGENET = "imagenet"
 # How many key names an error message lists before it says "... and N more".
@@ -139,13 +142,10 @@ def save_backbone_safetensors(model: nn.Module, path: str | Path) -> Path:
 
 def save_state_safetensors(module: nn.Module, path: str | Path) -> Path:
     """Write `module.state_dict()` atomically as safetensors (contiguous CPU copies)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in unwrap_model(module).state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp))
-    tmp.replace(path)
-    return path
+    with atomic_local_path(path) as tmp:
+        save_file(state, str(tmp))
+    return Path(path)
 
 
 def _strided_modules(stage: nn.Module) -> list[tuple[str, nn.Module, str]]:

@@ -15,6 +15,7 @@ from typing import Any
 
 import pandas as pd
 
+from core.storage import atomic_local_path
 from eval.downstream.config import INIT_IMAGENET, INIT_OURS, INIT_RANDOM
 from eval.downstream.settings import Setting
 
@@ -54,12 +55,9 @@ def results_frame(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
 
 
 def write_results_csv(frame: pd.DataFrame, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    frame.to_csv(tmp, index=False, float_format="%.2f")
-    tmp.replace(path)
-    return path
+    with atomic_local_path(path) as tmp:
+        frame.to_csv(tmp, index=False, float_format="%.2f")
+    return Path(path)
 
 
 def _pair(first: float, second: float, signed: bool = False) -> str:

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from core.datasets.base import ReidDataset
+from core.device import torch_device
 from core.storage import Location
 from eval.downstream.cells import EXECUTIONS_FILE, RESULT_FILE, Cell, _write_json, read_cell_result
 from eval.downstream.config import INIT_RANDOM, DownstreamConfig
@@ -221,7 +222,7 @@ def run_trial(params: dict[str, Any], context: TrialContext) -> None:
         tune.report({"mAP": finished["mAP"], "rank1": finished["rank1"], "reused": True})
         return
     torch.set_num_threads(max(1, int(context.config.cpus_per_trial)))
-    device = torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
+    device = torch.device(torch_device(bool(ray.get_gpu_ids())))
     restored = None
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:

@@ -9,12 +9,12 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
+from core.device import torch_device
+
 
 def actor_device(num_gpus: float) -> str:
     """The torch device of an actor that asked for `num_gpus`: its GPU when it holds one."""
-    import torch  # here, not at module level: the build's check phase imports the stages' configs only
-
-    return "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
+    return torch_device(num_gpus > 0)
 
 
 @dataclass(frozen=True)

@@ -15,15 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.device import torch_device
 from core.metrics import compute_distance_matrix, evaluate_rank
 from core.datasets.base import ImageRecord, ReidDataset
 from trainers.config import ReidTrainConfig
 from trainers.reid.data import make_eval_loader
 from trainers.weights import unwrap_model
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @torch.no_grad()
@@ -43,7 +40,7 @@ def extract_features(
     if not records:
         raise ValueError("no records to extract features from")
     module = unwrap_model(model)
-    device = torch.device(device) if device is not None else default_device()
+    device = torch.device(device if device is not None else torch_device())
     was_training = module.training
     module.to(device).eval()
     features, pids, camids = [], [], []
