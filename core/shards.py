@@ -4,6 +4,8 @@ it): one row per kept generated image in `DIR/shards/*.parquet`."""
 from __future__ import annotations
 
 import io
+from collections.abc import Callable, Hashable, Iterable
+from typing import Any, TypeVar
 
 import pyarrow as pa
 from PIL import Image
@@ -25,6 +27,15 @@ SHARD_SCHEMA = pa.schema(
         ("index", pa.int64()),  # sample index within the identity
     ]
 )
+
+
+K = TypeVar("K", bound=Hashable)
+
+
+def dense_labels(keys: Iterable[K], order: Callable[[K], Any] | None = None) -> dict[K, int]:
+    """Class labels 0..N-1, one per distinct key, in sorted order (`order`: the sort key): the one
+    rule that turns identities into training labels everywhere (Re-ID trainer, shards, pre-training sets)."""
+    return {key: label for label, key in enumerate(sorted(set(keys), key=order))}
 
 
 def encode_image(image: Image.Image, size: tuple[int, int] | None = None, fmt: str = "jpeg", quality: int = 95) -> bytes:

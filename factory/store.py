@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 
 from core.storage import Location, resolve
-from core.shards import SHARD_SCHEMA, SHARDS_DIR
+from core.shards import SHARD_SCHEMA, SHARDS_DIR, dense_labels
 from factory.schema import STAGED_SCHEMA
 
 MANIFEST_VERSION = 1
@@ -163,7 +163,7 @@ def write_shards(root: Location | str, identities: dict[str, dict[str, Any]], ro
                               rewritten=False)
 
     names = [key for key, _, _ in kept]
-    pid_of = {key: pid for pid, key in enumerate(names)}
+    pid_of = dense_labels(names, order=_identity_sort_key)
     metadata = {b"huggingface": json.dumps({"info": {"features": huggingface_features(names)}}).encode()}
     schema = SHARD_SCHEMA.with_metadata(metadata)
     generation = fingerprint[:8]

@@ -18,7 +18,7 @@ from PIL import Image
 
 from core.storage import Location, StorageError, resolve
 from core.datasets.base import ImageRecord
-from core.shards import SHARD_SCHEMA, SHARDS_DIR, encode_image
+from core.shards import SHARD_SCHEMA, SHARDS_DIR, dense_labels, encode_image
 
 # What pre-training reads; the other SHARD_SCHEMA columns are provenance.
 REQUIRED_COLUMNS = ("image", "pid")
@@ -159,7 +159,7 @@ def write_table_shards(table: pa.Table, data_dir: str | Path | Location, rows_pe
         raise ShardError("no rows to write")
     keys = zip(table.column("source").to_pylist(), table.column("source_pid").to_pylist(),
                table.column("identity").to_pylist())
-    label_of = {identity: label for label, (_, _, identity) in enumerate(sorted(set(keys)))}
+    label_of = {identity: label for (_, _, identity), label in dense_labels(keys).items()}
     labels = pa.array([label_of[i] for i in table.column("identity").to_pylist()], pa.int64())
     table = table.set_column(table.schema.get_field_index("pid"), "pid", labels).sort_by([("pid", "ascending")])
     shards_dir = resolve(data_dir) / SHARDS_DIR

@@ -16,6 +16,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from core.datasets.base import ImageRecord
+from core.shards import dense_labels
 from trainers.config import ReidTrainConfig
 from trainers.reid.sampler import PKBatchSampler
 from trainers.reid.transforms import build_eval_transform, build_train_transform
@@ -41,8 +42,8 @@ class TrainingSet:
         kept = [r for r in records if not r.distractor]
         if not kept:
             raise ValueError("no training images (after dropping distractors)")
-        identities = sorted({(r.source, r.pid) for r in kept})
-        label_of = {identity: label for label, identity in enumerate(identities)}
+        label_of = dense_labels((r.source, r.pid) for r in kept)
+        identities = list(label_of)
         return cls(
             paths=[r.path for r in kept],
             labels=[label_of[(r.source, r.pid)] for r in kept],
