@@ -68,6 +68,7 @@ def write_staging(root: str, identities: int, kept_fraction: float, pool: list[b
             "score": [0.9] * kept_per_identity + [0.1] * (ROWS_PER_IDENTITY - kept_per_identity),
             "index": list(range(ROWS_PER_IDENTITY)),
             "kept": [True] * kept_per_identity + [False] * (ROWS_PER_IDENTITY - kept_per_identity),
+            "reason": [""] * kept_per_identity + ["score 0.100 < threshold 0.5"] * (ROWS_PER_IDENTITY - kept_per_identity),
         }, schema=STAGED_SCHEMA)
         (location / staging_file(identity)).write_parquet(table)
         entries[identity] = {"file": staging_file(identity), "generated": ROWS_PER_IDENTITY, "kept": kept_per_identity}

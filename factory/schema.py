@@ -57,6 +57,7 @@ GENERATED_SCHEMA = pa.schema(list(CAPTIONED_SCHEMA) + [pa.field(n, t) for n, t i
 FILTER_FIELDS = [
     ("scores", pa.list_(pa.float64())),
     ("kept", pa.list_(pa.bool_())),
+    ("reasons", pa.list_(pa.string())),  # why each image was rejected ("" when kept)
     ("filter_kind", pa.string()),
     ("filter_seconds", pa.float64()),
 ]
@@ -64,7 +65,7 @@ FILTERED_SCHEMA = pa.schema(list(GENERATED_SCHEMA) + [pa.field(n, t) for n, t in
 
 # per-identity staging files hold every generated image, kept or not (resume + reports)
 STAGED_SCHEMA = pa.schema(
-    [f for f in SHARD_SCHEMA if f.name != "pid"] + [pa.field("kept", pa.bool_())]
+    [f for f in SHARD_SCHEMA if f.name != "pid"] + [pa.field("kept", pa.bool_()), pa.field("reason", pa.string())]
 )
 
 

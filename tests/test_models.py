@@ -189,6 +189,37 @@ def test_clip_filter_scores_generated_images_as_probabilities(clip_dir: Path) ->
     assert clip.score({"generated": []}) == []
 
 
+def test_the_filter_stage_keeps_each_rejections_reason_in_the_staged_rows(clip_dir: Path) -> None:
+    import io
+
+    import pyarrow as pa
+
+    from factory.schema import GENERATED_SCHEMA
+    from factory.stage_config import FilterConfig
+    from factory.stages.filter import FilterStage
+    from factory.stages.write import staged_rows
+
+    images = []
+    for colour in ((200, 30, 30), (30, 30, 200)):
+        buffer = io.BytesIO()
+        _person(colour).save(buffer, format="PNG")
+        images.append(buffer.getvalue())
+    probe = FilterStage(FilterConfig(kind="clip", clip_model=str(clip_dir)), {})
+    probe.setup()
+    low, high = sorted(probe.filter.score({"generated": images}))
+    threshold = (low + high) / 2  # one image each side
+    row = {field.name: None for field in GENERATED_SCHEMA} | {
+        "identity": "synthetic/1", "source": "synthetic", "source_pid": 1, "status": "ok", "generated": images,
+        "sample_prompts": ["p", "p"], "sample_seeds": [1, 2]}
+    stage = FilterStage(FilterConfig(kind="clip", clip_model=str(clip_dir), threshold=threshold), {})
+    stage.setup()
+    filtered = stage.process_batch(pa.Table.from_pylist([row], schema=GENERATED_SCHEMA)).to_pylist()[0]
+    assert sorted(filtered["kept"]) == [False, True]
+    staged = staged_rows(filtered).to_pylist()
+    assert [r["reason"] for r in staged if r["kept"]] == [""]
+    assert [r["reason"] for r in staged if not r["kept"]] == [f"score {low:.3f} < threshold {threshold}"]
+
+
 def test_builders_are_seeded() -> None:
     first, _ = tiny_clip(seed=5)
     second, _ = tiny_clip(seed=5)

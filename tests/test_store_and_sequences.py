@@ -73,6 +73,7 @@ def _staged(identity: str, kept: list[bool]) -> pa.Table:
         "image": [{"bytes": bytes([i]), "path": f"{i}.jpg"} for i in range(n)], "source": [source] * n,
         "source_pid": [int(pid)] * n, "identity": [identity] * n, "prompt": ["p"] * n,
         "seed": list(range(n)), "score": [0.9 if k else 0.1 for k in kept], "index": list(range(n)), "kept": kept,
+        "reason": ["" if k else "score 0.100 < threshold 0.5" for k in kept],
     }, schema=STAGED_SCHEMA)
 
 

@@ -234,7 +234,9 @@ class FilterStage(Stage):
             start = time.perf_counter()
             scores = self.filter.score(row) if row["status"] == "ok" else []
             values["scores"].append(scores)
-            values["kept"].append([self.filter.keep(s)[0] for s in scores])
+            verdicts = [self.filter.keep(s) for s in scores]
+            values["kept"].append([kept for kept, _ in verdicts])
+            values["reasons"].append([reason for _, reason in verdicts])
             values["filter_kind"].append(self.config.kind)
             values["filter_seconds"].append(time.perf_counter() - start)
         return append_columns(batch, FILTER_FIELDS, values)

@@ -30,6 +30,7 @@ def staged_rows(row: dict) -> pa.Table:
             "score": row["scores"],
             "index": list(range(n)),
             "kept": row["kept"],
+            "reason": row["reasons"],
         },
         schema=STAGED_SCHEMA,
     )
