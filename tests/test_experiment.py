@@ -43,8 +43,12 @@ def test_summary_pairs_each_arm_with_the_baseline_by_seed() -> None:
         {**cell, "arm": "generated", "seed": 0, "mAP": 11.0, "rank1": 21.0},
         {**cell, "arm": "generated", "seed": 1, "mAP": 17.0, "rank1": 23.0},
         {**cell, "arm": "generated", "seed": 2, "mAP": 90.0, "rank1": 90.0},  # no baseline seed 2: unpaired
+        {**cell, "arm": "no-prior", "group": "ablation", "seed": 1, "mAP": 16.0, "rank1": 22.0},
     ])
     summary = summarize(runs, "source").set_index("arm")
+    # An ablation is also compared with the method it ablates, at its own seeds (seed 1 here).
+    assert summary.at["no-prior", "d_mAP"] == 2.0 and summary.at["no-prior", "dm_mAP"] == -1.0
+    assert math.isnan(summary.at["no-prior", "dm_mAP_low"]) and math.isnan(summary.at["generated", "dm_mAP"])
     assert summary.at["source", "mAP_mean"] == 12.0 and math.isnan(summary.at["source", "d_mAP"])
     assert summary.at["generated", "seeds"] == 3 and summary.at["generated", "pairs"] == 2
     assert summary.at["generated", "d_mAP"] == 2.0  # (1 + 3) / 2, seed 2 left out

@@ -39,10 +39,15 @@ def paired_interval(differences: list[float]) -> tuple[float, float, float]:
     return mean, mean - half, mean + half
 
 
-def summarize(frame: pd.DataFrame, baseline: str) -> pd.DataFrame:
+def _paired(ok: pd.DataFrame, reference: pd.DataFrame, metric: str) -> list[float]:
+    return [float(v - reference.at[s, metric]) for s, v in zip(ok["seed"], ok[metric]) if s in reference.index]
+
+
+def summarize(frame: pd.DataFrame, baseline: str, method_arm: str = "generated") -> pd.DataFrame:
     """One row per arm x cell (dataset, method, setting): seeds done, mean and std of each metric,
-    and the paired difference to `baseline` with its interval. `frame` holds one row per arm x
-    seed x cell with `status` 'done' where the metrics are valid."""
+    and the paired difference to `baseline` with its interval; ablation rows also get the paired
+    difference to `method_arm` (the method they ablate, at the same seeds: `dm_<metric>`).
+    `frame` holds one row per arm x seed x cell with `status` 'done' where the metrics are valid."""
     done = frame[frame["status"] == "done"]
     rows = []
     for (arm, *cell), group in frame.groupby(["arm", *CELL], sort=False):
@@ -51,12 +56,16 @@ def summarize(frame: pd.DataFrame, baseline: str) -> pd.DataFrame:
                "errors": int((group["status"] != "done").sum()),
                "pretrain_images": group["pretrain_images"].iloc[0], "pretrain_ids": group["pretrain_ids"].iloc[0]}
         base = done[(done["arm"] == baseline) & (done[CELL] == cell).all(axis=1)].set_index("seed")
+        method = done[(done["arm"] == method_arm) & (done[CELL] == cell).all(axis=1)].set_index("seed")
         for metric in METRICS:
             row[f"{metric}_mean"] = ok[metric].mean() if len(ok) else math.nan
             row[f"{metric}_std"] = ok[metric].std(ddof=1) if len(ok) > 1 else math.nan
-            paired = [float(v - base.at[s, metric]) for s, v in zip(ok["seed"], ok[metric]) if s in base.index]
+            paired = _paired(ok, base, metric)
             mean, low, high = paired_interval(paired) if arm != baseline else (math.nan,) * 3
             row.update({f"d_{metric}": mean, f"d_{metric}_low": low, f"d_{metric}_high": high,
                         "pairs": len(paired) if arm != baseline else 0})
+            ablation = row["group"] == "ablation"
+            mean, low, high = paired_interval(_paired(ok, method, metric)) if ablation else (math.nan,) * 3
+            row.update({f"dm_{metric}": mean, f"dm_{metric}_low": low, f"dm_{metric}_high": high})
         rows.append(row)
     return pd.DataFrame(rows)
