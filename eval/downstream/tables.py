@@ -40,18 +40,24 @@ def results_frame(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     for column in CSV_COLUMNS:
         if column not in frame:
             frame[column] = "" if column == "reason" else math.nan
-    keys = ["dataset", "method", "setting", "seed"]
-    ours = frame["init"] == INIT_OURS
-    for baseline, label in BASELINES.items():
-        base = frame[(frame["init"] == baseline) & (frame["status"] == STATUS_DONE)].set_index(keys)
-        for metric in ("mAP", "rank1"):
-            column = f"delta_{metric}_vs_{label}"
-            index = pd.MultiIndex.from_frame(frame.loc[ours, keys])
-            reference = base[metric].reindex(index).to_numpy(dtype=float)
-            frame.loc[ours, column] = frame.loc[ours, metric].to_numpy(dtype=float) - reference
+    _add_deltas(frame, frame[frame["status"] == STATUS_DONE], ["dataset", "method", "setting", "seed"])
     for column in _INTEGER_COLUMNS:  # nullable ints: unavailable cells have none
         frame[column] = pd.to_numeric(frame[column], errors="coerce").round().astype("Int64")
     return frame[list(CSV_COLUMNS)]
+
+
+def _add_deltas(frame: pd.DataFrame, references: pd.DataFrame, keys: list[str]) -> None:
+    """`delta_<metric>_vs_<baseline>` on the `ours` rows of `frame`: their metric minus that of the
+    baseline's row in `references` with the same `keys` (NaN where it has none)."""
+    ours = frame["init"] == INIT_OURS
+    index = pd.MultiIndex.from_frame(frame.loc[ours, keys])
+    for baseline, label in BASELINES.items():
+        base = references[references["init"] == baseline].set_index(keys)
+        for metric in ("mAP", "rank1"):
+            column = f"delta_{metric}_vs_{label}"
+            frame[column] = frame[column] if column in frame else math.nan
+            reference = base[metric].reindex(index).to_numpy(dtype=float)
+            frame.loc[ours, column] = frame.loc[ours, metric].to_numpy(dtype=float) - reference
 
 
 def write_results_csv(frame: pd.DataFrame, path: str | Path) -> Path:
@@ -90,14 +96,7 @@ def summarise(frame: pd.DataFrame) -> pd.DataFrame:
             "reason": "; ".join(sorted({str(r) for r in group["reason"] if isinstance(r, str) and r})),
         })
     summary = pd.DataFrame(records)
-    by_cell = summary.set_index(["dataset", "method", "setting", "init"])
-    for baseline, label in BASELINES.items():
-        for metric in ("mAP", "rank1"):
-            summary[f"delta_{metric}_vs_{label}"] = [
-                row[metric] - by_cell[metric].get((row["dataset"], row["method"], row["setting"], baseline), math.nan)
-                if row["init"] == INIT_OURS else math.nan
-                for _, row in summary.iterrows()
-            ]
+    _add_deltas(summary, summary, ["dataset", "method", "setting"])
     return summary
 
 
