@@ -295,6 +295,13 @@ def test_lr_warms_up_linearly_then_decays_at_milestones() -> None:
         optimizer.step()
         scheduler.step()
     assert lrs == pytest.approx([0.1, 0.55, 1.0, 1.0, 0.5, 0.5, 0.25, 0.25])
+    # A run resumed after k epochs continues the same schedule (Re-ID trainer and downstream trials).
+    from trainers.reid.schedule import resumed_lr_scheduler
+
+    for done in (0, 3, 5):
+        resumed = build_optimizer(torch.nn.Linear(2, 2), config)
+        resumed_lr_scheduler(resumed, config, done)
+        assert resumed.param_groups[0]["lr"] == pytest.approx(lrs[done])
 
 
 def test_milestones_inside_warmup_are_rejected() -> None:

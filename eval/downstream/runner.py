@@ -6,7 +6,7 @@ initialisations (the evaluated backbone is checked against the arch here, so a w
 with the offending keys named, not in every trial), and build each method once as a dry run.
 
 Each trial fine-tunes one cell with the BoT trainer's pieces (PK sampler, transforms, Adam +
-warm-up/step schedule, `train_one_epoch`, `evaluate_reid`) on the resources Tune gives it (a
+warm-up/step schedule, `run_epoch`, `evaluate_reid`) on the resources Tune gives it (a
 GPU when there is one) and writes `cells/<dataset>/<method>/<init>/<setting>/seed<k>/result.json`.
 
 Resume, two layers: a finished cell's `result.json` carries a digest of everything that

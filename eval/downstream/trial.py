@@ -7,7 +7,6 @@ import json
 import os
 import tempfile
 import time
-import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -32,8 +31,8 @@ from eval.downstream.tables import STATUS_DONE
 from trainers.config import ReidTrainConfig
 from trainers.reid.data import TrainingSet, make_train_loader
 from trainers.reid.evaluate import evaluate_reid
-from trainers.reid.schedule import build_lr_scheduler, build_optimizer
-from trainers.reid.train import train_one_epoch
+from trainers.reid.schedule import build_optimizer, resumed_lr_scheduler
+from trainers.reid.train import run_epoch
 
 _CHECKPOINT_MODEL, _CHECKPOINT_LOSS = "model.safetensors", "loss.safetensors"
 _CHECKPOINT_OPTIMIZER, _CHECKPOINT_STATE = "optimizer.pt", "state.json"
@@ -112,25 +111,18 @@ def fine_tune_cell(
     model.to(device)
     loss_fn.to(device)
     optimizer = build_optimizer(model, recipe)
-    scheduler = build_lr_scheduler(optimizer, recipe)
     start_epoch, history = 0, []
     if restored is not None:
         model.load_state_dict(restored.model)
         loss_fn.load_state_dict(restored.loss)
         optimizer.load_state_dict(restored.optimizer)
         start_epoch, history = restored.epoch, list(restored.history)
-        with warnings.catch_warnings():  # fast-forwarding the schedule without optimizer steps is intended
-            warnings.simplefilter("ignore", UserWarning)
-            for _ in range(start_epoch):
-                scheduler.step()
+    scheduler = resumed_lr_scheduler(optimizer, recipe, start_epoch)
     torch.manual_seed(cell.seed + 1000 + start_epoch)  # augmentation draws
     loader = make_train_loader(training, recipe)
     train_start = time.perf_counter()
     for epoch in range(start_epoch, recipe.epochs):
-        loader.batch_sampler.set_epoch(epoch)
-        lr = optimizer.param_groups[0]["lr"]
-        metrics = {"epoch": epoch + 1, "lr": lr, **train_one_epoch(model, loader, loss_fn, optimizer, device)}
-        scheduler.step()
+        metrics = run_epoch(epoch, model, loader, loss_fn, optimizer, scheduler, device)
         history.append(metrics)
         if report is not None:
             every = config.checkpoint_every

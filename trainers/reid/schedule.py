@@ -3,6 +3,8 @@ then step decay at the milestones. Both schedulers step once per epoch."""
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from timm.optim import create_optimizer_v2
 from torch import nn
@@ -39,3 +41,14 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, config: ReidTrainConfig
         optimizer, milestones=[m - config.warmup_epochs for m in config.milestones], gamma=config.gamma
     )
     return SequentialLR(optimizer, schedulers=[warmup, decay], milestones=[config.warmup_epochs])
+
+
+def resumed_lr_scheduler(optimizer: torch.optim.Optimizer, config: ReidTrainConfig, epochs_done: int) -> LRScheduler:
+    """`build_lr_scheduler` moved on by `epochs_done` epochs: where a resumed run left off (the
+    torch schedulers restore no position from an optimizer's state alone)."""
+    scheduler = build_lr_scheduler(optimizer, config)
+    with warnings.catch_warnings():  # stepping the schedule without optimizer steps is intended here
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(epochs_done):
+            scheduler.step()
+    return scheduler

@@ -20,7 +20,6 @@ import logging
 import shutil
 import tempfile
 import time
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +43,7 @@ from trainers.ray_logging import quiet_ray_train_reports
 from trainers.reid.data import TrainingSet, make_train_loader
 from trainers.reid.losses import BotLoss
 from trainers.reid.model import ReidOutput, build_reid_model
-from trainers.reid.schedule import build_lr_scheduler, build_optimizer
+from trainers.reid.schedule import build_optimizer, resumed_lr_scheduler
 from trainers.weights import save_backbone_safetensors, save_state_safetensors, unwrap_model
 
 MODEL_FILE = "model.safetensors"
@@ -166,13 +165,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     optimizer = build_optimizer(model, config)
     if restored is not None:
         optimizer.load_state_dict(restored["optimizer"])
-    scheduler = build_lr_scheduler(optimizer, config)
     start_epoch = restored["epoch"] if restored is not None else 0
     history: list[dict[str, float]] = restored["history"] if restored is not None else []
-    with warnings.catch_warnings():  # fast-forwarding the schedule without optimizer steps is intended
-        warnings.simplefilter("ignore", UserWarning)
-        for _ in range(start_epoch):
-            scheduler.step()
+    scheduler = resumed_lr_scheduler(optimizer, config, start_epoch)
 
     torch.manual_seed(config.seed + 1000 * rank + start_epoch)  # augmentations differ per rank
     loader = make_train_loader(training, config, rank, world_size)
@@ -181,15 +176,23 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         _report(model, optimizer, start_epoch, history, rank)
         return
     for epoch in range(start_epoch, config.epochs):
-        loader.batch_sampler.set_epoch(epoch)
-        lr = optimizer.param_groups[0]["lr"]
-        metrics = {"epoch": epoch + 1, "lr": lr, **train_one_epoch(model, loader, loss_fn, optimizer, device)}
-        scheduler.step()
+        metrics = run_epoch(epoch, model, loader, loss_fn, optimizer, scheduler, device)
         history.append(metrics)
         if rank == 0:
             logger.info("reid: epoch %d/%d loss %.4f acc %.3f lr %.2e %.1f img/s", epoch + 1, config.epochs,
-                        metrics["loss"], metrics["train_accuracy"], lr, metrics["images_per_second"])
+                        metrics["loss"], metrics["train_accuracy"], metrics["lr"], metrics["images_per_second"])
         _report(model, optimizer, epoch + 1, history, rank)
+
+
+def run_epoch(epoch: int, model: nn.Module, loader: torch.utils.data.DataLoader, loss_fn: nn.Module,
+              optimizer: torch.optim.Optimizer, scheduler: Any, device: torch.device) -> dict[str, float]:
+    """One epoch of the BoT loop shared by the Re-ID trainer and the downstream trials: the
+    sampler's epoch, the pass over the data, the schedule's step; returns the epoch's metrics."""
+    loader.batch_sampler.set_epoch(epoch)
+    lr = optimizer.param_groups[0]["lr"]
+    metrics = {"epoch": epoch + 1, "lr": lr, **train_one_epoch(model, loader, loss_fn, optimizer, device)}
+    scheduler.step()
+    return metrics
 
 
 def train_one_epoch(
