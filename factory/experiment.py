@@ -224,6 +224,7 @@ def run_chain(spec: Mapping[str, Any]) -> dict[str, Any]:
     from eval.downstream.config import DownstreamConfig
     from eval.downstream.runner import run_downstream
     from trainers.pretrain.config import PretrainConfig
+    from trainers.checkpoint import BACKBONE_FILE
     from trainers.pretrain.train import pretrain
 
     out = resolve(spec["out"])
@@ -234,7 +235,7 @@ def run_chain(spec: Mapping[str, Any]) -> dict[str, Any]:
         if not (marker.exists() and marker.read_json().get("digest") == spec["digest"]):
             result = pretrain(spec["data"], checkpoint, PretrainConfig.model_validate(spec["pretrain"]))
             marker.write_json({"digest": spec["digest"], "epochs": len(result.history)})
-        backbone = (checkpoint / "backbone.safetensors").uri
+        backbone = (checkpoint / BACKBONE_FILE).uri
     report = run_downstream(DownstreamConfig.model_validate(spec["downstream"]), backbone=backbone,
                             out_dir=(out / "downstream").uri)
     rows = [{key: _plain(row.get(key)) for key in ("dataset", "method", "setting", "seed", "status", "mAP",

@@ -368,7 +368,7 @@ def _tiny_grid(root: Path, **overrides: object) -> DownstreamConfig:
 
 def test_fine_tune_cell_resumes_from_its_checkpoint(workspace: dict[str, Path], tmp_path: Path) -> None:
     from eval.downstream.inits import random_init
-    from eval.downstream.trial import _load_training_state, _save_training_state
+    from trainers.checkpoint import load_training_state, save_training_state
 
     config = _tiny_grid(workspace["root"], train={**TINY_TRAIN, "epochs": 2}, checkpoint_every=1)
     dataset = load_source(config.datasets[0])
@@ -379,8 +379,8 @@ def test_fine_tune_cell_resumes_from_its_checkpoint(workspace: dict[str, Path], 
     assert states[0][1] is not None and states[0][1].epoch == 1 and states[1][1] is None  # none after the last
     assert "center.centers" in states[0][1].loss  # AGW's centre buffers are part of the state
     assert result["train_ids"] == 8 and result["train_images"] == 16 and 0 <= result["mAP"] <= 1
-    _save_training_state(tmp_path, states[0][1])  # the files a Tune checkpoint holds
-    restored = _load_training_state(tmp_path)
+    save_training_state(tmp_path, states[0][1])  # the files a Tune checkpoint holds
+    restored = load_training_state(tmp_path)
     assert restored.epoch == 1 and torch.equal(restored.loss["center.centers"], states[0][1].loss["center.centers"])
     resumed = fine_tune_cell(cell, dataset, config, random_init(), restored=restored)
     assert [h["epoch"] for h in resumed["history"]] == [1, 2]  # epoch 1 restored, only epoch 2 trained

@@ -3,20 +3,17 @@ resume it, write its result to the output URI (`run_trial`)."""
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import ray
 import torch
 from ray import tune
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from core.datasets.base import ReidDataset
@@ -28,29 +25,17 @@ from eval.downstream.inits import InitWeights, build_initialised_backbone
 from eval.downstream.methods import ReidMethod, get_method
 from eval.downstream.settings import training_subset
 from eval.downstream.tables import STATUS_DONE
+from trainers.checkpoint import TrainingState, cpu_state, load_training_state, save_training_state
 from trainers.config import ReidTrainConfig
 from trainers.reid.data import TrainingSet, make_train_loader
 from trainers.reid.evaluate import evaluate_reid
 from trainers.reid.schedule import build_optimizer, resumed_lr_scheduler
 from trainers.reid.train import run_epoch
 
-_CHECKPOINT_MODEL, _CHECKPOINT_LOSS = "model.safetensors", "loss.safetensors"
-_CHECKPOINT_OPTIMIZER, _CHECKPOINT_STATE = "optimizer.pt", "state.json"
 
 
 # ------------------------------------------------------------------------------------------
 # One cell: fine-tune and evaluate
-
-
-@dataclass
-class TrainingState:
-    """What a trial checkpoint restores."""
-
-    model: dict[str, torch.Tensor]
-    loss: dict[str, torch.Tensor]
-    optimizer: dict[str, Any]
-    epoch: int
-    history: list[dict[str, float]]
 
 
 # (epoch metrics, state to checkpoint or None) -> None
@@ -127,11 +112,8 @@ def fine_tune_cell(
         if report is not None:
             every = config.checkpoint_every
             checkpoint = every and ((epoch + 1) % every == 0) and epoch + 1 < recipe.epochs
-            state = TrainingState(
-                model={k: v.detach().cpu() for k, v in model.state_dict().items()},
-                loss={k: v.detach().cpu() for k, v in loss_fn.state_dict().items()},
-                optimizer=optimizer.state_dict(), epoch=epoch + 1, history=list(history),
-            ) if checkpoint else None
+            state = TrainingState(model=cpu_state(model), loss=cpu_state(loss_fn), optimizer=optimizer.state_dict(),
+                                  epoch=epoch + 1, history=list(history)) if checkpoint else None
             report(metrics, state)
     train_seconds = time.perf_counter() - train_start
     metrics = evaluate_reid(model, dataset, recipe, device=device, images=images)
@@ -176,31 +158,12 @@ class TrialContext:
     digests: dict[str, str] = field(default_factory=dict)  # cell key -> digest
 
 
-def _save_training_state(directory: Path, state: TrainingState) -> None:
-    save_file({k: v.contiguous() for k, v in state.model.items()}, str(directory / _CHECKPOINT_MODEL))
-    save_file({k: v.contiguous() for k, v in state.loss.items()}, str(directory / _CHECKPOINT_LOSS))
-    torch.save(state.optimizer, directory / _CHECKPOINT_OPTIMIZER)
-    (directory / _CHECKPOINT_STATE).write_text(json.dumps({"epoch": state.epoch, "history": state.history}))
-
-
-def _load_training_state(directory: Path) -> TrainingState:
-    meta = json.loads((directory / _CHECKPOINT_STATE).read_text())
-    return TrainingState(
-        model=load_file(str(directory / _CHECKPOINT_MODEL)),
-        loss=load_file(str(directory / _CHECKPOINT_LOSS)),
-        # weights_only: a checkpoint folder is data, never code to run
-        optimizer=torch.load(directory / _CHECKPOINT_OPTIMIZER, map_location="cpu", weights_only=True),
-        epoch=int(meta["epoch"]),
-        history=list(meta["history"]),
-    )
-
-
 def _report_epoch(metrics: dict[str, Any], state: TrainingState | None) -> None:
     if state is None:
         tune.report(metrics)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        _save_training_state(Path(tmp), state)
+        save_training_state(tmp, state)
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
@@ -219,7 +182,7 @@ def run_trial(params: dict[str, Any], context: TrialContext) -> None:
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            restored = _load_training_state(Path(directory))
+            restored = load_training_state(directory)
     # One line per execution; read and rewritten whole, since object stores cannot append
     # (one trial per cell at a time, so there is no other writer).
     executions = cell_dir / EXECUTIONS_FILE

@@ -19,7 +19,6 @@ from trainers.pretrain.config import PretrainConfig
 from trainers.pretrain.recipe import build_backbone_model
 from trainers.weights import check_state_dict_matches, save_state_safetensors
 
-BACKBONE_FILE = "backbone.safetensors"
 BACKBONE_INFO_FILE = "backbone.json"
 
 

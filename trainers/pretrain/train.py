@@ -40,16 +40,19 @@ import torch
 import torch.distributed as dist
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from core.storage import Location, resolve, user_path
 from core.config import config_to_yaml
 from core.cluster import RayConfig, init_ray, resolve_use_gpu
+from trainers.checkpoint import (BACKBONE_FILE, CONFIG_FILE, MODEL_FILE, OPTIMIZER_FILE, RNG_FILE, SCHEDULER_FILE,
+                                 STATE_FILE, TrainingState, cpu_state, load_rng_state, load_training_state,
+                                 save_training_state)
 from trainers.ray_logging import quiet_ray_train_reports
 from trainers.pretrain.config import BatchPlan, PretrainConfig, plan_batches
 from trainers.pretrain.data import IMAGE_KEY, LABEL_KEY, BatchAugment, build_train_dataset, train_batches
-from trainers.pretrain.export import BACKBONE_FILE, export_backbone
+from trainers.pretrain.export import export_backbone
 from trainers.pretrain.plots import CURVES_CSV, CURVES_PNG, write_curves
 from trainers.pretrain.recipe import (
     backbone_state_dict,
@@ -61,15 +64,9 @@ from trainers.pretrain.recipe import (
     scheduler_state,
 )
 from trainers.pretrain.shards import ShardError, ShardSummary, inspect_shards
-from trainers.weights import save_state_safetensors, unwrap_model
+from trainers.weights import unwrap_model
 
 RUN_NAME = "pretrain"
-MODEL_FILE = "model.safetensors"
-OPTIMIZER_FILE = "optimizer.pt"
-SCHEDULER_FILE = "scheduler.pt"
-STATE_FILE = "state.json"
-CONFIG_FILE = "config.yaml"
-RNG_FILE = "rng_rank{rank}.pt"
 
 # Worker-side progress goes through logging: Ray Train routes it to the driver once (a `print`
 # in a Ray Train worker is both teed to stdout and logged, so it shows up twice).
@@ -347,13 +344,11 @@ def _report(
         torch.save(_get_rng_state(), directory / RNG_FILE.format(rank=rank))
         if rank == 0:
             module = unwrap_model(model)
-            save_state_safetensors(module, directory / MODEL_FILE)
             save_file(backbone_state_dict(module), str(directory / BACKBONE_FILE))
-            torch.save(optimizer.state_dict(), directory / OPTIMIZER_FILE)
-            torch.save(scheduler_state(scheduler), directory / SCHEDULER_FILE)
-            state = {"epoch": epochs_done, "arch": config.arch, "num_classes": num_classes,
-                     "model_kwargs": config.model_kwargs, "starts": starts, "history": history}
-            (directory / STATE_FILE).write_text(json.dumps(state, indent=2))
+            save_training_state(directory, TrainingState(
+                cpu_state(module), optimizer.state_dict(), epochs_done, history, scheduler=scheduler_state(scheduler),
+                extra={"arch": config.arch, "num_classes": num_classes, "model_kwargs": config.model_kwargs,
+                       "starts": starts}))
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
 
 
@@ -382,22 +377,9 @@ def _read_checkpoint(checkpoint: Checkpoint | None, rank: int) -> dict[str, Any]
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as directory:
-        path = Path(directory)
-        state = json.loads((path / STATE_FILE).read_text())
-        rng_path = path / RNG_FILE.format(rank=rank)
-
-        def load(name: Path) -> Any:  # weights_only: a checkpoint folder is data, never code to run
-            return torch.load(name, map_location="cpu", weights_only=True)
-
-        return {
-            "model": load_file(str(path / MODEL_FILE)),
-            "optimizer": load(path / OPTIMIZER_FILE),
-            "scheduler": load(path / SCHEDULER_FILE),
-            "rng": load(rng_path) if rng_path.is_file() else None,
-            "epoch": int(state["epoch"]),
-            "history": list(state["history"]),
-            "starts": list(state["starts"]),
-        }
+        state, rng = load_training_state(directory), load_rng_state(directory, rank)
+    return {"model": state.model, "optimizer": state.optimizer, "scheduler": state.scheduler, "rng": rng,
+            "epoch": state.epoch, "history": state.history, "starts": list(state.extra["starts"])}
 
 
 def _seed_everything(seed: int) -> None:

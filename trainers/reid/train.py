@@ -31,27 +31,23 @@ import ray.train.torch
 import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
-from safetensors.torch import load_file
 from torch import nn
 
 from core.storage import local_folder, resolve, user_path
 from core.config import config_to_yaml
 from core.datasets.base import ReidDataset
 from core.cluster import RayConfig, init_ray, resolve_use_gpu
+from trainers.checkpoint import (BACKBONE_FILE, CONFIG_FILE, MODEL_FILE, STATE_FILE, TrainingState, cpu_state,
+                                 load_training_state, save_training_state)
 from trainers.config import ReidTrainConfig
 from trainers.ray_logging import quiet_ray_train_reports
 from trainers.reid.data import TrainingSet, make_train_loader
 from trainers.reid.losses import BotLoss
 from trainers.reid.model import ReidOutput, build_reid_model
 from trainers.reid.schedule import build_optimizer, resumed_lr_scheduler
-from trainers.weights import save_backbone_safetensors, save_state_safetensors, unwrap_model
+from trainers.weights import save_backbone_safetensors, unwrap_model
 
-MODEL_FILE = "model.safetensors"
-BACKBONE_FILE = "backbone.safetensors"
-OPTIMIZER_FILE = "optimizer.pt"
-STATE_FILE = "state.json"
 METRICS_FILE = "metrics.json"
-CONFIG_FILE = "config.yaml"
 
 # Worker-side progress goes through logging: Ray Train routes it to the driver once.
 logger = logging.getLogger(__name__)
@@ -248,22 +244,13 @@ def _write_checkpoint(
     directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, epochs_done: int,
     history: list[dict[str, float]],
 ) -> None:
-    save_state_safetensors(model, directory / MODEL_FILE)
     save_backbone_safetensors(model, directory / BACKBONE_FILE)
-    torch.save(optimizer.state_dict(), directory / OPTIMIZER_FILE)
-    (directory / STATE_FILE).write_text(json.dumps({"epoch": epochs_done, "history": history}, indent=2))
+    save_training_state(directory, TrainingState(cpu_state(model), optimizer.state_dict(), epochs_done, history))
 
 
 def _read_checkpoint(checkpoint: Checkpoint | None) -> dict[str, Any] | None:
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as directory:
-        path = Path(directory)
-        state = json.loads((path / STATE_FILE).read_text())
-        return {
-            "model": load_file(str(path / MODEL_FILE)),
-            # weights_only: a checkpoint folder is data, never code to run
-            "optimizer": torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True),
-            "epoch": int(state["epoch"]),
-            "history": list(state["history"]),
-        }
+        state = load_training_state(directory)
+    return {"model": state.model, "optimizer": state.optimizer, "epoch": state.epoch, "history": state.history}
