@@ -519,7 +519,7 @@ def run(args, config: RunConfig, meter: PhaseMeter) -> tuple[list[Identity], dic
         result = out.to_pylist()[0]
         if result["status"] != "ok":
             raise BenchmarkFailed(identity.name, f"{result['error']} (after {result['attempts']} attempts)")
-        identity.seconds.update(json.loads(result["timings"]))
+        identity.seconds.update(dict(result["timings"]))
         identity.outside_seconds = wall - sum(identity.seconds[p] for p in GENERATION_PHASES)
         identity.stats.update(meter.take())
         generated.append(out)

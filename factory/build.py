@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import sys
 import time
@@ -271,7 +270,7 @@ def raise_if_too_many_failed(summary: BuildSummary, tolerated: int, out: Locatio
 def identity_cost(row: dict, config: RunConfig, use_gpus: bool) -> tuple[dict[str, float], float]:
     """Seconds per phase of one identity, and its GPU-seconds: each phase's seconds times the
     GPUs its actor holds (0 on a cluster without GPUs)."""
-    generation_phases = json.loads(row["timings"] or "{}")
+    generation_phases = dict(row["timings"] or ())  # Arrow maps come back as (key, value) pairs
     seconds = {"caption": row["caption_seconds"], **generation_phases, "filter": row["filter_seconds"] or 0.0}
     if not use_gpus:
         return seconds, 0.0

@@ -45,7 +45,7 @@ GENERATION_FIELDS = [
     ("sample_seeds", pa.list_(pa.int64())),
     ("sample_prompts", pa.list_(pa.string())),
     ("reference_preview", pa.list_(pa.binary())),  # a few Attribute Reference Set images
-    ("timings", pa.string()),  # JSON {phase: seconds}
+    ("timings", pa.map_(pa.string(), pa.float64())),  # phase -> seconds
     ("model_loads", pa.int64()),  # base-model loads by the actor so far (must stay 1)
     ("attempts", pa.int64()),
     ("reference_reused", pa.bool_()),  # the Attribute Reference Set was shared with an earlier identity
@@ -99,7 +99,7 @@ STATUS_SCHEMA = pa.schema(
         ("attempts", pa.int64()),
         ("caption", pa.string()),
         ("caption_seconds", pa.float64()),
-        ("timings", pa.string()),
+        ("timings", pa.map_(pa.string(), pa.float64())),
         ("filter_kind", pa.string()),
         ("filter_seconds", pa.float64()),
         ("reference_reused", pa.bool_()),

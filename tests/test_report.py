@@ -15,7 +15,8 @@ def test_plan_clock_reports_rate_and_eta() -> None:
 
 def test_identity_cost_counts_gpu_seconds_per_actor_share() -> None:
     config = load_run_config(overrides=["caption.num_gpus=1", "generation.num_gpus=1", "filter.num_gpus=0.25"])
-    row = {"timings": '{"reference_set": 10, "fine_tune": 20, "sample": 30}', "caption_seconds": 4.0, "filter_seconds": 8.0}
+    row = {"timings": [("reference_set", 10.0), ("fine_tune", 20.0), ("sample", 30.0)], "caption_seconds": 4.0,
+           "filter_seconds": 8.0}
     seconds, gpu_seconds = identity_cost(row, config, use_gpus=True)
     assert seconds == {"caption": 4.0, "reference_set": 10, "fine_tune": 20, "sample": 30, "filter": 8.0}
     assert gpu_seconds == 4 + 10 + 20 + 30 + 8 * 0.25

@@ -565,7 +565,7 @@ class GenerationStage(Stage):
             values["reference_preview"].append(
                 [encode_image(i, out.image_size, "jpeg", 90) for i in result.reference_images] if ok else []
             )
-            values["timings"].append(json.dumps(result.timings if ok else {}))
+            values["timings"].append(result.timings if ok else {})
             values["model_loads"].append(self.model_loads)
             values["reference_reused"].append(bool(ok and result.reference_reused))
             values["attempts"].append(attempts)

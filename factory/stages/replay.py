@@ -4,7 +4,6 @@ that build generated instead of generating them again. No diffusion model loads.
 
 from __future__ import annotations
 
-import json
 import time
 
 import pyarrow as pa
@@ -55,7 +54,7 @@ class ReplayStage(Stage):
             values["sample_seeds"].append(staged.column("seed").to_pylist() if ok else [])
             values["sample_prompts"].append(staged.column("prompt").to_pylist() if ok else [])
             values["reference_preview"].append([])
-            values["timings"].append(json.dumps({"replay": time.perf_counter() - start} if ok else {}))
+            values["timings"].append({"replay": time.perf_counter() - start} if ok else {})
             values["model_loads"].append(0)
             values["attempts"].append(1)
             values["reference_reused"].append(False)
