@@ -87,7 +87,7 @@ def test_lora_fine_tune_changes_the_output_and_leaves_the_base_bit_identical(tin
 
     config = _tiny_config(finetune="lora", lora={"rank": 4, "alpha": 4, "learning_rate": 1e-2})
     generator = DiversityInjectionGenerator(load_text_to_image(str(tiny_sd_dir), "cpu", torch.float32), config)
-    assert generator._base_state is None
+    assert generator._base_copy is None
     before = module_fingerprint(generator.unet)
     base_images = generator.generate_images(["a photo of zwx person"], [5], steps=2)
     images = [_person((200, 30, 30)), _person((190, 40, 40))]
@@ -279,3 +279,25 @@ def test_prior_term_trains_on_reencoded_or_sampled_reference_latents(tiny_sd_dir
         assert calls == {"encoder": [1, 2, 1], "decoder": [2, 1]}  # instance image, then the 3 references
     else:
         assert calls == {"encoder": [1], "decoder": []}
+
+
+def test_base_weight_copy_on_a_cpu_is_a_file_read_back_bit_exactly_in_groups() -> None:
+    """On a CPU the base copy is not a second set of tensors in memory: it is a local file,
+    read back a bounded group of tensors per opening, into the live weights."""
+    from factory.stages.base_weights import BaseWeightCopy
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.LayerNorm(64), torch.nn.Linear(64, 8))
+    before = module_fingerprint(module)
+    copy = BaseWeightCopy(module, "cpu", mapped_bytes_per_open=2_000)  # the first weight alone is 16 KiB
+    assert "local file" in copy.where and len(copy._groups) > 2
+    with torch.no_grad():
+        for tensor in module.state_dict().values():
+            tensor.add_(1)
+    assert module_fingerprint(module) != before
+    live = [p.data_ptr() for p in module.parameters()]
+    copy.restore(module)
+    assert module_fingerprint(module) == before
+    assert [p.data_ptr() for p in module.parameters()] == live, "restored in place, into the live tensors"
+    with pytest.raises(RuntimeError, match="parameters changed"):
+        copy.restore(torch.nn.Linear(64, 64))
