@@ -18,7 +18,10 @@ What it measures, per phase and per identity:
   a training forward counts 3 - forward plus a backward of twice its cost - and 4 with
   `generation.gradient_checkpointing`, which recomputes the forward during the backward);
 - peak memory: `torch.cuda.max_memory_allocated`, reset as each phase starts, on a GPU; the
-  process's peak RSS during the phase (sampled every 10 ms) on the CPU.
+  process's peak RSS during the phase (sampled every 10 ms) on the CPU;
+- the VAE's work inside each phase (`PHASE/vae_encode`, `PHASE/vae_decode`): calls, images,
+  seconds, peak memory and its rise over the memory in use as the call began (what the VAE's
+  own activations cost, `generation.vae_batch_size` images at a time).
 
 `--identities N` measures N identities after one warm-up identity (not in the figures): N + 1
 identities run. The stages run as inside the Ray actors (one `setup`, then identities), without
@@ -40,7 +43,6 @@ after it. Ours / baseline per phase says what our loop adds over plain diffusers
 from __future__ import annotations
 
 import argparse
-import gc
 import io
 import json
 import sys
@@ -49,7 +51,7 @@ import threading
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -77,19 +79,36 @@ class PhaseStats:
     unet_forward_equivalents: int = 0
 
 
-class PhaseMeter:
-    """Wall time, peak memory and UNet work of the phase running now (`begin` ... `end`).
+@dataclass
+class SpanStats:
+    """A region inside a phase (the VAE's encode or decode calls): how often it ran, its time,
+    its peak memory and that peak above the memory in use as the region began."""
 
-    Peak memory: on CUDA the allocator's peak, reset at `begin`; on the CPU the process's RSS,
-    sampled every `interval` seconds by a background thread, max over the phase."""
+    calls: int = 0
+    images: int = 0
+    wall_seconds: float = 0.0
+    peak_memory_bytes: int = 0
+    peak_increase_bytes: int = 0
+
+
+class PhaseMeter:
+    """Wall time, peak memory and UNet work of the phase running now (`begin` ... `end`), and of
+    regions inside it (`span_begin` ... `span_end`, keyed "PHASE/LABEL").
+
+    Peak memory: on CUDA the allocator's peak, reset at `begin` (and at each span, the phase's
+    peak so far kept); on the CPU the process's RSS, sampled every `interval` seconds by a
+    background thread, max over the phase or span."""
 
     def __init__(self, device: str, interval: float = 0.01) -> None:
         self.cuda = device.startswith("cuda")
         self.current: str | None = None
         self.stats: dict[str, PhaseStats] = {}
+        self.spans: dict[str, SpanStats] = {}
         self._lock = threading.Lock()
         self._start = 0.0
         self._peak = 0
+        self._span: tuple[str, float, int] | None = None  # (key, start time, memory at start)
+        self._span_peak = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         if not self.cuda:
@@ -108,6 +127,40 @@ class PhaseMeter:
             with self._lock:
                 if self.current is not None and rss > self._peak:
                     self._peak = rss
+                if self._span is not None and rss > self._span_peak:
+                    self._span_peak = rss
+
+    def _memory_now(self) -> int:
+        return torch.cuda.memory_allocated() if self.cuda else self._rss()
+
+    def span_begin(self, label: str, images: int) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            self._peak = max(self._peak, torch.cuda.max_memory_allocated())
+            torch.cuda.reset_peak_memory_stats()
+        now = self._memory_now()
+        with self._lock:
+            self._span = (f"{self.current or 'outside any phase'}/{label}", time.perf_counter(), now)
+            self._span_peak = now
+        stats = self.spans.setdefault(self._span[0], SpanStats())
+        stats.calls += 1
+        stats.images += images
+
+    def span_end(self) -> None:
+        if self._span is None:
+            return
+        if self.cuda:
+            torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() if self.cuda else self._rss()
+        with self._lock:
+            key, start, at_start = self._span
+            peak = max(peak, self._span_peak)
+            self._span = None
+            self._peak = max(self._peak, peak)
+        stats = self.spans[key]
+        stats.wall_seconds += time.perf_counter() - start
+        stats.peak_memory_bytes = max(stats.peak_memory_bytes, peak)
+        stats.peak_increase_bytes = max(stats.peak_increase_bytes, peak - at_start)
 
     def begin(self, label: str) -> None:
         self.end()
@@ -138,7 +191,8 @@ class PhaseMeter:
         stats.unet_forward_equivalents += equivalents
 
     def take(self) -> dict[str, PhaseStats]:
-        """The figures since the last `take` (one identity's), cleared."""
+        """The phase figures since the last `take` (one identity's), cleared. Spans add up over
+        the whole run (`spans`)."""
         self.end()
         stats, self.stats = self.stats, {}
         return stats
@@ -163,6 +217,25 @@ def count_unet(unet: torch.nn.Module, meter: PhaseMeter, recompute: bool) -> tor
         meter.add_unet(1, images)
 
     return unet.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def meter_vae(generator, meter: PhaseMeter) -> None:
+    """Meter the generator's VAE work as spans of the phase that calls it: every encode
+    (`vae_encode`) and decode (`vae_decode`) call of that phase, its images, time and memory.
+    The generator's own methods run; only this instance's attributes wrap them."""
+
+    def wrap(method, label: str):
+        def metered(images, *args, **kwargs):
+            meter.span_begin(label, len(images))
+            try:
+                return method(images, *args, **kwargs)
+            finally:
+                meter.span_end()
+
+        return metered
+
+    generator.encode_images = wrap(generator.encode_images, "vae_encode")
+    generator.decode_latents = wrap(generator.decode_latents, "vae_decode")
 
 
 def unet_calls_per_run(scheduler, steps: int) -> int:
@@ -441,8 +514,12 @@ def _filter_models(config: RunConfig, pids: Sequence[int], directory: Path) -> d
 
 
 def _release() -> None:
-    """Give back the memory of models the caller has just dropped."""
-    gc.collect()
+    """Give back the memory of models the caller has just dropped (to the OS too, on a CPU:
+    each stage runs in its own actor process in a build, so the next stage here should not
+    count the last one's freed heap)."""
+    from core.device import return_freed_host_memory
+
+    return_freed_host_memory()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
@@ -507,11 +584,14 @@ def run(args, config: RunConfig, meter: PhaseMeter) -> tuple[list[Identity], dic
         raise RuntimeError("the UNet's gradient checkpointing differs from generation.gradient_checkpointing")
     handle = count_unet(generator.unet, meter, recompute=g.gradient_checkpointing)
     generator.phase_listeners.append(meter.begin)
+    meter_vae(generator, meter)
     info["scheduler"] = type(generator.pipe.scheduler).__name__
     info["expected"] = expected_unet_work(g, generator.pipe)
     baseline = DiffusersBaseline(generator.pipe, g, generator.device) if args.baseline else None
     generated = []
-    for identity, row in zip(identities, captioned):
+    for number, (identity, row) in enumerate(zip(identities, captioned)):
+        if number == args.warmup:
+            meter.spans.clear()  # VAE figures of the measured identities only
         start = time.perf_counter()
         out = stage.process_batch(row)
         meter.end()
@@ -527,6 +607,7 @@ def run(args, config: RunConfig, meter: PhaseMeter) -> tuple[list[Identity], dic
             _run_baseline(baseline, meter, result)
             identity.baseline = meter.take()
     info["model_loads"] = stage.model_loads
+    info["vae"] = {key: asdict(stats) for key, stats in meter.spans.items()}
     handle.remove()
     del generator, baseline
     stage.generator = None
@@ -642,6 +723,13 @@ def print_report(args, preset: Path, config: RunConfig, identities: Sequence[Ide
     outside = sum(i.outside_seconds for i in measured) / len(measured)
     print(f"  generation work outside the phases (weight restore, output encoding): {outside:.3f} s/identity")
 
+    if info.get("vae"):
+        print(f"VAE work inside the phases (all {len(measured)} measured identities; peak: max over the calls)")
+        print(f"  {'phase/region':<26}{'calls':>6}{'images':>8}{'seconds':>10}{memory:>13}{'above start':>13}")
+        for key, span in info["vae"].items():
+            print(f"  {key:<26}{span['calls']:>6}{span['images']:>8}{span['wall_seconds']:>10.3f}"
+                  f"{_gib(span['peak_memory_bytes']):>13}{_gib(span['peak_increase_bytes']):>13}")
+
     expected = info.get("expected", {})
     checks = []
     for phase, (calls, fwd) in expected.items():
@@ -710,7 +798,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         phases = summarize(identities, args.baseline, args.warmup)
         print_report(args, preset, config, identities, info, phases, device)
     if args.json is not None:
-        report = {"device": device, "identities": args.identities, "failed": failed, "phases": phases}
+        report = {"device": device, "identities": args.identities, "failed": failed, "phases": phases,
+                  "vae": info.get("vae", {})}
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1) + "\n")
     return 1 if failed else 0

@@ -75,7 +75,7 @@ def test_counted_unet_work_per_phase_matches_the_recipe(preset, tmp_path: Path, 
         argv.append("--baseline")
     assert identity_cost.main(argv) == 0
     report = json.loads(out.read_text())
-    assert set(report) == {"device", "identities", "failed", "phases"}
+    assert set(report) == {"device", "identities", "failed", "phases", "vae"}
     assert report["identities"] == 1 and report["failed"] == [] and report["device"].startswith("cpu")
     phases = report["phases"]
     assert list(phases) == ["caption", "reference_set", "fine_tune", "sample", "filter"]
@@ -104,6 +104,13 @@ def test_counted_unet_work_per_phase_matches_the_recipe(preset, tmp_path: Path, 
             assert got["baseline_seconds"] is None, phase
         else:
             assert got["baseline_seconds"] > 0, phase
+    # The VAE's work as spans of the phase that calls it (calls of encode/decode, images): the
+    # reference previews; the instance images and the reference set encoded, the set decoded
+    # first (`reference_latents: reencoded`); the samples decoded.
+    spans = {key: (span["calls"], span["images"]) for key, span in report["vae"].items()}
+    assert spans == {"reference_set/vae_decode": (1, REFERENCES), "fine_tune/vae_encode": (2, 2 + REFERENCES),
+                     "fine_tune/vae_decode": (1, REFERENCES), "sample/vae_decode": (1, SAMPLES)}
+    assert all(span["peak_memory_bytes"] > 0 and span["wall_seconds"] > 0 for span in report["vae"].values())
 
 
 @pytest.mark.parametrize("entry", ["bench/1", "bench/0:oom"])
