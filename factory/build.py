@@ -217,9 +217,7 @@ def run(config: RunConfig, out_dir: str | os.PathLike[str] | None = None, log=pr
         wanted = max(0, config.output.contact_sheet_identities - len(previews.files(".png")))
         write = functools.partial(WriteStage, out.uri, frozenset(table.column("identity").to_pylist()[:wanted]))
         filter_then_write = functools.partial(StageChain, filtering, write)
-        dataset = ray_pipeline.dataset_of_rows(table)
-        for make_stage in (caption, generate, filter_then_write):
-            dataset = ray_pipeline.apply_stage(dataset, make_stage, use_gpus)
+        dataset = ray_pipeline.stage_pipeline(table, (caption, generate, filter_then_write), use_gpus)
 
         source_images = Counter(identity_key(r.source, r.pid) for d in datasets for r in d.train if not r.distractor)
         breaker = CircuitBreaker(config.generation.circuit_breaker)

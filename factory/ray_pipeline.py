@@ -3,13 +3,13 @@ pools (`map_batches` with an actor class and `ActorPoolStrategy(min_size, max_si
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import pyarrow as pa
 import ray
 from ray.data import ActorPoolStrategy, Dataset
 
-from factory.stages.base import Stage
+from factory.stages.base import Stage, check_columns
 
 StageFactory = Callable[[], Stage]
 
@@ -32,25 +32,27 @@ def _actor_class(stage: Stage) -> type[_StageActor]:
     return type(name, (_StageActor,), {"__doc__": f"The `{stage.name}` stage's actor."})
 
 
-def apply_stage(dataset: Dataset, make_stage: StageFactory, use_gpus: bool) -> Dataset:
-    """`dataset.map_batches` through an autoscaling pool of actors running `make_stage()`."""
-    stage = make_stage()
-    resources = stage.resources()
-    return dataset.map_batches(
-        _actor_class(stage),
-        fn_constructor_kwargs={"make_stage": make_stage},
-        batch_size=resources.batch_size,
-        batch_format="pyarrow",
-        compute=ActorPoolStrategy(min_size=resources.min_actors, max_size=resources.max_actors),
-        num_cpus=resources.num_cpus,
-        num_gpus=resources.num_gpus if use_gpus else 0,
-    )
-
-
-def dataset_of_rows(table: pa.Table) -> Dataset:
-    """One block per identity, so an actor pool spreads identities over all its actors instead
-    of streaming one large block through a single actor."""
-    return ray.data.from_arrow([table.slice(i, 1) for i in range(table.num_rows)])
+def stage_pipeline(table: pa.Table, factories: Sequence[StageFactory], use_gpus: bool) -> Dataset:
+    """`table`'s identities streamed through one autoscaling actor pool per stage. The stages'
+    declared columns are checked against `table` first (`check_columns`), so a stage wired to
+    a column nobody writes fails here, before any actor starts."""
+    stages = [make_stage() for make_stage in factories]  # cheap: models load in `setup`
+    check_columns(table.schema, stages)
+    # One block per identity, so an actor pool spreads identities over all its actors instead
+    # of streaming one large block through a single actor.
+    dataset = ray.data.from_arrow([table.slice(i, 1) for i in range(table.num_rows)])
+    for make_stage, stage in zip(factories, stages):
+        resources = stage.resources()
+        dataset = dataset.map_batches(
+            _actor_class(stage),
+            fn_constructor_kwargs={"make_stage": make_stage},
+            batch_size=resources.batch_size,
+            batch_format="pyarrow",
+            compute=ActorPoolStrategy(min_size=resources.min_actors, max_size=resources.max_actors),
+            num_cpus=resources.num_cpus,
+            num_gpus=resources.num_gpus if use_gpus else 0,
+        )
+    return dataset
 
 
 def iter_rows(dataset: Dataset) -> Iterator[dict]:

@@ -8,6 +8,8 @@ into one row per generated image (`SHARD_SCHEMA`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pyarrow as pa
 
 from core.shards import SHARD_SCHEMA
@@ -76,7 +78,16 @@ def require_columns(table: pa.Table, schema: pa.Schema, stage: str) -> None:
         raise KeyError(f"{stage}: input batch lacks columns {missing}")
 
 
-def append_columns(table: pa.Table, fields: list[tuple[str, pa.DataType]], values: dict[str, list]) -> pa.Table:
+def with_fields(schema: pa.Schema, fields: Sequence[tuple[str, pa.DataType]]) -> pa.Schema:
+    """`schema` with `fields` appended (replacing same-named ones): what `append_columns` makes."""
+    for name, dtype in fields:
+        field = pa.field(name, dtype)
+        index = schema.get_field_index(name)
+        schema = schema.set(index, field) if index >= 0 else schema.append(field)
+    return schema
+
+
+def append_columns(table: pa.Table, fields: Sequence[tuple[str, pa.DataType]], values: dict[str, list]) -> pa.Table:
     """Return `table` with `fields` appended (replacing same-named ones), typed as declared."""
     for name, dtype in fields:
         column = pa.array(values[name], type=dtype)

@@ -4,12 +4,13 @@ Ray Data, and tests call them directly on in-memory `pyarrow.Table`s."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import pyarrow as pa
 
 from core.device import torch_device
+from factory.schema import append_columns, require_columns, with_fields
 
 
 def actor_device(num_gpus: float) -> str:
@@ -30,9 +31,15 @@ class StageResources:
 
 class Stage(ABC):
     """A stateful batch transform. `setup` runs once per actor (load models there, never per
-    batch); `process_batch` maps a table of identities to a table of identities."""
+    batch); `process_batch` maps a table of identities to a table of identities.
+
+    Its columns are declared: `reads`, what its input batches must carry (names and types, from
+    `factory.schema`), and `writes`, the fields it appends (or replaces). `check_columns` holds a
+    whole pipeline to them before anything runs."""
 
     name: str = "stage"
+    reads: pa.Schema = pa.schema([])
+    writes: Sequence[tuple[str, pa.DataType]] = ()
 
     @abstractmethod
     def resources(self) -> StageResources: ...
@@ -43,6 +50,44 @@ class Stage(ABC):
     @abstractmethod
     def process_batch(self, batch: pa.Table) -> pa.Table: ...
 
+    def output_schema(self, input_schema: pa.Schema) -> pa.Schema:
+        """The schema of this stage's output, given its input's."""
+        return with_fields(input_schema, self.writes)
+
+
+class RowStage(Stage):
+    """A stage that works one identity at a time: `process_row` gets the row's values (a dict
+    of the input's columns) and returns the values of the columns in `writes`."""
+
+    @abstractmethod
+    def process_row(self, row: dict) -> dict: ...
+
+    def process_batch(self, batch: pa.Table) -> pa.Table:
+        require_columns(batch, self.reads, self.name)
+        values: dict[str, list] = {name: [] for name, _ in self.writes}
+        for row in batch.to_pylist():
+            written = self.process_row(row)
+            for name, column in values.items():
+                column.append(written[name])
+        return append_columns(batch, self.writes, values)
+
+
+def check_columns(schema: pa.Schema, stages: Sequence[Stage]) -> pa.Schema:
+    """The schema after `stages`, fed batches of `schema`. Raises `TypeError` naming the first
+    stage that reads a column no earlier stage provides, or provides with another type: a
+    pipeline wired wrongly fails as it is built, not at its first identity."""
+    for stage in stages:
+        problems = []
+        for wanted in stage.reads:
+            if wanted.name not in schema.names:
+                problems.append(f"{wanted.name} (missing)")
+            elif not schema.field(wanted.name).type.equals(wanted.type):
+                problems.append(f"{wanted.name} ({schema.field(wanted.name).type}, reads {wanted.type})")
+        if problems:
+            raise TypeError(f"stage {stage.name} cannot read its input: {', '.join(problems)}")
+        schema = stage.output_schema(schema)
+    return schema
+
 
 class StageChain(Stage):
     """Stages run one after the other inside one actor, with the first stage's resources: a
@@ -52,6 +97,13 @@ class StageChain(Stage):
     def __init__(self, *factories: Callable[[], Stage]) -> None:
         self.stages = [make() for make in factories]
         self.name = "+".join(stage.name for stage in self.stages)
+
+    @property
+    def reads(self) -> pa.Schema:  # type: ignore[override]
+        return self.stages[0].reads
+
+    def output_schema(self, input_schema: pa.Schema) -> pa.Schema:
+        return check_columns(input_schema, self.stages)
 
     def resources(self) -> StageResources:
         return self.stages[0].resources()

@@ -9,14 +9,13 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 
-import pyarrow as pa
 import torch
 from PIL import Image
 
-from factory.schema import CAPTION_FIELDS, SEQUENCE_SCHEMA, append_columns, require_columns
+from factory.schema import CAPTION_FIELDS, SEQUENCE_SCHEMA
 from factory.stage_config import CaptionConfig
 from factory.models.shipping import ModelFolders
-from factory.stages.base import Stage, StageResources, actor_device
+from factory.stages.base import RowStage, StageResources, actor_device
 
 _PHRASE_SPLIT = re.compile(r",|;|\band\b|\bwith\b")
 
@@ -62,10 +61,12 @@ def build_prompts(caption: str, config: CaptionConfig) -> tuple[str, str]:
     return prompt, reference
 
 
-class CaptionStage(Stage):
+class CaptionStage(RowStage):
     """BLIP-2 captioning actor: one model per actor, batches of identities."""
 
     name = "caption"
+    reads = SEQUENCE_SCHEMA
+    writes = CAPTION_FIELDS
 
     def __init__(self, config: CaptionConfig, num_gpus: float = 0.0, folders: ModelFolders | None = None) -> None:
         self.config = config
@@ -102,18 +103,11 @@ class CaptionStage(Stage):
         texts = self.processor.batch_decode(output, skip_special_tokens=True)
         return [clean_caption(t, self.config.prompt) for t in texts]
 
-    def process_batch(self, batch: pa.Table) -> pa.Table:
-        require_columns(batch, SEQUENCE_SCHEMA, self.name)
-        values: dict[str, list] = {name: [] for name, _ in CAPTION_FIELDS}
-        for seq in batch.column("image_bytes").to_pylist():
-            start = time.perf_counter()
-            captions = ([] if self.config.captions == "category" else
-                        self.caption_images([Image.open(io.BytesIO(b)).convert("RGB") for b in seq]))
-            caption = merge_captions(captions)
-            prompt, reference = build_prompts(caption, self.config)
-            values["captions"].append(captions)
-            values["caption"].append(caption)
-            values["prompt"].append(prompt)
-            values["reference_prompt"].append(reference)
-            values["caption_seconds"].append(time.perf_counter() - start)
-        return append_columns(batch, CAPTION_FIELDS, values)
+    def process_row(self, row: dict) -> dict:
+        start = time.perf_counter()
+        captions = ([] if self.config.captions == "category" else
+                    self.caption_images([Image.open(io.BytesIO(b)).convert("RGB") for b in row["image_bytes"]]))
+        caption = merge_captions(captions)
+        prompt, reference = build_prompts(caption, self.config)
+        return {"captions": captions, "caption": caption, "prompt": prompt, "reference_prompt": reference,
+                "caption_seconds": time.perf_counter() - start}

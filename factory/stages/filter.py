@@ -19,16 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
 from core.storage import Location, local_file, resolve
-from factory.schema import FILTER_FIELDS, GENERATED_SCHEMA, append_columns, require_columns
+from factory.schema import FILTER_FIELDS, GENERATED_SCHEMA
 from factory.stage_config import FilterConfig
 from factory.models.shipping import ModelFolders
-from factory.stages.base import Stage, StageResources, actor_device
+from factory.stages.base import RowStage, StageResources, actor_device
 from trainers.config import ReidTrainConfig
 
 
@@ -201,8 +200,10 @@ def build_filter(config: FilterConfig, models: Mapping[str, FilterModelSpec | Pe
     return builders[config.kind]()
 
 
-class FilterStage(Stage):
+class FilterStage(RowStage):
     name = "filter"
+    reads = GENERATED_SCHEMA
+    writes = FILTER_FIELDS
 
     def __init__(self, config: FilterConfig, models: Mapping[str, FilterModelSpec | PendingFilterModel],
                  num_gpus: float = 0.0, folders: ModelFolders | None = None) -> None:
@@ -224,19 +225,12 @@ class FilterStage(Stage):
         self.filter = build_filter(config, self.models)
         self.filter.setup(device)
 
-    def process_batch(self, batch: pa.Table) -> pa.Table:
-        require_columns(batch, GENERATED_SCHEMA, self.name)
+    def process_row(self, row: dict) -> dict:
         assert self.filter is not None, "call setup() first"
-        values: dict[str, list] = {name: [] for name, _ in FILTER_FIELDS}
-        for row in batch.to_pylist():
-            if row["status"] == "ok":
-                self.filter.prepare(row["source"])
-            start = time.perf_counter()
-            scores = self.filter.score(row) if row["status"] == "ok" else []
-            values["scores"].append(scores)
-            verdicts = [self.filter.keep(s) for s in scores]
-            values["kept"].append([kept for kept, _ in verdicts])
-            values["reasons"].append([reason for _, reason in verdicts])
-            values["filter_kind"].append(self.config.kind)
-            values["filter_seconds"].append(time.perf_counter() - start)
-        return append_columns(batch, FILTER_FIELDS, values)
+        if row["status"] == "ok":
+            self.filter.prepare(row["source"])
+        start = time.perf_counter()
+        scores = self.filter.score(row) if row["status"] == "ok" else []
+        verdicts = [self.filter.keep(s) for s in scores]
+        return {"scores": scores, "kept": [kept for kept, _ in verdicts], "reasons": [reason for _, reason in verdicts],
+                "filter_kind": self.config.kind, "filter_seconds": time.perf_counter() - start}

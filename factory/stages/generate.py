@@ -22,19 +22,18 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
-import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
 from core.device import return_freed_host_memory
 from core.storage import resolve
-from factory.schema import CAPTIONED_SCHEMA, GENERATION_FIELDS, append_columns, require_columns
+from factory.schema import CAPTIONED_SCHEMA, GENERATION_FIELDS
 from factory.sequences import stable_seed
 from factory.stage_config import GenerationConfig, OutputConfig, VariationConfig, fault_target
 from core.shards import encode_image
 from factory.models.shipping import ModelFolders
-from factory.stages.base import Stage, StageResources, actor_device
+from factory.stages.base import RowStage, StageResources, actor_device
 from factory.stages.base_weights import BaseWeightCopy
 
 
@@ -483,10 +482,12 @@ def _default_loader(model_id: str, device: str):
     return load_text_to_image(model_id, device, torch.float32)
 
 
-class GenerationStage(Stage):
+class GenerationStage(RowStage):
     """Ray actor body for DI: loads the base pipeline once in `setup`, then processes identities."""
 
     name = "generate"
+    reads = CAPTIONED_SCHEMA
+    writes = GENERATION_FIELDS
 
     def __init__(
         self,
@@ -545,37 +546,27 @@ class GenerationStage(Stage):
         images = [Image.open(io.BytesIO(b)).convert("RGB") for b in row["image_bytes"]]
         return self.generator.process_identity(images, row["prompt"], row["reference_prompt"], row["seed"])
 
-    def process_batch(self, batch: pa.Table) -> pa.Table:
-        require_columns(batch, CAPTIONED_SCHEMA, self.name)
-        values: dict[str, list] = {name: [] for name, _ in GENERATION_FIELDS}
+    def process_row(self, row: dict) -> dict:
+        result, error, attempts = None, "", 0
+        for attempts in range(1, self.config.max_retries + 2):
+            try:
+                result = self._run_identity(row)
+                break
+            except torch.cuda.OutOfMemoryError as err:
+                error = f"OutOfMemoryError: {err} (phase {self.generator.phase}; {memory_figures(self.generator.device)})"
+                if self.generator.device.startswith("cuda"):
+                    torch.cuda.empty_cache()
+            except Exception as err:  # one identity's failure must not end the run
+                error = f"{type(err).__name__}: {err}"
         out = self.output
-        for row in batch.to_pylist():
-            result, error, attempts, out_of_memory = None, "", 0, 0
-            for attempts in range(1, self.config.max_retries + 2):
-                try:
-                    result = self._run_identity(row)
-                    break
-                except torch.cuda.OutOfMemoryError as err:
-                    out_of_memory += 1
-                    error = f"OutOfMemoryError: {err} (phase {self.generator.phase}; {memory_figures(self.generator.device)})"
-                    if self.generator.device.startswith("cuda"):
-                        torch.cuda.empty_cache()
-                except Exception as err:  # one identity's failure must not end the run
-                    error = f"{type(err).__name__}: {err}"
-            ok = result is not None
-            values["status"].append("ok" if ok else "failed")
-            values["error"].append("" if ok else error)
-            values["generated"].append(
-                [encode_image(i, out.image_size, out.image_format, out.jpeg_quality) for i in result.images] if ok else []
-            )
-            values["sample_seeds"].append(result.seeds if ok else [])
-            values["sample_prompts"].append(result.prompts if ok else [])
-            values["reference_preview"].append(
-                [encode_image(i, out.image_size, "jpeg", 90) for i in result.reference_images] if ok else []
-            )
-            values["timings"].append(result.timings if ok else {})
-            values["model_loads"].append(self.model_loads)
-            values["reference_reused"].append(bool(ok and result.reference_reused))
-            values["attempts"].append(attempts)
-            values["generated_at"].append(time.time())
-        return append_columns(batch, GENERATION_FIELDS, values)
+        common = {"model_loads": self.model_loads, "attempts": attempts, "generated_at": time.time()}
+        if result is None:
+            return {**common, "status": "failed", "error": error, "generated": [], "sample_seeds": [],
+                    "sample_prompts": [], "reference_preview": [], "timings": {}, "reference_reused": False}
+        return {
+            **common, "status": "ok", "error": "",
+            "generated": [encode_image(i, out.image_size, out.image_format, out.jpeg_quality) for i in result.images],
+            "sample_seeds": result.seeds, "sample_prompts": result.prompts,
+            "reference_preview": [encode_image(i, out.image_size, "jpeg", 90) for i in result.reference_images],
+            "timings": result.timings, "reference_reused": result.reference_reused,
+        }

@@ -9,14 +9,16 @@ import time
 import pyarrow as pa
 
 from core.storage import resolve
-from factory.schema import CAPTIONED_SCHEMA, GENERATION_FIELDS, append_columns, require_columns
-from factory.stages.base import Stage, StageResources
+from factory.schema import CAPTIONED_SCHEMA, GENERATION_FIELDS
+from factory.stages.base import RowStage, StageResources
 
 
-class ReplayStage(Stage):
+class ReplayStage(RowStage):
     """`source`: the finished build's folder or URI; its manifest is read once per actor."""
 
     name = "generate"  # it stands in for the generation stage: same output columns
+    reads = CAPTIONED_SCHEMA
+    writes = GENERATION_FIELDS
 
     def __init__(self, source: str) -> None:
         self.source = source
@@ -41,22 +43,15 @@ class ReplayStage(Stage):
                           f"{entry['caption']!r}; generate instead (unset generation.replay_from)")
         return (self.root / entry["file"]).read_parquet(["image", "prompt", "seed", "index"]).sort_by("index"), ""
 
-    def process_batch(self, batch: pa.Table) -> pa.Table:
-        require_columns(batch, CAPTIONED_SCHEMA, self.name)
-        values: dict[str, list] = {name: [] for name, _ in GENERATION_FIELDS}
-        for row in batch.to_pylist():
-            start = time.perf_counter()
-            staged, error = self.replay(row)
-            ok = staged is not None
-            values["status"].append("ok" if ok else "failed")
-            values["error"].append(error)
-            values["generated"].append([image["bytes"] for image in staged.column("image").to_pylist()] if ok else [])
-            values["sample_seeds"].append(staged.column("seed").to_pylist() if ok else [])
-            values["sample_prompts"].append(staged.column("prompt").to_pylist() if ok else [])
-            values["reference_preview"].append([])
-            values["timings"].append({"replay": time.perf_counter() - start} if ok else {})
-            values["model_loads"].append(0)
-            values["attempts"].append(1)
-            values["reference_reused"].append(False)
-            values["generated_at"].append(time.time())
-        return append_columns(batch, GENERATION_FIELDS, values)
+    def process_row(self, row: dict) -> dict:
+        start = time.perf_counter()
+        staged, error = self.replay(row)
+        ok = staged is not None
+        return {
+            "status": "ok" if ok else "failed", "error": error,
+            "generated": [image["bytes"] for image in staged.column("image").to_pylist()] if ok else [],
+            "sample_seeds": staged.column("seed").to_pylist() if ok else [],
+            "sample_prompts": staged.column("prompt").to_pylist() if ok else [],
+            "reference_preview": [], "timings": {"replay": time.perf_counter() - start} if ok else {},
+            "model_loads": 0, "attempts": 1, "reference_reused": False, "generated_at": time.time(),
+        }

@@ -53,6 +53,7 @@ class WriteStage(Stage):
     """`out`: the output URI; `previews`: identities whose strip goes to DIR/previews/."""
 
     name = "write"
+    reads = FILTERED_SCHEMA
 
     def __init__(self, out: str, previews: frozenset[str] = frozenset(), max_actors: int = 2) -> None:
         self.out = out
@@ -65,6 +66,9 @@ class WriteStage(Stage):
 
     def setup(self) -> None:
         self.root = resolve(self.out)
+
+    def output_schema(self, input_schema: pa.Schema) -> pa.Schema:
+        return STATUS_SCHEMA  # one status row per identity: its images are in its staging file
 
     def process_batch(self, batch: pa.Table) -> pa.Table:
         require_columns(batch, FILTERED_SCHEMA, self.name)
