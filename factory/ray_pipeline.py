@@ -57,5 +57,4 @@ def stage_pipeline(table: pa.Table, factories: Sequence[StageFactory], use_gpus:
 
 def iter_rows(dataset: Dataset) -> Iterator[dict]:
     """Stream finished identities back to the driver as they complete."""
-    for batch in dataset.iter_batches(batch_size=1, batch_format="pyarrow"):
-        yield from batch.to_pylist()
+    yield from dataset.iter_rows()  # a generator: `close()` ends the streaming execution

@@ -174,6 +174,8 @@ def write_shards(root: Location | str, identities: dict[str, dict[str, Any]], ro
     pending: list[pa.Table] = []
     pending_rows = images = 0
 
+    # Not pyarrow.dataset.write_dataset(max_rows_per_file=...): each shard goes through
+    # Location.write_parquet, the one atomic write on local disks and object stores alike.
     def flush(final: bool) -> None:
         nonlocal pending, pending_rows
         if not pending:

@@ -240,6 +240,8 @@ class DiversityInjectionGenerator:
         means, stds = [], []
         for start in range(0, len(images), self.config.vae_batch_size):
             chunk = images[start : start + self.config.vae_batch_size]
+            # Not VaeImageProcessor.preprocess: it resizes with Lanczos, and bicubic is what every
+            # earlier build was trained on (the same rows from the same config).
             arrays = [
                 np.asarray(img.convert("RGB").resize((width, height), Image.Resampling.BICUBIC), dtype=np.float32)
                 for img in chunk
@@ -348,6 +350,8 @@ class DiversityInjectionGenerator:
         prediction_type = self.train_scheduler.config.prediction_type
 
         params = self._trainable_parameters()
+        # torch's autocast + GradScaler, not accelerate's Accelerator: that would also take over
+        # device placement and distributed state, which the Ray actor owns.
         optimizer = _make_optimizer(params, cfg)
         scaler = torch.amp.GradScaler("cuda", enabled=cfg.mixed_precision == "fp16" and self.device.startswith("cuda"))
         losses: list[float] = []

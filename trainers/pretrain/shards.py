@@ -165,6 +165,7 @@ def write_table_shards(table: pa.Table, data_dir: str | Path | Location, rows_pe
     shards_dir = resolve(data_dir) / SHARDS_DIR
     for old in shards_dir.files(".parquet"):  # a rewrite replaces the set, never mixes two
         old.delete()
+    # Location.write_parquet per shard (atomic on every store), not pyarrow.dataset.write_dataset.
     for number, start in enumerate(range(0, table.num_rows, rows_per_shard)):
         (shards_dir / f"part-{number:05d}.parquet").write_parquet(table.slice(start, rows_per_shard))
     return inspect_shards(data_dir)
