@@ -301,3 +301,47 @@ def test_base_weight_copy_on_a_cpu_is_a_file_read_back_bit_exactly_in_groups() -
     assert [p.data_ptr() for p in module.parameters()] == live, "restored in place, into the live tensors"
     with pytest.raises(RuntimeError, match="parameters changed"):
         copy.restore(torch.nn.Linear(64, 64))
+
+
+_HOLD_A_COPY = """
+import sys, time, torch
+from factory.stages.base_weights import BaseWeightCopy
+copy = BaseWeightCopy(torch.nn.Linear(8, 8), "cpu")
+print(copy._folder.name, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_killed_actors_base_copy_is_removed_by_the_next_one_and_a_live_ones_kept(tmp_path: Path) -> None:
+    """A generation actor killed by a signal cannot clean up its base-weight file (3.4 GB at SD
+    v1.4 size); the next copy made on that machine removes it, and leaves a live actor's alone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+
+    from factory.run_config import REPO_ROOT
+    from factory.stages.base_weights import BaseWeightCopy
+
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    owners = [subprocess.Popen([sys.executable, "-c", _HOLD_A_COPY], cwd=REPO_ROOT, env=env,
+                               stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        killed, alive = (Path(owner.stdout.readline().strip()) for owner in owners)
+        assert killed.parent == alive.parent == tmp_path and (killed / "unet.safetensors").is_file()
+        owners[0].send_signal(signal.SIGKILL)
+        owners[0].wait()
+        assert killed.is_dir(), "a SIGKILLed process runs no cleanup"
+        saved, tempfile.tempdir = tempfile.tempdir, str(tmp_path)
+        try:
+            copy = BaseWeightCopy(torch.nn.Linear(8, 8), "cpu")
+        finally:
+            tempfile.tempdir = saved
+        assert not killed.exists()
+        assert (alive / "unet.safetensors").is_file(), "a live actor's copy is kept"
+        assert Path(copy._folder.name).parent == tmp_path
+    finally:
+        for owner in owners:
+            owner.kill()
+            owner.wait()

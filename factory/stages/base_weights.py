@@ -8,8 +8,11 @@ copy goes to a local safetensors file and is read back tensor by tensor into the
 
 from __future__ import annotations
 
+import fcntl
+import shutil
 import tempfile
 from pathlib import Path
+from typing import IO
 
 import torch
 
@@ -17,6 +20,10 @@ import torch
 # process's RSS until the file is closed, so one open for the whole UNet would add its full
 # size to the peak for the length of the restore.
 _MAPPED_BYTES_PER_OPEN = 256 * 2**20
+_FOLDER_PREFIX = "reid-factory-base-unet-"
+# Held (flock) by the owning actor for its lifetime: the kernel drops the lock when the process
+# dies however it dies, so a folder whose lock can be taken belongs to nobody.
+_OWNER_LOCK = "owner.lock"
 
 
 class BaseWeightCopy:
@@ -31,8 +38,13 @@ class BaseWeightCopy:
             return
         from safetensors.torch import save_file
 
-        # Removed with this object (or at interpreter exit): one file per generation actor.
-        self._folder = tempfile.TemporaryDirectory(prefix="reid-factory-base-unet-")
+        # Removed with this object (or at interpreter exit): one file per generation actor. An
+        # actor killed by a signal leaves its folder behind (3.4 GB at SD v1.4 size), so each new
+        # copy first removes those whose owner is gone.
+        for folder in remove_abandoned_copies(Path(tempfile.gettempdir())):
+            print(f"[generate] removed {folder}, a base-weight copy left by a killed actor", flush=True)
+        self._folder = tempfile.TemporaryDirectory(prefix=_FOLDER_PREFIX)
+        self._owner_lock = _hold_owner_lock(Path(self._folder.name))
         self._file = Path(self._folder.name) / "unet.safetensors"
         save_file({name: tensor.contiguous() for name, tensor in state.items()}, str(self._file))
         self._groups = _groups_by_bytes(state, mapped_bytes_per_open)
@@ -55,6 +67,29 @@ class BaseWeightCopy:
             with safe_open(str(self._file), framework="pt", device="cpu") as stored:
                 for name in group:
                     live[name].copy_(stored.get_tensor(name))
+
+
+def _hold_owner_lock(folder: Path) -> IO[bytes]:
+    """Lock first, then give the lock its name: a sweeper never sees an unlocked live folder."""
+    pending = folder / (_OWNER_LOCK + ".pending")
+    handle = pending.open("wb")
+    fcntl.flock(handle, fcntl.LOCK_EX)
+    pending.rename(folder / _OWNER_LOCK)
+    return handle
+
+
+def remove_abandoned_copies(parent: Path) -> list[Path]:
+    """Delete the base-weight folders under `parent` whose owning process has died."""
+    removed: list[Path] = []
+    for folder in parent.glob(_FOLDER_PREFIX + "*"):
+        try:
+            with (folder / _OWNER_LOCK).open("rb") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                shutil.rmtree(folder, ignore_errors=True)
+                removed.append(folder)
+        except (BlockingIOError, FileNotFoundError, NotADirectoryError, PermissionError):
+            continue  # alive, still being set up, or not ours to remove
+    return removed
 
 
 def _groups_by_bytes(state: dict[str, torch.Tensor], limit: int) -> list[list[str]]:
