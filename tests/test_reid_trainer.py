@@ -260,18 +260,38 @@ def test_mismatched_backbone_file_names_the_keys(tmp_path: Path) -> None:
     assert "conv1.weight" in message and str(path) in message
 
 
-def test_imagenet_init_offline_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import huggingface_hub.constants as hf_constants
-
-    # An empty cache and no network: the weights cannot come from anywhere.
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf_cache"))
+@pytest.mark.parametrize("offline", ["1", None])
+def test_imagenet_init_offline_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, offline: str | None) -> None:
+    """An empty cache, and downloads off (HF_HUB_OFFLINE=1, or unset: the hub rule every model
+    follows is offline unless told otherwise): the weights cannot come from anywhere, and the
+    error says so before any network call."""
+    if offline is None:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    else:
+        monkeypatch.setenv("HF_HUB_OFFLINE", offline)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf_cache"))
     with pytest.raises(WeightsUnavailableError) as excinfo:
         build_backbone("resnet18", "imagenet")
     message = str(excinfo.value)
     assert "ImageNet weights for timm arch 'resnet18' are unavailable" in message
-    assert "HF_HUB_OFFLINE" in message and "Hugging Face cache" in message
+    assert "HF_HUB_OFFLINE=0 allows them" in message and "Hugging Face cache" in message
+
+
+def test_imagenet_init_reads_the_hub_cache_without_the_network(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The trainer finds cached timm weights the way the downstream runner and the model
+    loaders do (core.hub), with downloads off."""
+    from safetensors.torch import save_file
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    repo = tmp_path / "hub" / "models--timm--resnet18.a1_in1k"
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    reference = timm.create_model("resnet18", num_classes=1000)
+    save_file(reference.state_dict(), str(repo / "snapshots" / "abc123" / "model.safetensors"))
+    backbone = build_backbone("resnet18", "imagenet", last_stride=1)
+    assert torch.equal(backbone.state_dict()["conv1.weight"], reference.state_dict()["conv1.weight"])
 
 
 def test_unknown_arch_names_the_setting() -> None:
@@ -290,17 +310,15 @@ def test_lr_warms_up_linearly_then_decays_at_milestones() -> None:
     assert optimizer.param_groups[0]["weight_decay"] == config.weight_decay
     scheduler = build_lr_scheduler(optimizer, config)
     lrs = []
-    for _ in range(8):
+    for epoch in range(8):
         lrs.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
-        scheduler.step()
+        scheduler.step(epoch + 1)
     assert lrs == pytest.approx([0.1, 0.55, 1.0, 1.0, 0.5, 0.5, 0.25, 0.25])
     # A run resumed after k epochs continues the same schedule (Re-ID trainer and downstream trials).
-    from trainers.reid.schedule import resumed_lr_scheduler
-
     for done in (0, 3, 5):
         resumed = build_optimizer(torch.nn.Linear(2, 2), config)
-        resumed_lr_scheduler(resumed, config, done)
+        build_lr_scheduler(resumed, config, done)
         assert resumed.param_groups[0]["lr"] == pytest.approx(lrs[done])
 
 

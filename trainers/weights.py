@@ -9,7 +9,6 @@ changes no parameter, only how the first block of the last stage moves over its 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from core.hub import cached_timm_weights, downloads_allowed, hub_cache_dir
 from core.storage import atomic_local_path
 
 
@@ -70,22 +70,36 @@ def _create(arch: str, pretrained: bool) -> nn.Module:
 
 
 def _create_pretrained(arch: str) -> nn.Module:
+    """timm's default pretrained weights for `arch`, under the one hub rule (`core.hub`): from
+    the local cache without any network access, downloaded only where downloads are allowed."""
+    tag, cached = cached_timm_weights(arch)
+    if cached is None and not downloads_allowed():
+        raise WeightsUnavailableError(
+            f"ImageNet weights for timm arch {arch!r} are unavailable: {tag} is not in the local "
+            f"Hugging Face cache ({hub_cache_dir()}) or torch-hub cache, and downloads are off "
+            "(HF_HUB_OFFLINE is unset or true; HF_HUB_OFFLINE=0 allows them).\n" + _PROVIDE_WEIGHTS.format(arch=arch)
+        )
     try:
+        if cached is not None:
+            return timm.create_model(arch, pretrained=True, num_classes=0, global_pool="",
+                                     pretrained_cfg_overlay={"file": str(cached)})
         return _create(arch, pretrained=True)
     except ValueError:
         raise
     except Exception as err:  # hub/network/cache errors come in many types; all mean "no weights"
-        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
         raise WeightsUnavailableError(
-            f"ImageNet weights for timm arch {arch!r} are unavailable"
-            f"{' (HF_HUB_OFFLINE is set)' if offline else ''}: {type(err).__name__}: {err}\n"
-            "Provide them by downloading once on a machine with internet access "
-            f"(`python -c \"import timm; timm.create_model('{arch}', pretrained=True)\"`) and "
-            "copying the Hugging Face cache (HF_HOME, default ~/.cache/huggingface) here, then run "
-            "with HF_HUB_OFFLINE=1; or export the backbone with "
-            "trainers.weights.save_backbone_safetensors and set init to that .safetensors file; "
-            "or use init: random."
+            f"ImageNet weights for timm arch {arch!r} are unavailable: {type(err).__name__}: {err}\n"
+            + _PROVIDE_WEIGHTS.format(arch=arch)
         ) from err
+
+
+_PROVIDE_WEIGHTS = (
+    "Provide them by downloading once on a machine with internet access "
+    "(`HF_HUB_OFFLINE=0 python -c \"import timm; timm.create_model('{arch}', pretrained=True)\"`) and "
+    "copying the Hugging Face cache (HF_HOME, default ~/.cache/huggingface) here; or export the "
+    "backbone with trainers.weights.save_backbone_safetensors and set init to that .safetensors "
+    "file; or use init: random."
+)
 
 
 def load_backbone_safetensors(model: nn.Module, path: str | Path) -> nn.Module:

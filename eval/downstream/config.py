@@ -77,7 +77,8 @@ class DownstreamConfig(StrictModel):
     imagenet_weights: Literal["cache", "download"] = Field(
         "download",
         description="where `imagenet` weights may come from: the local Hugging Face cache only, "
-        "or downloaded when missing; unavailable weights are reported, never replaced",
+        "or also downloaded when missing where downloads are allowed (HF_HUB_OFFLINE=0, the hub "
+        "rule every model follows); unavailable weights are reported, never replaced",
     )
     cpus_per_trial: float = Field(1.0, gt=0)
     gpus_per_trial: float | Literal["auto"] = Field(

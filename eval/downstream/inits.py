@@ -3,7 +3,7 @@
 - `ours`: the evaluated backbone file (`--backbone`), checked against `train.arch` before any
   trial starts (`WeightsMismatchError` names the missing / unexpected / mis-shaped keys).
 - `imagenet`: timm's default pretrained weights for the arch, from the local Hugging Face or
-  torch-hub cache, or downloaded when `imagenet_weights: download`. When they cannot be had the
+  torch-hub cache, or downloaded when `imagenet_weights: download` and `HF_HUB_OFFLINE=0`. When they cannot be had the
   cells are reported as unavailable, never trained from something else.
 - `random`: timm's initialisation under the cell's seed.
 
@@ -19,6 +19,7 @@ from pathlib import Path
 
 import timm
 
+from core.hub import cached_timm_weights
 from core.storage import local_file, resolve
 import torch
 from torch import nn
@@ -66,33 +67,11 @@ def load_ours(path: str | Path, arch: str) -> InitWeights:
     return InitWeights(INIT_OURS, True, state, digest=f"sha256:{file_sha256(path)}", source=location.uri)
 
 
-def _cached_pretrained_file(arch: str, hf_cache_dir: str | Path | None) -> tuple[str, Path | None]:
-    """(pretrained tag, a local file holding its weights or None)."""
-    from huggingface_hub import try_to_load_from_cache
-
-    cfg = timm.models.get_pretrained_cfg(arch)
-    if cfg is None:
-        return arch, None
-    tag = cfg.hf_hub_id or cfg.url or arch
-    if cfg.file and Path(cfg.file).is_file():
-        return tag, Path(cfg.file)
-    if cfg.hf_hub_id:
-        for filename in dict.fromkeys([cfg.hf_hub_filename or "model.safetensors", "model.safetensors",
-                                       "pytorch_model.bin"]):
-            found = try_to_load_from_cache(cfg.hf_hub_id, filename, cache_dir=hf_cache_dir)
-            if isinstance(found, str) and Path(found).is_file():
-                return tag, Path(found)
-    if cfg.url:
-        candidate = Path(torch.hub.get_dir()) / "checkpoints" / Path(cfg.url).name
-        if candidate.is_file():
-            return tag, candidate
-    return tag, None
-
-
 def resolve_imagenet(arch: str, mode: str = "download", hf_cache_dir: str | Path | None = None) -> InitWeights:
     """timm's ImageNet weights for `arch`: from a local cache without any network access, else
-    (mode `download`) through timm's normal download, else unavailable with the reason."""
-    tag, cached = _cached_pretrained_file(arch, hf_cache_dir)
+    (mode `download`) downloaded where the hub rule allows it (`core.hub`: HF_HUB_OFFLINE=0),
+    else unavailable with the reason."""
+    tag, cached = cached_timm_weights(arch, hf_cache_dir)
     try:
         if cached is not None:
             model = timm.create_model(arch, pretrained=True, num_classes=0, global_pool="",

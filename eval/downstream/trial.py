@@ -29,7 +29,7 @@ from trainers.checkpoint import TrainingState, cpu_state, load_training_state, s
 from trainers.config import ReidTrainConfig
 from trainers.reid.data import TrainingSet, make_train_loader
 from trainers.reid.evaluate import evaluate_reid
-from trainers.reid.schedule import build_optimizer, resumed_lr_scheduler
+from trainers.reid.schedule import build_lr_scheduler, build_optimizer
 from trainers.reid.train import run_epoch
 
 
@@ -102,7 +102,7 @@ def fine_tune_cell(
         loss_fn.load_state_dict(restored.loss)
         optimizer.load_state_dict(restored.optimizer)
         start_epoch, history = restored.epoch, list(restored.history)
-    scheduler = resumed_lr_scheduler(optimizer, recipe, start_epoch)
+    scheduler = build_lr_scheduler(optimizer, recipe, start_epoch)
     torch.manual_seed(cell.seed + 1000 + start_epoch)  # augmentation draws
     loader = make_train_loader(training, recipe)
     train_start = time.perf_counter()

@@ -19,14 +19,13 @@ import torch
 from diffusers import StableDiffusionPipeline
 from transformers import Blip2ForConditionalGeneration, Blip2Processor, CLIPModel, CLIPProcessor
 
+from core.hub import downloads_allowed, hub_cache_dir  # noqa: F401  (re-exported)
 from factory.models.locate import (  # noqa: F401  (re-exported: the loaders' public API)
     MARKER_FILES,
     ModelNotAvailableError,
     _looks_like_path,
     _not_available,
     check_model_available,
-    downloads_allowed,
-    hub_cache_dir,
     local_model,
 )
 

@@ -2,46 +2,29 @@
 in the Hugging Face cache. Light on purpose (no torch, diffusers or transformers import), so the
 build's check phase can read model configs and tokenizer vocabularies in milliseconds.
 
-Offline by default: a model that is neither a local folder nor cached is reported as not
-available; downloads are allowed only with `HF_HUB_OFFLINE=0` (or `false`/`no`/`off`).
+Offline by default (`core.hub`): a model that is neither a local folder nor cached is reported
+as not available; downloads are allowed only with `HF_HUB_OFFLINE=0`.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from huggingface_hub import try_to_load_from_cache
 from huggingface_hub.errors import HFValidationError
 
+from core.hub import downloads_allowed, hub_cache_dir
 from core.storage import cache_dir, is_remote, mirror_folder, resolve
 
 # Files whose presence marks a loadable folder: a diffusers pipeline or a transformers model.
 MARKER_FILES = ("model_index.json", "config.json")
-_ALLOW_VALUES = {"0", "false", "no", "off"}
 
 
 class ModelNotAvailableError(RuntimeError):
     """A model id is neither a usable local directory nor in the Hugging Face cache (and
     downloads are not allowed). The message names the id and how to provide it."""
-
-
-def downloads_allowed() -> bool:
-    """True only when `HF_HUB_OFFLINE` is explicitly set to a false value (`0`, `false`, ...)."""
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _ALLOW_VALUES
-
-
-def hub_cache_dir() -> Path:
-    """The hub cache the loaders read, resolved from the environment at call time
-    (`HF_HUB_CACHE`, else `HF_HOME/hub`, else `~/.cache/huggingface/hub`)."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    home = os.environ.get("HF_HOME") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface"
-    )
-    return Path(home).expanduser() / "hub"
 
 
 def local_model(model_id: str, config_key: str | None = None) -> str:

@@ -1,14 +1,13 @@
 """BoT's optimisation: Adam with weight decay on every parameter, linear warm-up to the base lr,
-then step decay at the milestones. Both schedulers step once per epoch."""
+then step decay at the milestones, stepped once per epoch."""
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.scheduler.scheduler import Scheduler
 from torch import nn
-from torch.optim.lr_scheduler import LinearLR, LRScheduler, MultiStepLR, SequentialLR
 
 from trainers.config import ReidTrainConfig
 
@@ -21,34 +20,29 @@ def build_optimizer(model: nn.Module, config: ReidTrainConfig) -> torch.optim.Op
     )
 
 
-def build_lr_scheduler(optimizer: torch.optim.Optimizer, config: ReidTrainConfig) -> LRScheduler:
-    """Epoch-wise schedule: lr goes linearly from `warmup_factor * base_lr` (epoch 0) to `base_lr`
-    (epoch `warmup_epochs`), then is multiplied by `gamma` at each epoch in `milestones`
-    (absolute epochs, counted from the start of training as in BoT's config)."""
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, config: ReidTrainConfig, epochs_done: int = 0) -> Scheduler:
+    """timm's multistep schedule, stepped by epoch: lr goes linearly from `warmup_factor *
+    base_lr` (epoch 0) to `base_lr` (epoch `warmup_epochs`), then is multiplied by `gamma` at each
+    epoch in `milestones` (absolute epochs, counted from the start of training as in BoT's config).
+
+    The schedule is a function of the epoch, so a run resumed after `epochs_done` epochs starts
+    where it left off; call `scheduler.step(epoch + 1)` after each epoch."""
     too_early = [m for m in config.milestones if m < config.warmup_epochs]
     if too_early:
         raise ValueError(
             f"milestones {list(config.milestones)}: {too_early} fall inside the warm-up "
             f"(warmup_epochs={config.warmup_epochs})"
         )
-    if config.warmup_epochs == 0:
-        return MultiStepLR(optimizer, milestones=list(config.milestones), gamma=config.gamma)
-    warmup = LinearLR(
-        optimizer, start_factor=config.warmup_factor, end_factor=1.0, total_iters=config.warmup_epochs
+    scheduler, _ = create_scheduler_v2(
+        optimizer,
+        sched="multistep",
+        num_epochs=config.epochs,
+        # timm applies milestone m at epoch m - 1 (its documented convention); BoT's lr changes at m.
+        decay_milestones=[m + 1 for m in config.milestones],
+        decay_rate=config.gamma,
+        warmup_epochs=config.warmup_epochs,
+        warmup_lr=config.warmup_factor * config.base_lr,
+        warmup_prefix=False,  # milestones count from the first epoch, warm-up included
     )
-    # SequentialLR restarts the second scheduler's epoch count at the switch: shift milestones.
-    decay = MultiStepLR(
-        optimizer, milestones=[m - config.warmup_epochs for m in config.milestones], gamma=config.gamma
-    )
-    return SequentialLR(optimizer, schedulers=[warmup, decay], milestones=[config.warmup_epochs])
-
-
-def resumed_lr_scheduler(optimizer: torch.optim.Optimizer, config: ReidTrainConfig, epochs_done: int) -> LRScheduler:
-    """`build_lr_scheduler` moved on by `epochs_done` epochs: where a resumed run left off (the
-    torch schedulers restore no position from an optimizer's state alone)."""
-    scheduler = build_lr_scheduler(optimizer, config)
-    with warnings.catch_warnings():  # stepping the schedule without optimizer steps is intended here
-        warnings.simplefilter("ignore", UserWarning)
-        for _ in range(epochs_done):
-            scheduler.step()
+    scheduler.step(epochs_done)
     return scheduler

@@ -44,7 +44,7 @@ from trainers.ray_logging import quiet_ray_train_reports
 from trainers.reid.data import TrainingSet, make_train_loader
 from trainers.reid.losses import BotLoss
 from trainers.reid.model import ReidOutput, build_reid_model
-from trainers.reid.schedule import build_optimizer, resumed_lr_scheduler
+from trainers.reid.schedule import build_lr_scheduler, build_optimizer
 from trainers.weights import save_backbone_safetensors, unwrap_model
 
 METRICS_FILE = "metrics.json"
@@ -163,7 +163,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         optimizer.load_state_dict(restored["optimizer"])
     start_epoch = restored["epoch"] if restored is not None else 0
     history: list[dict[str, float]] = restored["history"] if restored is not None else []
-    scheduler = resumed_lr_scheduler(optimizer, config, start_epoch)
+    scheduler = build_lr_scheduler(optimizer, config, start_epoch)
 
     torch.manual_seed(config.seed + 1000 * rank + start_epoch)  # augmentations differ per rank
     loader = make_train_loader(training, config, rank, world_size)
@@ -187,7 +187,7 @@ def run_epoch(epoch: int, model: nn.Module, loader: torch.utils.data.DataLoader,
     loader.batch_sampler.set_epoch(epoch)
     lr = optimizer.param_groups[0]["lr"]
     metrics = {"epoch": epoch + 1, "lr": lr, **train_one_epoch(model, loader, loss_fn, optimizer, device)}
-    scheduler.step()
+    scheduler.step(epoch + 1)
     return metrics
 
 
