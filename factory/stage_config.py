@@ -22,9 +22,6 @@ class Concurrency(StrictModel):
             raise ValueError(f"concurrency.max ({self.max}) < concurrency.min ({self.min})")
         return self
 
-    def as_tuple(self) -> tuple[int, int]:
-        return (self.min, self.max)
-
 
 class SequenceConfig(StrictModel):
     """How each identity's input sequence is picked: the paper feeds consecutive images of one

@@ -5,16 +5,7 @@ machines that cannot download them. Never used for generation."""
 from __future__ import annotations
 
 from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import (
-    Blip2Config,
-    Blip2ForConditionalGeneration,
-    Blip2QFormerConfig,
-    Blip2VisionConfig,
-    CLIPTextConfig,
-    CLIPTextModel,
-    CLIPTokenizer,
-    OPTConfig,
-)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from factory.demo.tiny import SD_V1_SCHEDULE
 
@@ -57,13 +48,3 @@ def random_stable_diffusion_v1_4(tokenizer: CLIPTokenizer) -> StableDiffusionPip
         feature_extractor=None,
         requires_safety_checker=False,
     )
-
-
-def random_blip2_opt_2_7b() -> Blip2ForConditionalGeneration:
-    config = Blip2Config(
-        vision_config=Blip2VisionConfig(**BLIP2_VISION).to_dict(),
-        qformer_config=Blip2QFormerConfig(**BLIP2_QFORMER).to_dict(),
-        text_config=OPTConfig(**OPT_2_7B).to_dict(),
-        num_query_tokens=32,
-    )
-    return Blip2ForConditionalGeneration(config)

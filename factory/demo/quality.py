@@ -1,20 +1,19 @@
 """Quick checks that the demo models learned what the factory relies on: the text-to-image
-model paints the colour it is told to, the captioner names the colour it sees, CLIP tells a person
-from an empty street. Used by the build log and the slow tests."""
+model paints the colour it is told to, and the captioner names the colour it sees. Used by the
+model tests."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
-from transformers import Blip2ForConditionalGeneration, Blip2Processor, CLIPModel, CLIPProcessor
+from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
-from factory.stage_config import CaptionConfig, FilterConfig
+from factory.stage_config import CaptionConfig
 
 # Rows and columns of the shirt in a 2:1 crop, as fractions (the procedural torso spans ~20-50 %
 # of the height at the centre; we stay inside it whatever the person's scale and lane).
@@ -85,32 +84,3 @@ def caption_accuracy(
     captions = caption(model, processor, images)
     hits = [shirt_colour(c) == truth for c, truth in zip(captions, upper_colours, strict=True)]
     return sum(hits) / max(1, len(hits)), captions
-
-
-@torch.no_grad()
-def clip_person_margin(
-    model: CLIPModel, processor: CLIPProcessor, people: Sequence[Image.Image], scenes: Sequence[Image.Image]
-) -> float:
-    """Mean P(clip_positive) on people minus on empty scenes, over the CLIP filter's texts."""
-    config = FilterConfig()
-    texts = [config.clip_positive, *config.clip_negatives]
-
-    def positive(images: Sequence[Image.Image]) -> float:
-        inputs = processor(text=texts, images=list(images), return_tensors="pt", padding=True)
-        return model(**inputs).logits_per_image.softmax(dim=1)[:, 0].mean().item()
-
-    return positive(people) - positive(scenes)
-
-
-@dataclass(frozen=True)
-class QualityReport:
-    red_vs_blue: float  # (R - B) of the upper body: "red shirt" minus "blue shirt" prompts
-    caption_accuracy: float
-    clip_margin: float
-
-    def __str__(self) -> str:
-        return (
-            f"colour response (R-B, red minus blue shirt) {self.red_vs_blue:+.3f}; "
-            f"captioner shirt-colour accuracy {self.caption_accuracy:.0%}; "
-            f"CLIP person-vs-empty margin {self.clip_margin:+.2f}"
-        )
