@@ -65,18 +65,20 @@ class Head:
 
 
 def _stop(process: subprocess.Popen, private: Path) -> None:
-    """Stop this head only: its process group, then anything still running from its temp dir
-    (workers Ray started in sessions of their own)."""
-    for sig, grace in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            break
-        try:
-            process.wait(grace)
-            break
-        except subprocess.TimeoutExpired:
-            continue
+    """Stop this head only: `ray start --block` first (it drains the node and stops its own
+    processes, ~2 s; a SIGTERM to the whole group would stop the GCS under it and leave the
+    drain waiting 30 s for it), then its process group, then anything still running from its
+    temp dir (workers Ray started in sessions of their own)."""
+    try:
+        process.send_signal(signal.SIGTERM)
+        process.wait(20)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(10)
+    except ProcessLookupError:
+        pass
     leftovers = []
     for proc in psutil.process_iter(["pid", "cmdline"]):
         try:
