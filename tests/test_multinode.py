@@ -50,9 +50,12 @@ def _free_port() -> int:
 def preset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Tiny random models, IDENTITIES identities, 4 samples each (threshold 0 keeps them all);
     generation on one GPU per actor, a pool of 1..2 actors; enough fine-tuning steps per identity
-    that a node added once the first generation actor works still finds identities to take (at
-    100 steps the first actor could finish the queue while the added node's actor was still
-    starting on a loaded 2-core machine: 1 failure in 3 CI runs)."""
+    that a node added once the first generation actor works still finds identities to take. At
+    100 steps, before the installed packages were byte-compiled (an actor then took twice as
+    long to start), the first actor could finish the queue while the added node's actor was
+    still starting: 1 failure in 3 CI runs. Measured at 300 steps since: the added actor took
+    its first identity 19 s after the first actor started its own, with 16-18 s per identity;
+    150 steps keeps the queue (12 identities) several times longer than that start."""
     from core.datasets.config import SourceConfig, SyntheticSpec
     from core.datasets.registry import load_source
 
@@ -65,7 +68,7 @@ def preset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     config["sources"][0]["generate"].update({"ids": IDENTITIES, "seed": 5})
     config["sequences"]["max_identities"] = IDENTITIES
     config["generation"].update(
-        {"samples_per_identity": SAMPLES, "train_steps": 300, "num_gpus": 1.0, "concurrency": {"min": 1, "max": 2}}
+        {"samples_per_identity": SAMPLES, "train_steps": 150, "num_gpus": 1.0, "concurrency": {"min": 1, "max": 2}}
     )
     path.write_text(yaml.safe_dump(config))
     return path
