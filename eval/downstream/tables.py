@@ -141,6 +141,9 @@ def results_markdown(
 ) -> str:
     """`results.md`: the per-cell table, then the paper's Table 2 (supervised) and Table 3
     (Fs/Ss) layouts. `methods`/`settings` give the row order (the config's)."""
+    # Rows laid out by hand, not DataFrame.pivot(...).to_markdown(): the paper's layouts put delta
+    # rows between the init rows and status words (unavailable, error) where numbers would be,
+    # and to_markdown needs tabulate, which nothing else here uses.
     summary = summarise(frame)
     method_order = _order(summary["method"].tolist(), methods)
     setting_order = _order(summary["setting"].tolist(), settings)

@@ -185,7 +185,9 @@ class ClipFilter(ImageFilter):
         if not row["generated"]:
             return []
         pixels = self.processor(images=decode(row["generated"]), return_tensors="pt").to(self.device)
-        # The model's own forward gives image-text logits (scaled cosine): stable across
+        # Not transformers' zero-shot-image-classification pipeline: it tokenizes the prompts
+        # again on every call and returns label dicts sorted by score; here they are tokenized
+        # once per actor. The model's own forward gives image-text logits (scaled cosine): stable across
         # transformers versions, unlike the return type of get_text_features / get_image_features.
         logits = self.model(**self.text_tokens, pixel_values=pixels["pixel_values"]).logits_per_image
         return logits.softmax(dim=1)[:, 0].cpu().tolist()
