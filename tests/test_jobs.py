@@ -66,12 +66,13 @@ class Head:
 
 def _stop(process: subprocess.Popen, private: Path) -> None:
     """Stop this head only: `ray start --block` first (it drains the node and stops its own
-    processes, ~2 s; a SIGTERM to the whole group would stop the GCS under it and leave the
-    drain waiting 30 s for it), then its process group, then anything still running from its
-    temp dir (workers Ray started in sessions of their own)."""
+    processes, ~2 s alone; a SIGTERM to the whole group would stop the GCS under it and leave
+    the drain waiting 30 s for it; in the full suite the drain has also outlasted 20 s, so it
+    gets 5), then its process group, then anything still running from its temp dir (workers
+    Ray started in sessions of their own)."""
     try:
         process.send_signal(signal.SIGTERM)
-        process.wait(20)
+        process.wait(5)
     except (ProcessLookupError, subprocess.TimeoutExpired):
         pass
     try:
