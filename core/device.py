@@ -17,8 +17,8 @@ def return_freed_host_memory(collect_cycles: bool = True) -> None:
     full fine-tune on a CPU the gradients' and optimizer's gigabytes stay in the process's RSS
     though nothing uses them. `malloc_trim(0)` releases them; elsewhere it is skipped.
     `collect_cycles` first runs the cycle collector, for memory only a cycle still holds (an
-    optimizer's state); it costs ~0.35 s in a process holding torch and diffusers, so callers
-    that run often and free by reference count alone (sampling) skip it."""
+    optimizer's state); it costs ~0.35 s in a process holding torch and diffusers, which
+    callers that run often on small models skip."""
     import ctypes
     import ctypes.util
     import gc
