@@ -49,7 +49,7 @@ def build_backbone(arch: str, init: str = INIT_RANDOM, last_stride: int = 2) -> 
     if last_stride not in (1, 2):
         raise ValueError(f"last_stride must be 1 or 2, got {last_stride!r}")
     if init == INIT_IMAGENET:
-        model = _create_pretrained(arch)
+        model = create_pretrained(arch)
     else:
         model = _create(arch, pretrained=False)
         if init != INIT_RANDOM:
@@ -69,10 +69,11 @@ def _create(arch: str, pretrained: bool) -> nn.Module:
         raise
 
 
-def _create_pretrained(arch: str) -> nn.Module:
-    """timm's default pretrained weights for `arch`, under the one hub rule (`core.hub`): from
-    the local cache without any network access, downloaded only where downloads are allowed."""
-    tag, cached = cached_timm_weights(arch)
+def create_pretrained(arch: str, hub_cache: str | Path | None = None) -> nn.Module:
+    """`arch` as a feature extractor with timm's default pretrained weights, under the one hub
+    rule (`core.hub`): from the local cache (`hub_cache`, else the environment's) without any
+    network access, downloaded only where downloads are allowed."""
+    tag, cached = cached_timm_weights(arch, hub_cache)
     if cached is None and not downloads_allowed():
         raise WeightsUnavailableError(
             f"ImageNet weights for timm arch {arch!r} are unavailable: {tag} is not in the local "

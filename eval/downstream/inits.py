@@ -17,18 +17,18 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-import timm
+import torch
+from torch import nn
 
 from core.hub import cached_timm_weights
 from core.storage import local_file, resolve
-import torch
-from torch import nn
 
 from eval.downstream.config import INIT_IMAGENET, INIT_OURS, INIT_RANDOM
 from trainers.weights import (
     WeightsUnavailableError,
     build_backbone,
     check_state_dict_matches,
+    create_pretrained,
     load_backbone_safetensors,
 )
 
@@ -72,18 +72,14 @@ def resolve_imagenet(arch: str, mode: str = "download", hf_cache_dir: str | Path
     (mode `download`) downloaded where the hub rule allows it (`core.hub`: HF_HUB_OFFLINE=0),
     else unavailable with the reason."""
     tag, cached = cached_timm_weights(arch, hf_cache_dir)
+    if cached is None and mode != "download":
+        return InitWeights(
+            INIT_IMAGENET, False, digest=f"pretrained:{tag}", source=tag,
+            reason=f"ImageNet weights for {arch!r} ({tag}) are not in the local Hugging Face / "
+            "torch-hub cache and downstream.imagenet_weights is 'cache'",
+        )
     try:
-        if cached is not None:
-            model = timm.create_model(arch, pretrained=True, num_classes=0, global_pool="",
-                                      pretrained_cfg_overlay={"file": str(cached)})
-        elif mode == "download":
-            model = build_backbone(arch, INIT_IMAGENET, last_stride=2)
-        else:
-            return InitWeights(
-                INIT_IMAGENET, False, digest=f"pretrained:{tag}", source=tag,
-                reason=f"ImageNet weights for {arch!r} ({tag}) are not in the local Hugging Face / "
-                "torch-hub cache and downstream.imagenet_weights is 'cache'",
-            )
+        model = create_pretrained(arch, hf_cache_dir)
     except (WeightsUnavailableError, OSError, RuntimeError) as err:
         return InitWeights(INIT_IMAGENET, False, digest=f"pretrained:{tag}", source=tag,
                            reason=str(err).splitlines()[0])
