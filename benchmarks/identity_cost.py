@@ -50,7 +50,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -93,11 +93,11 @@ class SpanStats:
 
 class PhaseMeter:
     """Wall time, peak memory and UNet work of the phase running now (`begin` ... `end`), and of
-    regions inside it (`span_begin` ... `span_end`, keyed "PHASE/LABEL").
+    regions inside it (`with span(...)`, keyed "PHASE/LABEL").
 
-    Peak memory: on CUDA the allocator's peak, reset at `begin` (and at each span, the phase's
-    peak so far kept); on the CPU the process's RSS, sampled every `interval` seconds by a
-    background thread, max over the phase or span."""
+    Peak memory: on CUDA the allocator's peak, reset as a phase or span begins (the peak so far
+    kept by the regions already open); on the CPU the process's RSS, sampled every `interval`
+    seconds by a background thread, max over the phase or span."""
 
     def __init__(self, device: str, interval: float = 0.01) -> None:
         self.cuda = device.startswith("cuda")
@@ -105,10 +105,8 @@ class PhaseMeter:
         self.stats: dict[str, PhaseStats] = {}
         self.spans: dict[str, SpanStats] = {}
         self._lock = threading.Lock()
-        self._start = 0.0
-        self._peak = 0
-        self._span: tuple[str, float, int] | None = None  # (key, start time, memory at start)
-        self._span_peak = 0
+        # The regions open now, "phase" and "span": [start time, memory at start, peak so far].
+        self._open: dict[str, list] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         if not self.cuda:
@@ -125,64 +123,56 @@ class PhaseMeter:
         while not self._stop.wait(interval):
             rss = self._rss()
             with self._lock:
-                if self.current is not None and rss > self._peak:
-                    self._peak = rss
-                if self._span is not None and rss > self._span_peak:
-                    self._span_peak = rss
+                for region in self._open.values():
+                    region[2] = max(region[2], rss)
 
-    def _memory_now(self) -> int:
-        return torch.cuda.memory_allocated() if self.cuda else self._rss()
-
-    def span_begin(self, label: str, images: int) -> None:
+    def _open_region(self, kind: str) -> None:
         if self.cuda:
             torch.cuda.synchronize()
-            self._peak = max(self._peak, torch.cuda.max_memory_allocated())
+            peak = torch.cuda.max_memory_allocated()
             torch.cuda.reset_peak_memory_stats()
-        now = self._memory_now()
+        now = torch.cuda.memory_allocated() if self.cuda else self._rss()
         with self._lock:
-            self._span = (f"{self.current or 'outside any phase'}/{label}", time.perf_counter(), now)
-            self._span_peak = now
-        stats = self.spans.setdefault(self._span[0], SpanStats())
-        stats.calls += 1
-        stats.images += images
+            if self.cuda:
+                for region in self._open.values():
+                    region[2] = max(region[2], peak)
+            self._open[kind] = [time.perf_counter(), now, now]
 
-    def span_end(self) -> None:
-        if self._span is None:
-            return
+    def _close_region(self, kind: str, stats: PhaseStats | SpanStats) -> int:
+        """Add the region `kind`'s time and peak to `stats` (its peak counts in the regions still
+        open too); return that peak above the memory in use as the region began."""
         if self.cuda:
             torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() if self.cuda else self._rss()
         with self._lock:
-            key, start, at_start = self._span
-            peak = max(peak, self._span_peak)
-            self._span = None
-            self._peak = max(self._peak, peak)
-        stats = self.spans[key]
-        stats.wall_seconds += time.perf_counter() - start
+            start, at_start, region_peak = self._open.pop(kind)
+            peak = max(peak, region_peak)
+            for region in self._open.values():
+                region[2] = max(region[2], peak)
+        stats.wall_seconds += time.perf_counter() - start  # a retried phase adds up
         stats.peak_memory_bytes = max(stats.peak_memory_bytes, peak)
-        stats.peak_increase_bytes = max(stats.peak_increase_bytes, peak - at_start)
+        return peak - at_start
+
+    @contextmanager
+    def span(self, label: str, images: int):
+        self._open_region("span")
+        stats = self.spans.setdefault(f"{self.current or 'outside any phase'}/{label}", SpanStats())
+        stats.calls += 1
+        stats.images += images
+        try:
+            yield
+        finally:
+            increase = self._close_region("span", stats)
+            stats.peak_increase_bytes = max(stats.peak_increase_bytes, increase)
 
     def begin(self, label: str) -> None:
         self.end()
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        with self._lock:
-            self.current = label
-            self._peak = 0 if self.cuda else self._rss()
-        self._start = time.perf_counter()
+        self._open_region("phase")
+        self.current = label
 
     def end(self) -> None:
-        if self.current is None:
-            return
-        if self.cuda:
-            torch.cuda.synchronize()
-        wall = time.perf_counter() - self._start
-        peak = torch.cuda.max_memory_allocated() if self.cuda else self._rss()
-        with self._lock:
-            stats = self.stats.setdefault(self.current, PhaseStats())
-            stats.wall_seconds += wall  # a retried phase adds up
-            stats.peak_memory_bytes = max(stats.peak_memory_bytes, self._peak, peak)
+        if self.current is not None:
+            self._close_region("phase", self.stats.setdefault(self.current, PhaseStats()))
             self.current = None
 
     def add_unet(self, calls: int, equivalents: int) -> None:
@@ -226,11 +216,8 @@ def meter_vae(generator, meter: PhaseMeter) -> None:
 
     def wrap(method, label: str):
         def metered(images, *args, **kwargs):
-            meter.span_begin(label, len(images))
-            try:
+            with meter.span(label, len(images)):
                 return method(images, *args, **kwargs)
-            finally:
-                meter.span_end()
 
         return metered
 
@@ -238,20 +225,16 @@ def meter_vae(generator, meter: PhaseMeter) -> None:
     generator.decode_latents = wrap(generator.decode_latents, "vae_decode")
 
 
-def unet_calls_per_run(scheduler, steps: int) -> int:
-    """UNet calls of one pipeline run of `steps` steps: the scheduler's timesteps (PNDM with
-    skip_prk_steps, SD v1.4's sampler, has steps + 1; DDIM has steps)."""
-    copy = type(scheduler).from_config(scheduler.config)
-    copy.set_timesteps(steps)
-    return len(copy.timesteps)
-
-
 def expected_unet_work(g, pipe) -> dict[str, tuple[int, int]]:
     """(calls, forward-equivalents) per identity that the recipe implies, to check the count."""
     cfg = 2 if g.guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None else 1
 
     def sampling(images: int, steps: int) -> tuple[int, int]:
-        per_run = unet_calls_per_run(pipe.scheduler, steps)
+        # UNet calls of one pipeline run: the scheduler's timesteps (PNDM with skip_prk_steps,
+        # SD v1.4's sampler, has steps + 1; DDIM has steps), counted on a copy
+        scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+        scheduler.set_timesteps(steps)
+        per_run = len(scheduler.timesteps)
         runs = [min(g.sample_batch_size, images - s) for s in range(0, images, g.sample_batch_size)]
         return len(runs) * per_run, sum(per_run * b * cfg for b in runs)
 
@@ -268,24 +251,19 @@ class DiffusersBaseline:
     """The generation work written as plain diffusers code would: pipeline calls for the
     reference set and the samples, the DreamBooth example's prior-preservation loop for the
     fine-tune. Same pipeline object (so the same weights, dtypes, sampler and gradient
-    checkpointing setting as ours), same sizes, steps and batches."""
+    checkpointing setting as ours), same sizes, steps and batches. Prompts are encoded and autocast
+    entered by the generator's own building blocks (one tokenizer + text encoder call, a plain
+    `torch.autocast`), as the example does: only the loops are plain diffusers code."""
 
-    def __init__(self, pipe, config, device: str) -> None:
+    def __init__(self, generator) -> None:
         from diffusers import DDPMScheduler
 
-        self.pipe, self.config, self.device = pipe, config, device
-        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.pipe, self.config, self.device = generator.pipe, generator.config, generator.device
+        self._autocast, self._embed = generator._autocast, generator.encode_prompt
+        self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
         self.base = None
-        if config.finetune == "full":
-            self.base = {k: v.detach().to("cpu", copy=True) for k, v in pipe.unet.state_dict().items()}
-
-    def _autocast(self):
-        from factory.stages.generate import MIXED_PRECISION_DTYPES
-
-        if self.config.mixed_precision == "no":
-            return nullcontext()
-        device_type = "cuda" if self.device.startswith("cuda") else "cpu"
-        return torch.autocast(device_type=device_type, dtype=MIXED_PRECISION_DTYPES[self.config.mixed_precision])
+        if self.config.finetune == "full":
+            self.base = {k: v.detach().to("cpu", copy=True) for k, v in self.pipe.unet.state_dict().items()}
 
     def _call(self, prompts: Sequence[str], seeds: Sequence[int], steps: int, output_type: str):
         g = self.config
@@ -310,17 +288,11 @@ class DiffusersBaseline:
     def sample(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[Image.Image]:
         return [image for chunk in self._call(prompts, seeds, self.config.num_inference_steps, "pil") for image in chunk]
 
-    @torch.no_grad()
-    def _embed(self, prompt: str) -> torch.Tensor:
-        tok = self.pipe.tokenizer
-        ids = tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
-        return self.pipe.text_encoder(ids.input_ids.to(self.device))[0]
-
     def fine_tune(self, images: Sequence[Image.Image], instance_prompt: str, prior_latents: torch.Tensor,
                   class_prompt: str, seed: int) -> None:
         from factory.stages.generate import _make_optimizer
 
-        g, unet, vae = self.config, self.pipe.unet, self.pipe.vae
+        g, unet, vae, noise_scheduler = self.config, self.pipe.unet, self.pipe.vae, self.noise_scheduler
         if g.train_steps == 0:
             return
         torch.manual_seed(seed)
@@ -360,21 +332,18 @@ class DiffusersBaseline:
                 latents = torch.cat([latents, prior_latents[ridx].float()])
                 embeds = torch.cat([embeds, class_embeds.expand(b, -1, -1)])
             noise = torch.randn_like(latents)
-            timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
-            noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
+            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
             with self._autocast():
                 model_pred = unet(noisy, timesteps, embeds, return_dict=False)[0]
-            if self.noise_scheduler.config.prediction_type == "epsilon":
-                target = noise
-            else:
-                target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+            epsilon = noise_scheduler.config.prediction_type == "epsilon"
+            target = noise if epsilon else noise_scheduler.get_velocity(latents, noise, timesteps)
             if with_prior:
                 model_pred, model_pred_prior = torch.chunk(model_pred, 2, dim=0)
                 target, target_prior = torch.chunk(target, 2, dim=0)
-                loss = F.mse_loss(model_pred.float(), target.float(), reduction="mean")
+            loss = F.mse_loss(model_pred.float(), target.float(), reduction="mean")
+            if with_prior:
                 loss = loss + g.prior_loss_weight * F.mse_loss(model_pred_prior.float(), target_prior.float(), reduction="mean")
-            else:
-                loss = F.mse_loss(model_pred.float(), target.float(), reduction="mean")
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(params, g.max_grad_norm)
@@ -587,7 +556,7 @@ def run(args, config: RunConfig, meter: PhaseMeter) -> tuple[list[Identity], dic
     meter_vae(generator, meter)
     info["scheduler"] = type(generator.pipe.scheduler).__name__
     info["expected"] = expected_unet_work(g, generator.pipe)
-    baseline = DiffusersBaseline(generator.pipe, g, generator.device) if args.baseline else None
+    baseline = DiffusersBaseline(generator) if args.baseline else None
     generated = []
     for number, (identity, row) in enumerate(zip(identities, captioned)):
         if number == args.warmup:
@@ -652,16 +621,14 @@ def summarize(identities: Sequence[Identity], baseline: bool, warmup: int = 1) -
     for phase in PHASES:
         stats = [i.stats.get(phase, PhaseStats()) for i in measured]
         base = [i.baseline[phase].wall_seconds for i in measured if phase in i.baseline]
-        phases[phase] = {
-            "seconds": sum(i.seconds.get(phase, 0.0) for i in measured) / len(measured),
-            "unet_calls": sum(s.unet_calls for s in stats) / len(measured),
-            "unet_forward_equivalents": sum(s.unet_forward_equivalents for s in stats) / len(measured),
-            "peak_memory_bytes": max(s.peak_memory_bytes for s in stats),
-            "baseline_seconds": sum(base) / len(base) if baseline and base and len(base) == len(measured) else None,
-        }
-        for key in ("unet_calls", "unet_forward_equivalents"):
-            value = phases[phase][key]
-            phases[phase][key] = int(value) if float(value).is_integer() else value
+        phases[phase] = {"seconds": sum(i.seconds.get(phase, 0.0) for i in measured) / len(measured)}
+        for key in ("unet_calls", "unet_forward_equivalents"):  # a whole mean stays an int
+            value = sum(getattr(s, key) for s in stats) / len(measured)
+            phases[phase][key] = int(value) if value.is_integer() else value
+        phases[phase].update(
+            peak_memory_bytes=max(s.peak_memory_bytes for s in stats),
+            baseline_seconds=sum(base) / len(base) if baseline and base and len(base) == len(measured) else None,
+        )
     return phases
 
 
@@ -688,38 +655,31 @@ def print_report(args, preset: Path, config: RunConfig, identities: Sequence[Ide
     print(f"recipe: {g.resolution[0]}x{g.resolution[1]}, {g.reference_images} reference images x "
           f"{g.reference_inference_steps or g.num_inference_steps} steps, {g.train_steps} train steps x batch "
           f"{g.train_batch_size}{prior}, {g.samples_per_identity} samples x {g.num_inference_steps} steps, "
-          f"sample batch {g.sample_batch_size}, vae batch {g.vae_batch_size}, {info.get('scheduler', g.scheduler)}, "
+          f"sample batch {g.sample_batch_size}, vae batch {g.vae_batch_size}, {info['scheduler']}, "
           f"guidance {g.guidance_scale} ({cfg}), finetune {g.finetune}, mixed precision {g.mixed_precision}, "
           f"gradient checkpointing {'on' if g.gradient_checkpointing else 'off'}, 8-bit Adam {'on' if g.use_8bit_adam else 'off'}")
-    setup = info.get("setup", {})
-    print("setup (not in the figures): " + ", ".join(f"{k} {v:.2f} s" for k, v in setup.items())
-          + f"; base model loads: {info.get('model_loads', '-')}")
-    if "caption" in info:
-        print(f"caption of {identities[0].name}: {info['caption']!r}")
+    print("setup (not in the figures): " + ", ".join(f"{k} {v:.2f} s" for k, v in info["setup"].items())
+          + f"; base model loads: {info['model_loads']}")
+    print(f"caption of {identities[0].name}: {info['caption']!r}")
     warmup = f"after 1 warm-up identity ({identities[0].name}, excluded)" if args.warmup else "no warm-up identity"
     print(f"measured {len(measured)} identities ({measured[0].name} .. {measured[-1].name}), {warmup}; "
           "per identity, mean (peak memory: max)")
     memory = "peak alloc" if device.startswith("cuda") else "peak RSS"
-    header = f"  {'phase':<14}{'s/identity':>11}{'UNet calls':>12}{'UNet fwd-eq':>13}{memory:>13}"
-    if args.baseline:
-        header += f"{'baseline s':>12}{'ours/base':>11}"
-    print(header)
+    print(f"  {'phase':<14}{'s/identity':>11}{'UNet calls':>12}{'UNet fwd-eq':>13}{memory:>13}"
+          + (f"{'baseline s':>12}{'ours/base':>11}" if args.baseline else ""))
     for phase in PHASES:
-        p = phases[phase]
-        line = (f"  {phase:<14}{p['seconds']:>11.3f}{p['unet_calls']:>12}{p['unet_forward_equivalents']:>13}"
-                f"{_gib(p['peak_memory_bytes']):>13}")
-        if args.baseline:
-            b = p["baseline_seconds"]
-            line += f"{b:>12.3f}{p['seconds'] / b:>11.3f}" if b else f"{'-':>12}{'-':>11}"
-        print(line)
-    total = sum(p["seconds"] for p in phases.values())
-    total_fwd = sum(p["unet_forward_equivalents"] for p in phases.values())
-    line = f"  {'total':<14}{total:>11.3f}{sum(p['unet_calls'] for p in phases.values()):>12}{total_fwd:>13}{'':>13}"
+        p, b = phases[phase], phases[phase]["baseline_seconds"]
+        versus = f"{b:>12.3f}{p['seconds'] / b:>11.3f}" if b else f"{'-':>12}{'-':>11}"
+        print(f"  {phase:<14}{p['seconds']:>11.3f}{p['unet_calls']:>12}{p['unet_forward_equivalents']:>13}"
+              f"{_gib(p['peak_memory_bytes']):>13}" + (versus if args.baseline else ""))
+    keys = ("seconds", "unet_calls", "unet_forward_equivalents")
+    seconds, calls, fwd = (sum(p[k] for p in phases.values()) for k in keys)
+    line = f"  {'total':<14}{seconds:>11.3f}{calls:>12}{fwd:>13}{'':>13}"
     if args.baseline:
         base = sum(phases[p]["baseline_seconds"] or 0.0 for p in GENERATION_PHASES)
         ours = sum(phases[p]["seconds"] for p in GENERATION_PHASES)
-        line += f"{base:>12.3f}{ours / base:>11.3f}" if base else ""
-    print(line + ("   (ours/base: generation phases)" if args.baseline else ""))
+        line += (f"{base:>12.3f}{ours / base:>11.3f}" if base else "") + "   (ours/base: generation phases)"
+    print(line)
     outside = sum(i.outside_seconds for i in measured) / len(measured)
     print(f"  generation work outside the phases (weight restore, output encoding): {outside:.3f} s/identity")
 
@@ -730,13 +690,11 @@ def print_report(args, preset: Path, config: RunConfig, identities: Sequence[Ide
             print(f"  {key:<26}{span['calls']:>6}{span['images']:>8}{span['wall_seconds']:>10.3f}"
                   f"{_gib(span['peak_memory_bytes']):>13}{_gib(span['peak_increase_bytes']):>13}")
 
-    expected = info.get("expected", {})
     checks = []
-    for phase, (calls, fwd) in expected.items():
+    for phase, (calls, fwd) in info["expected"].items():
         got = (phases[phase]["unet_calls"], phases[phase]["unet_forward_equivalents"])
         checks.append(f"{phase} {'ok' if got == (calls, fwd) else f'MISMATCH (expected {calls} calls, {fwd} fwd-eq)'}")
-    if checks:
-        print("UNet work vs the recipe's formula: " + ", ".join(checks))
+    print("UNet work vs the recipe's formula: " + ", ".join(checks))
     if args.baseline:
         same = all(
             (i.stats[p].unet_calls, i.stats[p].unet_forward_equivalents)
@@ -778,22 +736,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     device = describe_device(args.device, args.threads)
     meter = PhaseMeter(args.device)
-    failed: list[dict] = []
-    identities: list[Identity] = []
-    info: dict = {}
     try:
         identities, info = run(args, config, meter)
     except BenchmarkFailed as err:
-        failed.append({"identity": err.identity, "error": err.error})
+        failed, info = [{"identity": err.identity, "error": err.error}], {}
+    else:
+        failed = []
     finally:
         meter.close()
 
     if failed:
-        for f in failed:
-            print(f"FAILED: identity {f['identity']}: {f['error']}", file=sys.stderr)
+        print(f"FAILED: identity {failed[0]['identity']}: {failed[0]['error']}", file=sys.stderr)
         print("the benchmark measures only complete identities: no figures", file=sys.stderr)
-        phases = {p: {"seconds": None, "unet_calls": None, "unet_forward_equivalents": None,
-                      "peak_memory_bytes": None, "baseline_seconds": None} for p in PHASES}
+        figures = ("seconds", "unet_calls", "unet_forward_equivalents", "peak_memory_bytes", "baseline_seconds")
+        phases = {p: dict.fromkeys(figures) for p in PHASES}
     else:
         phases = summarize(identities, args.baseline, args.warmup)
         print_report(args, preset, config, identities, info, phases, device)
