@@ -18,7 +18,6 @@ import argparse
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -125,8 +124,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{ROWS_PER_IDENTITY} rows per identity, {args.kept:.0%} kept; load {os.getloadavg()[0]:.2f}")
     figures = []
     for count in args.identities:
-        temporary = None if args.root else tempfile.mkdtemp(prefix=f"driver-scale-{count}-")
-        root = f"{args.root.rstrip('/')}/{count}" if args.root else temporary
+        root = f"{args.root.rstrip('/')}/{count}" if args.root else tempfile.mkdtemp(prefix=f"driver-scale-{count}-")
         print(f"{count} identities -> {root}", flush=True)
         started = time.perf_counter()
         write_staging(root, count, args.kept, pool)
@@ -136,10 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         figures.append(result)
         print(f"  finalize {result['finalize_seconds']} s, peak RSS {result['peak_rss_mib']} MiB, "
               f"{result['images']} images in {result['shards']} shards", flush=True)
-        if temporary:
-            shutil.rmtree(temporary)
-        else:
-            resolve(root).delete_dir()
+        resolve(root).delete_dir()
     base = figures[0]["peak_rss_mib"]
     print("\n| identities | images in shards | shards | finalize s | peak RSS MiB | RSS / first |")
     print("|---|---|---|---|---|---|")

@@ -19,7 +19,7 @@ import os
 import sys
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--queries", type=int, default=3368)
     p.add_argument("--gallery", type=int, default=15913)
@@ -30,11 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-rank", type=int, default=50)
     p.add_argument("--query-chunk", type=int, default=None, help="override evaluate_rank chunk")
     p.add_argument("--repeat", type=int, default=1, help="timed repetitions (best is reported)")
-    return p.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = p.parse_args(argv)
     # Thread counts must be fixed before numpy/torch load their thread pools.
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS"):
         os.environ[var] = str(args.threads)

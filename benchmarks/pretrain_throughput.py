@@ -49,12 +49,6 @@ def make_shards(out: Path, ids: int, image_size: tuple[int, int]) -> Path:
     return out / "data"
 
 
-def pipeline_pass(iterator: ray.data.DataIterator, config: PretrainConfig, batch: int,
-                  device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
-    """One pass over the shards through the training input pipeline."""
-    return iter(train_batches(iterator, config, batch, device))
-
-
 def take(batches: Iterable[dict[str, torch.Tensor]], steps: int) -> Iterator[dict[str, torch.Tensor]]:
     for index, batch in enumerate(batches):
         if index >= steps:
@@ -68,7 +62,7 @@ def measure_pipeline(files: Sequence[Path], config: PretrainConfig, batch: int, 
     iterator = build_train_dataset(files, config).iterator()
     for _ in range(2):
         start, seen = time.perf_counter(), 0
-        for item in pipeline_pass(iterator, config, batch, device):
+        for item in train_batches(iterator, config, batch, device):  # one pass over the shards
             seen += len(item[LABEL_KEY])
         seconds = time.perf_counter() - start
     return seen / seconds
@@ -117,9 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    devices = [torch.device("cpu")]
-    if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
-        devices = [torch.device("cuda")] if args.device == "cuda" else [torch.device("cpu"), torch.device("cuda")]
+    auto = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+    devices = [torch.device(name) for name in (auto if args.device == "auto" else [args.device])]
     config = PretrainConfig(arch=args.arch, image_size=tuple(args.image_size), batch_size=args.batch,
                             decode_batch_size=max(16, args.batch // 4), shuffle_buffer=0,
                             decode_on=args.decode_on, prefetch_batches=args.prefetch, cache_shards=args.cache)
@@ -141,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             step = measure_step(config, summary.num_classes, args.batch, args.steps, device, None)
             iterator = build_train_dataset(summary.files, config).iterator()
             both = measure_step(config, summary.num_classes, args.batch, args.steps, device,
-                                pipeline_pass(iterator, config, args.batch, device))
+                                train_batches(iterator, config, args.batch, device))
             label = device.type + (" bf16" if device.type == "cuda" else "")
             print(f"{label:<8} {pipeline:>15.1f} {step:>12.1f} {both:>10.1f}", flush=True)
         ray.shutdown()
