@@ -15,13 +15,15 @@ validate every model id before it starts Ray or loads anything.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from diffusers import StableDiffusionPipeline
 from transformers import Blip2ForConditionalGeneration, Blip2Processor, CLIPModel, CLIPProcessor
 
 from core.hub import downloads_allowed, hub_cache_dir  # noqa: F401  (re-exported)
 from factory.models.locate import (  # noqa: F401  (re-exported: the loaders' public API)
-    MARKER_FILES,
     ModelNotAvailableError,
     _looks_like_path,
     _not_available,
@@ -52,64 +54,46 @@ def _load_kwargs(model_id: str) -> dict:
     return kwargs
 
 
-def load_text_to_image(
-    model_id: str,
-    device: str | torch.device = "cpu",
-    dtype: DTypeLike = None,
-    config_key: str = "generation.base_model",
-) -> StableDiffusionPipeline:
+def load_text_to_image(model_id: str, device: str | torch.device = "cpu", dtype: DTypeLike = None,
+                       config_key: str = "generation.base_model") -> StableDiffusionPipeline:
     """A `StableDiffusionPipeline` from a hub id or `save_pretrained` folder, on `device`.
 
     The NSFW safety checker is not loaded (`safety_checker=None`): it would black out
     generated person crops it misjudges, and the factory filters its outputs with Re-ID anyway.
     """
-    model_id = local_model(model_id, config_key)  # a URI: this node's copy
-    check_model_available(model_id, config_key)
-    torch_dtype = resolve_dtype(dtype, device)
-    try:
-        pipeline = StableDiffusionPipeline.from_pretrained(
-            model_id,
-            dtype=torch_dtype,
-            safety_checker=None,
-            requires_safety_checker=False,
-            **_load_kwargs(model_id),
-        )
-    except OSError as err:  # partial cache or folder: some component file is missing
-        raise _not_available(model_id, f"loading failed ({err})", config_key) from err
+    pipeline = _from_pretrained(model_id, config_key, lambda path, kwargs: StableDiffusionPipeline.from_pretrained(
+        path, dtype=resolve_dtype(dtype, device), safety_checker=None, requires_safety_checker=False, **kwargs))
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device)
 
 
-def load_captioner(
-    model_id: str,
-    device: str | torch.device = "cpu",
-    dtype: DTypeLike = None,
-    config_key: str = "caption.model",
-) -> tuple[Blip2ForConditionalGeneration, Blip2Processor]:
+def load_captioner(model_id: str, device: str | torch.device = "cpu", dtype: DTypeLike = None,
+                   config_key: str = "caption.model") -> tuple[Blip2ForConditionalGeneration, Blip2Processor]:
     """BLIP-2 (`Blip2ForConditionalGeneration`, eval mode, on `device`) and its processor."""
     return _load_model_and_processor(Blip2ForConditionalGeneration, Blip2Processor, model_id, device, dtype, config_key)
 
 
-def load_clip(
-    model_id: str,
-    device: str | torch.device = "cpu",
-    dtype: DTypeLike = None,
-    config_key: str = "filter.clip_model",
-) -> tuple[CLIPModel, CLIPProcessor]:
+def load_clip(model_id: str, device: str | torch.device = "cpu", dtype: DTypeLike = None,
+              config_key: str = "filter.clip_model") -> tuple[CLIPModel, CLIPProcessor]:
     """`CLIPModel` (eval mode, on `device`) and its `CLIPProcessor`."""
     return _load_model_and_processor(CLIPModel, CLIPProcessor, model_id, device, dtype, config_key)
 
 
 def _load_model_and_processor(model_class, processor_class, model_id: str, device: str | torch.device,
                               dtype: DTypeLike, config_key: str):
-    """`model_class.from_pretrained` (eval mode, on `device`) and `processor_class.from_pretrained`,
-    with the availability check and the named error of every loader here."""
+    """`model_class.from_pretrained` (eval mode, on `device`) and `processor_class.from_pretrained`."""
+    model, processor = _from_pretrained(model_id, config_key, lambda path, kwargs: (
+        model_class.from_pretrained(path, dtype=resolve_dtype(dtype, device), **kwargs),
+        processor_class.from_pretrained(path, **kwargs)))
+    return model.to(device).eval(), processor
+
+
+def _from_pretrained(model_id: str, config_key: str, load: Callable[[str, dict], Any]) -> Any:
+    """`load(path, from_pretrained kwargs)` with the availability check and the named error of
+    every loader here."""
     model_id = local_model(model_id, config_key)  # a URI: this node's copy
     check_model_available(model_id, config_key)
-    kwargs = _load_kwargs(model_id)
     try:
-        model = model_class.from_pretrained(model_id, dtype=resolve_dtype(dtype, device), **kwargs)
-        processor = processor_class.from_pretrained(model_id, **kwargs)
-    except OSError as err:
+        return load(model_id, _load_kwargs(model_id))
+    except OSError as err:  # partial cache or folder: some component file is missing
         raise _not_available(model_id, f"loading failed ({err})", config_key) from err
-    return model.to(device).eval(), processor

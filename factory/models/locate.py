@@ -41,11 +41,8 @@ def local_model(model_id: str, config_key: str | None = None) -> str:
 
 def _looks_like_path(model_id: str) -> bool:
     # Hub ids are "name" or "org/name"; anything else with a separator, or that exists, is a path.
-    return (
-        model_id.startswith(("/", "./", "../", "~", "\\"))
-        or model_id.count("/") > 1
-        or Path(model_id).expanduser().exists()
-    )
+    return (model_id.startswith(("/", "./", "../", "~", "\\")) or model_id.count("/") > 1
+            or Path(model_id).expanduser().exists())
 
 
 def _not_available(model_id: str, reason: str, config_key: str | None) -> ModelNotAvailableError:
@@ -75,9 +72,7 @@ def check_model_available(model_id: str, config_key: str | None = None) -> None:
         if not path.is_dir():
             raise _not_available(model_id, f"no directory at {path.resolve()}", config_key)
         if not any((path / marker).is_file() for marker in MARKER_FILES):
-            raise _not_available(
-                model_id, f"{path.resolve()} has neither {' nor '.join(MARKER_FILES)}", config_key
-            )
+            raise _not_available(model_id, f"{path.resolve()} has neither {' nor '.join(MARKER_FILES)}", config_key)
         return
     cache = hub_cache_dir()
     try:
@@ -106,6 +101,4 @@ def model_file(model_id: str, relative: str) -> Path | None:
 def read_model_json(model_id: str, relative: str) -> tuple[dict[str, Any], Path] | None:
     """`relative` of `model_id` parsed as JSON, with its path; None when the file is absent."""
     path = model_file(model_id, relative)
-    if path is None:
-        return None
-    return json.loads(path.read_text()), path
+    return None if path is None else (json.loads(path.read_text()), path)
