@@ -51,6 +51,11 @@ class BuildFailed(RuntimeError):
     """More identities failed than `generation.max_failed_identities` tolerates."""
 
 
+# What the command maps to exit 2 (refused before heavy work) and exit 1 (failed, resumable).
+REFUSED = (ConfigError, DatasetError, ModelNotAvailableError, StorageError)
+FAILED = (BuildAborted, BuildFailed)
+
+
 class CircuitBreaker:
     """Trips when the first `limit` identities of a run all fail with the same error class: a
     systematic failure (a bad setting, a broken node image) would otherwise fail every identity
@@ -66,9 +71,7 @@ class CircuitBreaker:
         if not ok and error_class(error) == "OutOfMemoryError" and attempts >= 2:
             # Out of memory twice: every identity of this plan will be, on this GPU. Stop at once.
             return f"an identity ran out of GPU memory {attempts} times: {error[:400]}; {OUT_OF_MEMORY_HINT}"
-        if not self.armed:
-            return None
-        if ok:
+        if ok or not self.armed:  # a success disarms it for the rest of the run
             self.armed = False
             return None
         self.classes.append(error_class(error))
@@ -91,10 +94,6 @@ def run_models(config: RunConfig) -> dict[str, str]:
     return models
 
 
-def run_model_ids(config: RunConfig) -> list[str]:
-    return list(run_models(config).values())
-
-
 def resolve_models(config: RunConfig, log=print) -> RunConfig:
     """Make sure every model the run needs is available *before* anything heavy starts:
     bootstrap the embedded default's tiny models, or check hub ids / local paths exist."""
@@ -107,6 +106,13 @@ def resolve_models(config: RunConfig, log=print) -> RunConfig:
     for key, model_id in run_models(config).items():
         check_model_available(model_id, key)
     return config
+
+
+def check_config_and_models(config: RunConfig, origin: str, log=print) -> None:
+    """The check phase's first two steps (the config alone, then the models it names)."""
+    raise_problems(check_config(config), origin)
+    resolve_models(config, log)
+    raise_problems(check_models(config), origin)
 
 
 def load_sources(config: RunConfig, log=print) -> list[ReidDataset]:
@@ -149,9 +155,7 @@ def run(config: RunConfig, out_dir: str | os.PathLike[str] | None = None, log=pr
     out = output_location(out_dir, config)
     summary = BuildSummary(out_dir=str(out))
 
-    raise_problems(check_config(config), origin)
-    resolve_models(config, log)
-    raise_problems(check_models(config), origin)
+    check_config_and_models(config, origin, log)
     datasets = load_sources(config, log)
     plan = plan_identities(datasets, config.sequences)
     if not plan:
@@ -196,23 +200,15 @@ def run(config: RunConfig, out_dir: str | os.PathLike[str] | None = None, log=pr
 
         # Local model folders exist only on this machine unless the cluster shares a filesystem:
         # packed once into the object store, opened by each actor on its own node.
-        folders = ModelFolders.ship(run_model_ids(config))
+        folders = ModelFolders.ship(run_models(config).values())
         use_gpus = cluster_gpus() > 0
-        threads = 1 if use_gpus else None
         caption = functools.partial(CaptionStage, config.caption, config.caption.num_gpus, folders)
         if config.generation.replay_from:  # a filter-only variant: that build's samples, scored again
             generate = functools.partial(ReplayStage, config.generation.replay_from)
         else:
             generate = functools.partial(
-                GenerationStage,
-                config.generation,
-                config.output,
-                config.generation.num_gpus,
-                threads,
-                config.generation.debug_fail_identities,
-                reference_dir=str(out / "reference_sets"),
-                folders=folders,
-            )
+                GenerationStage, config.generation, config.output, config.generation.num_gpus, 1 if use_gpus else None,
+                config.generation.debug_fail_identities, reference_dir=str(out / "reference_sets"), folders=folders)
         filtering = functools.partial(FilterStage, config.filter, filter_models, config.filter.num_gpus, folders)
         wanted = max(0, config.output.contact_sheet_identities - len(previews.files(".png")))
         write = functools.partial(WriteStage, out.uri, frozenset(table.column("identity").to_pylist()[:wanted]))
@@ -298,14 +294,10 @@ def _record_row(row: dict, store: OutputStore, summary: BuildSummary, config: Ru
     summary.kept += kept
     if not kept:
         summary.identities_without_kept.append(row["identity"])
-    store.record_identity(
-        row["identity"],
-        {"generated": generated, "kept": kept, "source_images": source_images, "caption": row["caption"],
-         "seed": row["seed"],
-         "reference_reused": bool(row["reference_reused"]),
-         "seconds": {phase: round(value, 3) for phase, value in seconds.items()},
-         "gpu_seconds": round(gpu_seconds, 3)},
-    )
+    store.record_identity(row["identity"], {
+        "generated": generated, "kept": kept, "source_images": source_images, "caption": row["caption"],
+        "seed": row["seed"], "reference_reused": bool(row["reference_reused"]),
+        "seconds": {phase: round(value, 3) for phase, value in seconds.items()}, "gpu_seconds": round(gpu_seconds, 3)})
     generated_at = time.strftime("%H:%M:%S", time.localtime(row["generated_at"]))
     log(f"{prefix}: kept {kept}/{generated} ({row['filter_kind']}) in {sum(seconds.values()):.1f} s, generated "
         f"{generated_at} | {progress} | caption: {row['caption']!r}")
@@ -338,12 +330,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_run_config(args.config, args.overrides)
         run(config, args.out, origin=config_origin(args.config or DEFAULT_PRESET, args.overrides))
-    except (ConfigError, DatasetError, ModelNotAvailableError, StorageError) as err:
+    except (*REFUSED, *FAILED) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
-    except (BuildAborted, BuildFailed) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(err, REFUSED) else 1
     return 0
 
 

@@ -30,16 +30,15 @@ from typing import Any
 import pandas as pd
 
 from core.config import ConfigError, apply_overrides, config_to_yaml, validate_config
-from core.datasets.base import DatasetError
-from core.storage import Location, StorageError, has_scheme, local_folder, resolve, user_path
+from core.storage import Location, has_scheme, local_folder, resolve, user_path
 from eval.experiment.config import ARM_BOTH, ARM_GENERATED, ARM_RANDOM, ARM_SOURCE
-from factory.build import BuildAborted, BuildFailed
-from factory.models.locate import ModelNotAvailableError
+from factory.build import FAILED as BUILD_FAILED, REFUSED as BUILD_REFUSED
 from factory.run_config import RunConfig
 
 MAIN_BUILD = "main"
 MARKER = "experiment.json"
 DONE = "done.json"
+CONSISTENCY_KEYS = ("consistency_identities", "fine_tuned", "base_model")  # what a build's marker adds
 RUN_COLUMNS = ("arm", "group", "seed", "dataset", "method", "setting", "status", "mAP", "rank1",
                "pretrain_images", "pretrain_ids", "reason")
 
@@ -49,8 +48,7 @@ class ExperimentFailed(RuntimeError):
 
 
 # What the command maps to exit 2 (refused before heavy work) and exit 1 (failed, resumable).
-REFUSED = (ConfigError, DatasetError, ModelNotAvailableError, StorageError)
-FAILED = (BuildAborted, BuildFailed, ExperimentFailed)
+REFUSED, FAILED = BUILD_REFUSED, (*BUILD_FAILED, ExperimentFailed)
 
 
 def digest(payload: Any) -> str:
@@ -121,14 +119,10 @@ def share_samples(ablation: RunConfig, main: RunConfig, out: Location) -> RunCon
 
 def check_builds(builds: Mapping[str, RunConfig], origin: str, log: Callable[[str], None]) -> None:
     """The build's check phase for every build, before the first one starts."""
-    from factory.build import resolve_models
-    from factory.preflight import check_config, check_models, raise_problems
+    from factory.build import check_config_and_models
 
     for name, build in builds.items():
-        where = origin if name == MAIN_BUILD else f"{origin}, experiment.ablations.{name}"
-        raise_problems(check_config(build), where)
-        resolve_models(build, log)
-        raise_problems(check_models(build), where)
+        check_config_and_models(build, origin if name == MAIN_BUILD else f"{origin}, experiment.ablations.{name}", log)
 
 
 def place_build(name: str, config: RunConfig, out: Location) -> tuple[Location, RunConfig, str]:
@@ -158,8 +152,8 @@ def ensure_build(name: str, placed: tuple[Location, RunConfig, str], log: Callab
 
     location, config, wanted = placed
     marker = location / MARKER
-    if marker.exists() and marker.read_json().get("finished"):
-        done = marker.read_json()
+    done = marker.read_json() if marker.exists() else {}
+    if done.get("finished"):
         log(f"[build {name}] done before: {done['kept']} kept of {done['generated']} generated")
         return done
     log(f"[build {name}] {location}")
@@ -314,12 +308,11 @@ def run_experiment(config: RunConfig, out_dir: str | os.PathLike[str] | None = N
     build_markers = {name: ensure_build(name, place, log, start_ray=lambda: init_ray(config.ray))
                      for name, place in placed.items()}
     if exp.consistency_identities and placed:
-        judge_build = MAIN_BUILD if MAIN_BUILD in placed else next(iter(placed), None)
-        judge = placed[judge_build][0] / "filter_models"
+        judge = placed[MAIN_BUILD if MAIN_BUILD in placed else next(iter(placed))][0] / "filter_models"
         for name, place in placed.items():
             if place[1].generation.replay_from:  # the main build's very samples: its rates are this build's
-                build_markers[name] = {**build_markers[name], **consistency_of(build_markers[MAIN_BUILD]),
-                                       "consistency_source": MAIN_BUILD}
+                rates = {k: build_markers[MAIN_BUILD][k] for k in CONSISTENCY_KEYS if k in build_markers[MAIN_BUILD]}
+                build_markers[name] = {**build_markers[name], **rates, "consistency_source": MAIN_BUILD}
                 continue
             build_markers[name] = ensure_consistency(name, place, judge, build_markers[name],
                                                      exp.consistency_identities, log)
@@ -363,9 +356,11 @@ def run_experiment(config: RunConfig, out_dir: str | os.PathLike[str] | None = N
             results[spec["key"]] = done.read_json()
         else:
             pending.append(spec)
+    without_data = sum(isinstance(result, str) for result in results.values())
     log(f"[experiment] {len(builds)} build(s), {len(chains)} chains: "
-        f"{len(chains) - len(pending) - len(unusable_chains(results))} done before, {len(pending)} to run"
-        + (f", {len(unusable_chains(results))} without data" if unusable_chains(results) else ""))
+        f"{len(chains) - len(pending) - without_data} done before, {len(pending)} to run"
+        + (f", {without_data} without data" if without_data else ""))
+
     def record(spec: dict[str, Any], result: Any) -> None:
         # At once, not at the end: a killed experiment keeps every chain that finished.
         if isinstance(result, dict) and not result["errors"]:
@@ -376,18 +371,13 @@ def run_experiment(config: RunConfig, out_dir: str | os.PathLike[str] | None = N
         results.update(run_chains(pending, exp.concurrency, log, on_done=record))
 
     runs, errors = _runs_frame(chains, results, sizes, config)
-    summary, report = _write_report(config, out, runs, build_markers)
-    report.trained = [s["key"] for s in pending]
-    report.errors = errors
-    report.seconds = time.perf_counter() - started
+    summary = _write_report(config, out, runs, build_markers)
+    report = ExperimentReport(user_path(out), user_path(out / "results.csv"), user_path(out / "results.md"), summary,
+                              runs, [s["key"] for s in pending], errors, time.perf_counter() - started)
     if errors:
         raise ExperimentFailed(f"{len(errors)} chain(s) failed: " + "; ".join(f"{k}: {v[:200]}" for k, v in errors.items())
                                + f". The report in {out} marks them; rerun the same command to retry them")
     return report
-
-
-def unusable_chains(results: Mapping[str, Any]) -> list[str]:
-    return [key for key, result in results.items() if isinstance(result, str)]
 
 
 def _data_name(chain: Chain, data: Mapping[str, str]) -> str:
@@ -421,7 +411,7 @@ def _runs_frame(chains: Sequence[Chain], results: Mapping[str, Any], sizes: Mapp
 
 
 def _write_report(config: RunConfig, out: Location, runs: pd.DataFrame,
-                  build_markers: Mapping[str, Any]) -> tuple[pd.DataFrame, ExperimentReport]:
+                  build_markers: Mapping[str, Any]) -> pd.DataFrame:
     from eval.experiment.report import results_markdown, write_plots
     from eval.experiment.stats import summarize
 
@@ -441,13 +431,7 @@ def _write_report(config: RunConfig, out: Location, runs: pd.DataFrame,
         summary.to_csv(folder / "results.csv", index=False, float_format="%.3f")
         (folder / "results.md").write_text(results_markdown(summary, exp.baseline, meta, consistency))
         write_plots(summary, folder / "plots")
-    report = ExperimentReport(user_path(out), user_path(out / "results.csv"), user_path(out / "results.md"),
-                              summary, runs)
-    return summary, report
-
-
-def consistency_of(marker: Mapping[str, Any]) -> dict[str, Any]:
-    return {key: marker[key] for key in ("consistency_identities", "fine_tuned", "base_model") if key in marker}
+    return summary
 
 
 def ensure_consistency(name: str, placed: tuple[Location, RunConfig, str], judge: Location, marker: dict[str, Any],
