@@ -82,20 +82,15 @@ def threshold_in_score_range(config: RunConfig) -> Iterable[Problem]:
     f = config.filter
     low, high = FILTER_SCORE_RANGES[f.kind]
     if not low <= f.threshold <= high:
-        yield Problem(
-            "filter.threshold", f.threshold,
-            f"the {f.kind!r} filter scores in [{low:g}, {high:g}]; a threshold outside keeps "
-            f"{'no image' if f.threshold > high else 'every image'}",
-        )
+        yield Problem("filter.threshold", f.threshold, f"the {f.kind!r} filter scores in [{low:g}, {high:g}]; a "
+                      f"threshold outside keeps {'no image' if f.threshold > high else 'every image'}")
 
 
 def clip_filter_has_negatives(config: RunConfig) -> Iterable[Problem]:
     f = config.filter
     if f.kind == "clip" and not f.clip_negatives:
-        yield Problem(
-            "filter.clip_negatives", f.clip_negatives,
-            "the CLIP score is a softmax over the positive and the negative prompts: with none every image scores 1.0",
-        )
+        yield Problem("filter.clip_negatives", f.clip_negatives, "the CLIP score is a softmax over the positive and "
+                      "the negative prompts: with none every image scores 1.0")
 
 
 def prompt_templates_have_their_fields(config: RunConfig) -> Iterable[Problem]:
@@ -128,26 +123,19 @@ def prior_preservation_has_references(config: RunConfig) -> Iterable[Problem]:
     if g.prior_loss_weight <= 0 or g.train_steps == 0:
         return
     if g.reference_images == 0:
-        yield Problem(
-            "generation.reference_images", 0,
-            f"generation.prior_loss_weight={g.prior_loss_weight} needs an Attribute Reference Set; "
-            "set reference_images > 0, or prior_loss_weight=0 for plain DreamBooth",
-        )
+        yield Problem("generation.reference_images", 0, f"generation.prior_loss_weight={g.prior_loss_weight} needs an "
+                      "Attribute Reference Set; set reference_images > 0, or prior_loss_weight=0 for plain DreamBooth")
     elif g.reference_images < g.train_batch_size:
-        yield Problem(
-            "generation.reference_images", g.reference_images,
-            f"each fine-tune step draws generation.train_batch_size={g.train_batch_size} reference images; "
-            "the set must hold at least that many",
-        )
+        yield Problem("generation.reference_images", g.reference_images, "each fine-tune step draws "
+                      f"generation.train_batch_size={g.train_batch_size} reference images; the set must hold at least "
+                      "that many")
 
 
 def sequence_bounds_ordered(config: RunConfig) -> Iterable[Problem]:
     s = config.sequences
     if s.min_images > s.max_images:
-        yield Problem(
-            "sequences.min_images", s.min_images,
-            f"greater than sequences.max_images={s.max_images}: every identity would be skipped",
-        )
+        yield Problem("sequences.min_images", s.min_images,
+                      f"greater than sequences.max_images={s.max_images}: every identity would be skipped")
 
 
 def eight_bit_adam_loads(config: RunConfig) -> Iterable[Problem]:
@@ -157,20 +145,15 @@ def eight_bit_adam_loads(config: RunConfig) -> Iterable[Problem]:
         importlib.import_module("bitsandbytes")
     except Exception as err:  # ImportError, or a broken native library raising anything else
         first_line = (str(err).splitlines() or [""])[0][:160]
-        yield Problem(
-            "generation.use_8bit_adam", True,
-            f"bitsandbytes cannot be loaded here ({type(err).__name__}: {first_line}); "
-            "install it (Linux x86_64) or set generation.use_8bit_adam=false",
-        )
+        yield Problem("generation.use_8bit_adam", True, f"bitsandbytes cannot be loaded here ({type(err).__name__}: "
+                      f"{first_line}); install it (Linux x86_64) or set generation.use_8bit_adam=false")
 
 
 def filter_checkpoints_name_sources(config: RunConfig) -> Iterable[Problem]:
     names = {s.source_name for s in config.sources}
     for source in sorted(set(config.filter.reid_checkpoints) - names):
-        yield Problem(
-            f"filter.reid_checkpoints.{source}", str(config.filter.reid_checkpoints[source]),
-            f"no source is named {source!r} (sources: {sorted(names)})",
-        )
+        yield Problem(f"filter.reid_checkpoints.{source}", str(config.filter.reid_checkpoints[source]),
+                      f"no source is named {source!r} (sources: {sorted(names)})")
 
 
 def debug_failures_name_identities(config: RunConfig) -> Iterable[Problem]:
@@ -179,21 +162,13 @@ def debug_failures_name_identities(config: RunConfig) -> Iterable[Problem]:
         identity, kind = fault_target(entry)
         source, _, pid = identity.rpartition("/")
         if source not in names or not pid.lstrip("-").isdigit() or kind not in ("error", "oom"):
-            yield Problem(
-                "generation.debug_fail_identities", entry,
-                f"not an identity 'SOURCE/PID[:oom]' of the configured sources {sorted(names)}",
-            )
+            yield Problem("generation.debug_fail_identities", entry,
+                          f"not an identity 'SOURCE/PID[:oom]' of the configured sources {sorted(names)}")
 
 
 CONFIG_RULES: tuple[ConfigRule, ...] = (
-    threshold_in_score_range,
-    clip_filter_has_negatives,
-    prompt_templates_have_their_fields,
-    iir_token_is_one_word,
-    prior_preservation_has_references,
-    sequence_bounds_ordered,
-    eight_bit_adam_loads,
-    filter_checkpoints_name_sources,
+    threshold_in_score_range, clip_filter_has_negatives, prompt_templates_have_their_fields, iir_token_is_one_word,
+    prior_preservation_has_references, sequence_bounds_ordered, eight_bit_adam_loads, filter_checkpoints_name_sources,
     debug_failures_name_identities,
 )
 
@@ -258,12 +233,8 @@ def iir_token_unknown_to_tokenizers(config: RunConfig) -> Iterable[Problem]:
     if config.caption.captions == "lpe":
         tokenizers.append((config.caption.model, "", "the captioner's tokenizer"))
     for model_id, subfolder, what in tokenizers:
-        found = tokenizer_vocabulary(model_id, subfolder)
-        if found is None:
-            continue
-        vocabulary, path = found
-        known = known_word_forms(vocabulary, token)
-        if known:
+        vocabulary, path = tokenizer_vocabulary(model_id, subfolder) or ({}, None)
+        if known := known_word_forms(vocabulary, token):
             yield Problem("caption.iir_token", token,
                           f"{what} already knows it ({', '.join(known)}); choose a meaningless string such as 'zwx'",
                           str(path))
@@ -279,25 +250,19 @@ def check_models(config: RunConfig) -> list[Problem]:
 
 
 # -- phase 3: the dataset listing ----------------------------------------------------------------
-def check_sources(
-    config: RunConfig,
-    datasets: Sequence[ReidDataset],
-    plan: Sequence[IdentitySequence],
-    filter_models_dir: Location,
-) -> list[Problem]:
+def check_sources(config: RunConfig, datasets: Sequence[ReidDataset], plan: Sequence[IdentitySequence],
+                  filter_models_dir: Location) -> list[Problem]:
     """Problems between the config and the listed data: filter checkpoints that do not exist or
     were not trained on their source, sources too small for the filter model's PK batches,
     fault-injection entries naming no planned identity."""
     problems: list[Problem] = []
     f = config.filter
-    planned_pids: dict[str, set[int]] = {}
-    for sequence in plan:
-        planned_pids.setdefault(sequence.source, set()).add(sequence.source_pid)
     if f.kind != "clip":
         for dataset in datasets:
             configured = f.reid_checkpoints.get(dataset.name)
             if configured is not None:
-                problems.extend(_checkpoint_problems(dataset.name, resolve(configured), planned_pids.get(dataset.name, set())))
+                planned_pids = {s.source_pid for s in plan if s.source == dataset.name}
+                problems.extend(_checkpoint_problems(dataset.name, resolve(configured), planned_pids))
             elif not (filter_models_dir / dataset.name / "filter_model.json").is_file():
                 problems.extend(_trainable_problems(config, dataset))
     planned = {sequence.key for sequence in plan}
@@ -327,11 +292,9 @@ def _checkpoint_problems(source: str, directory: Location, planned: set[int]) ->
         problems.append(Problem(key, str(directory), f"its weights file {weights} does not exist", str(meta_path)))
     missing = sorted(planned - trained_on)
     if missing:
-        problems.append(Problem(
-            key, str(directory),
-            f"not trained on source {source!r}: {len(missing)} of its {len(planned)} planned identities are not "
-            f"among the model's {len(trained_on)} (e.g. pids {missing[:5]})", str(meta_path),
-        ))
+        problems.append(Problem(key, str(directory), f"not trained on source {source!r}: {len(missing)} of its "
+                                f"{len(planned)} planned identities are not among the model's {len(trained_on)} (e.g. "
+                                f"pids {missing[:5]})", str(meta_path)))
     return problems
 
 
@@ -339,13 +302,11 @@ def _trainable_problems(config: RunConfig, dataset: ReidDataset) -> list[Problem
     """The build trains a BoT filter model on this source: its PK sampler needs P identities."""
     reid = config.filter.reid
     identities = len(dataset.train_identities)
-    if identities < reid.ids_per_batch:
-        return [Problem(
-            "filter.reid.ids_per_batch", reid.ids_per_batch,
-            f"source {dataset.name!r} has {identities} training identities, fewer than one PK batch needs; "
-            f"lower it, or give a trained model in filter.reid_checkpoints.{dataset.name}",
-        )]
-    return []
+    if identities >= reid.ids_per_batch:
+        return []
+    return [Problem("filter.reid.ids_per_batch", reid.ids_per_batch, f"source {dataset.name!r} has {identities} "
+                    "training identities, fewer than one PK batch needs; lower it, or give a trained model in "
+                    f"filter.reid_checkpoints.{dataset.name}")]
 
 
 # Settings that decide how a build runs, not what it generates: a replayed build may differ in them.
