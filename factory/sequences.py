@@ -73,10 +73,7 @@ def plan_identities(datasets: Iterable[ReidDataset], config: SequenceConfig) -> 
         for record in dataset.train:
             if not record.distractor:
                 groups[(record.source, record.pid)].append(record)
-    plan = [select_sequence(groups[key], config) for key in sorted(groups)]
-    if config.max_identities is not None:
-        plan = plan[: config.max_identities]
-    return plan
+    return [select_sequence(groups[key], config) for key in sorted(groups)][: config.max_identities]
 
 
 @dataclass
@@ -87,12 +84,8 @@ class ReadReport:
     skipped_identities: list[dict[str, str]] = field(default_factory=list)  # {"identity", "reason"}
 
 
-def read_sequences(
-    plan: Sequence[IdentitySequence],
-    config: SequenceConfig,
-    base_seed: int,
-    threads: int = 8,
-) -> tuple[pa.Table, ReadReport]:
+def read_sequences(plan: Sequence[IdentitySequence], config: SequenceConfig, base_seed: int,
+                   threads: int = 8) -> tuple[pa.Table, ReadReport]:
     """Read the bytes of every planned sequence into a `SEQUENCE_SCHEMA` table.
 
     Corrupt or unreadable images are quarantined; identities left with fewer than
@@ -101,7 +94,7 @@ def read_sequences(
     report = ReadReport()
     loaded = read_images([record.path for sequence in plan for record in sequence.records], threads)
 
-    columns: dict[str, list] = {name: [] for name in SEQUENCE_SCHEMA.names}
+    rows = []
     for sequence in plan:
         good = []
         for record in sequence.records:
@@ -115,12 +108,8 @@ def read_sequences(
                 {"identity": sequence.key, "reason": f"{len(good)} readable images < min_images {config.min_images}"}
             )
             continue
-        columns["identity"].append(sequence.key)
-        columns["source"].append(sequence.source)
-        columns["source_pid"].append(sequence.source_pid)
-        columns["camid"].append(sequence.camid)
-        columns["image_paths"].append([r.path for r, _ in good])
-        columns["image_bytes"].append([data for _, data in good])
-        columns["frames"].append([r.frame for r, _ in good])
-        columns["seed"].append(stable_seed(base_seed, sequence.key))
-    return pa.table(columns, schema=SEQUENCE_SCHEMA), report
+        rows.append({"identity": sequence.key, "source": sequence.source, "source_pid": sequence.source_pid,
+                     "camid": sequence.camid, "image_paths": [r.path for r, _ in good],
+                     "image_bytes": [data for _, data in good], "frames": [r.frame for r, _ in good],
+                     "seed": stable_seed(base_seed, sequence.key)})
+    return pa.Table.from_pylist(rows, schema=SEQUENCE_SCHEMA), report

@@ -66,18 +66,9 @@ def huggingface_features(identity_names: list[str]) -> dict[str, Any]:
     """The `datasets` library's features of SHARD_SCHEMA, stored in each shard's Arrow metadata:
     `load_dataset("parquet", ...)` then yields `image` as an Image (a PIL image per row) and
     `pid` as a ClassLabel named by identity; Ray Data and pandas ignore the key."""
-    value = {"_type": "Value"}
-    return {
-        "image": {"_type": "Image"},
-        "pid": {"_type": "ClassLabel", "names": identity_names},
-        "source": {**value, "dtype": "string"},
-        "source_pid": {**value, "dtype": "int64"},
-        "identity": {**value, "dtype": "string"},
-        "prompt": {**value, "dtype": "string"},
-        "seed": {**value, "dtype": "int64"},
-        "score": {**value, "dtype": "float64"},
-        "index": {**value, "dtype": "int64"},
-    }
+    dtypes = {pa.string(): "string", pa.int64(): "int64", pa.float64(): "float64"}
+    values = {f.name: {"_type": "Value", "dtype": dtypes[f.type]} for f in list(SHARD_SCHEMA)[2:]}  # after image, pid
+    return {"image": {"_type": "Image"}, "pid": {"_type": "ClassLabel", "names": identity_names}, **values}
 
 
 class OutputStore:
@@ -142,11 +133,6 @@ class OutputStore:
         return write_shards(self.root, self.manifest["identities"], rows_per_shard, seed)
 
 
-def _fingerprint(entries: list[tuple[str, str, int]], rows_per_shard: int, seed: int) -> str:
-    payload = json.dumps([SHARDS_FORMAT, rows_per_shard, seed, entries]).encode()
-    return hashlib.sha256(payload).hexdigest()
-
-
 def write_shards(root: Location | str, identities: dict[str, dict[str, Any]], rows_per_shard: int,
                  seed: int = 0) -> FinalizeResult:
     """`OutputStore.finalize` as a function of the manifest's identities (so a benchmark or a
@@ -155,7 +141,7 @@ def write_shards(root: Location | str, identities: dict[str, dict[str, Any]], ro
     shards = root / SHARDS_DIR
     kept = [(key, identities[key]["file"], int(identities[key]["kept"]))
             for key in sorted(identities, key=_identity_sort_key) if int(identities[key]["kept"]) > 0]
-    fingerprint = _fingerprint(kept, rows_per_shard, seed)
+    fingerprint = hashlib.sha256(json.dumps([SHARDS_FORMAT, rows_per_shard, seed, kept]).encode()).hexdigest()
     index = shards / SHARDS_INDEX
     previous = index.read_json() if index.exists() else None
     if previous and previous.get("fingerprint") == fingerprint and all((shards / f).exists() for f in previous["files"]):
@@ -168,7 +154,7 @@ def write_shards(root: Location | str, identities: dict[str, dict[str, Any]], ro
     schema = SHARD_SCHEMA.with_metadata(metadata)
     generation = fingerprint[:8]
     rng = np.random.default_rng(seed)
-    order = rng.permutation(len(kept))
+    order = rng.permutation(len(kept))  # drawn before any window's shuffle
     window_rows = MIX_WINDOW_SHARDS * rows_per_shard
     written: list[str] = []
     pending: list[pa.Table] = []
