@@ -35,11 +35,6 @@ def readable_training_split(dataset: ReidDataset, threads: int = 8) -> tuple[Rei
     return dataclasses.replace(dataset, train=kept), dropped, images
 
 
-def clock() -> str:
-    """Wall-clock time for log lines that show what runs at once."""
-    return time.strftime("%H:%M:%S")
-
-
 @ray.remote(num_cpus=0)
 class _StartSignal:
     """Where each filter-model training run says its workers hold their resources."""
@@ -102,8 +97,9 @@ def ensure_filter_models(
         if dropped:
             log(f"[filter] {len(dropped)} unreadable training images left out of the filter model: {dropped[:3]}")
         signal = signal or _StartSignal.remote()
-        log(f"[filter] {clock()} training the {config.reid.arch} Re-ID filter model of {dataset.name} "
-            f"({len(readable.train)} images)")
+        # Wall-clock times in these lines: the log shows which models train at once.
+        log(f"[filter] {time.strftime('%H:%M:%S')} training the {config.reid.arch} Re-ID filter model of "
+            f"{dataset.name} ({len(readable.train)} images)")
         result = _train_filter_model.remote(readable, config.reid, location.uri, images, signal)
         result.future().add_done_callback(functools.partial(_report_trained, dataset.name, log))
         specs[dataset.name] = PendingFilterModel(dataset.name, result)
@@ -116,9 +112,9 @@ def ensure_filter_models(
 def _report_trained(name: str, log, future: Any) -> None:
     try:
         future.result()
-        log(f"[filter] {clock()} the filter model of {name} is trained")
+        log(f"[filter] {time.strftime('%H:%M:%S')} the filter model of {name} is trained")
     except Exception as err:  # the filter stage raises it for this source's identities
-        log(f"[filter] {clock()} the filter model of {name} failed to train: {err}")
+        log(f"[filter] {time.strftime('%H:%M:%S')} the filter model of {name} failed to train: {err}")
 
 
 def _wait_until_started(pending: Sequence[PendingFilterModel], signal: Any, poll_seconds: float = 0.5) -> None:

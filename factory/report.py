@@ -4,6 +4,7 @@ contact sheet (source sequence | reference set | kept | rejected, with scores)."
 from __future__ import annotations
 
 import io
+import itertools
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -132,10 +133,8 @@ class BuildSummary:
             lines.append(f"stopped early:   {self.aborted}")
         if self.plan_projection():
             lines.append(f"cost:            {self.plan_projection()}")
-        lines += [
-            f"stage seconds:   {stages or '-'} (summed over actors)",
-            f"wall time:       {self.wall_seconds:.1f}s",
-        ]
+        lines += [f"stage seconds:   {stages or '-'} (summed over actors)",
+                  f"wall time:       {self.wall_seconds:.1f}s"]
         return "\n".join(lines)
 
 
@@ -170,7 +169,6 @@ def error_class(error: str) -> str:
 
 
 def write_dataset_card(location: Location, config: RunConfig, summary: BuildSummary, manifest: dict) -> None:
-    generated, kept, rate = summary.total_generated, summary.total_kept, summary.acceptance_rate
     sources = ", ".join(f"{s.source_name} ({s.kind}: {s.root})" for s in config.sources)
     g, f = config.generation, config.filter
     text = f"""# Diffusion-ReID synthetic dataset
@@ -182,8 +180,8 @@ fine-tuning with the Fine-Grain-Specific Prior Preservation Loss, {f.kind} filte
 |---|---|
 | identities in shards | {summary.output_identities} |
 | images in shards | {summary.output_images} |
-| generated (all identities done) | {generated} |
-| kept | {kept} (acceptance rate {100 * rate:.1f}%) |
+| generated (all identities done) | {summary.total_generated} |
+| kept | {summary.total_kept} (acceptance rate {100 * summary.acceptance_rate:.1f}%) |
 | source training images of these identities | {summary.source_images} |
 | generated images per source image | {f"{summary.output_images / summary.source_images:.2f}" if summary.source_images else "-"} |
 | identities done with no image kept | {sum(1 for e in manifest.get("identities", {}).values() if not e.get("kept", 0))} (not in the shards) |
@@ -256,12 +254,9 @@ def write_contact_sheet(location: Location, strips: Sequence[Location]) -> Locat
             continue
     if not images:
         return None
-    width = max(i.width for i in images)
-    sheet = Image.new("RGB", (width, sum(i.height for i in images)), "white")
-    y = 0
-    for image in images:
+    sheet = Image.new("RGB", (max(i.width for i in images), sum(i.height for i in images)), "white")
+    for image, y in zip(images, itertools.accumulate((i.height for i in images), initial=0)):
         sheet.paste(image, (0, y))
-        y += image.height
     buffer = io.BytesIO()
     sheet.save(buffer, format="PNG")
     location.write_bytes(buffer.getvalue())

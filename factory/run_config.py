@@ -16,13 +16,7 @@ from eval.experiment.config import ExperimentConfig
 from core.cluster import RayConfig
 from core.config import StrictModel, load_config
 from core.datasets.config import SourceConfig
-from factory.stage_config import (
-    CaptionConfig,
-    FilterConfig,
-    GenerationConfig,
-    OutputConfig,
-    SequenceConfig,
-)
+from factory.stage_config import CaptionConfig, FilterConfig, GenerationConfig, OutputConfig, SequenceConfig
 from trainers.pretrain.config import PretrainConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -38,11 +32,8 @@ class DemoModelsConfig(StrictModel):
     cache_dir: Path = Path(".cache/demo-models")
     train_source: Path = Path(".cache/demo-models/pedestrians")
     train_minutes: float | None = Field(
-        4.0,
-        gt=0,
-        description="when no committed weights are present: the training recipe scaled to about this "
-        "many minutes of a 2-core machine (steps, not wall clock); None = the full recipe",
-    )
+        4.0, gt=0, description="when no committed weights are present: the training recipe scaled to about this "
+        "many minutes of a 2-core machine (steps, not wall clock); None = the full recipe")
 
 
 class RunConfig(StrictModel):

@@ -37,9 +37,7 @@ class CaptionConfig(StrictModel):
     """LPE captioning with BLIP-2; the prompt steers it towards person attributes."""
 
     model: str = "Salesforce/blip2-opt-2.7b"
-    prompt: str = (
-        "Question: Describe the person's clothing, carried items and action in detail. Answer:"
-    )
+    prompt: str = "Question: Describe the person's clothing, carried items and action in detail. Answer:"
     max_new_tokens: int = Field(40, ge=1)
     num_beams: int = Field(1, ge=1)
     concurrency: Concurrency = Concurrency()
@@ -54,8 +52,7 @@ class CaptionConfig(StrictModel):
         "the prompts carry the category only ('a photo of zwx person')",
     )
     use_iir: bool = Field(
-        True, description="false: fine-tune and sample on the prompt without the IIR token (the reference prompt)",
-    )
+        True, description="false: fine-tune and sample on the prompt without the IIR token (the reference prompt)")
 
 
 class VariationConfig(StrictModel):
@@ -123,14 +120,10 @@ class GenerationConfig(StrictModel):
     num_gpus: float = Field(1.0, ge=0, description="GPUs per generation actor when the cluster has GPUs")
     max_retries: int = Field(1, ge=0, description="retries of a failing identity before it is recorded as failed")
     max_failed_identities: int = Field(
-        0, ge=0,
-        description="failed identities a build tolerates and still exits 0 (very large runs); more -> exit 1",
-    )
+        0, ge=0, description="failed identities a build tolerates and still exits 0 (very large runs); more -> exit 1")
     circuit_breaker: int = Field(
-        3, ge=0,
-        description="stop the build at once when the first N identities of a run all fail with the same "
-        "error class (a systematic failure); 0 = never stop early",
-    )
+        3, ge=0, description="stop the build at once when the first N identities of a run all fail with the same "
+        "error class (a systematic failure); 0 = never stop early")
     seed: int = 0
     replay_from: UriStr | None = Field(
         None, description="a finished build (folder or URI) of the same sources, sequences, captions and "
@@ -156,10 +149,8 @@ class FilterConfig(StrictModel):
     kind: Literal["reid", "clip", "cctf"] = "reid"
     threshold: float = 0.5
     reid_checkpoints: dict[str, UriStr] = Field(
-        {},
-        description="source name -> filter-model folder or URI (with filter_model.json, as a build writes "
-        "under DIR/filter_models/<source>); sources not listed get a model trained by the build",
-    )
+        {}, description="source name -> filter-model folder or URI (with filter_model.json, as a build writes "
+        "under DIR/filter_models/<source>); sources not listed get a model trained by the build")
     reid: ReidTrainConfig = ReidTrainConfig()
     clip_model: str = "openai/clip-vit-base-patch32"
     clip_positive: str = "a photo of a person"
