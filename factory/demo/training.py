@@ -23,13 +23,14 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
 from diffusers.training_utils import EMAModel
 from PIL import Image
@@ -55,11 +56,8 @@ class PedestrianCorpus:
     def from_market_folder(cls, root: Path) -> PedestrianCorpus:
         """Read all splits of a Market-layout folder with `attributes.jsonl` (distractors and
         junk skipped: they have no description)."""
-        by_pid = {}
         with (root / ATTRIBUTES_FILE).open(encoding="utf-8") as handle:
-            for line in handle:
-                row = json.loads(line)
-                by_pid[row["pid"]] = row
+            by_pid = {row["pid"]: row for row in map(json.loads, handle)}
         dataset = load_market1501(root, source="pedestrians")
         records = [r for r in (*dataset.train, *dataset.query, *dataset.gallery) if r.pid in by_pid]
         records.sort(key=lambda r: r.path)
@@ -73,13 +71,6 @@ class PedestrianCorpus:
         return len(self.images)
 
 
-def _to_tensor(images: Sequence[Image.Image], size: tuple[int, int]) -> torch.Tensor:
-    """PIL images -> float tensor in [-1, 1] of shape (N, 3, H, W), resized to `size` (H, W)."""
-    height, width = size
-    arrays = [np.asarray(im.resize((width, height), Image.Resampling.BICUBIC), np.float32) for im in images]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1.0
-
-
 def _cosine_lr(step: int, total: int, warmup: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
@@ -87,30 +78,48 @@ def _cosine_lr(step: int, total: int, warmup: int) -> float:
     return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-class _Progress:
-    """Logs phase, step, loss (running mean) and elapsed time every `every` steps."""
-
-    def __init__(self, phase: str, total: int, log: Log, every: int = 50) -> None:
-        self.phase, self.total, self.log, self.every = phase, total, log, every
-        self.start = time.perf_counter()
-        self.losses: list[float] = []
-
-    def step(self, step: int, loss: float) -> None:
-        self.losses.append(loss)
-        if (step + 1) % self.every == 0 or step + 1 == self.total:
-            mean = sum(self.losses) / len(self.losses)
-            elapsed = time.perf_counter() - self.start
-            self.log(f"[{self.phase}] step {step + 1}/{self.total} loss {mean:.4f} elapsed {elapsed:.0f}s")
-            self.losses.clear()
-
-
-def _training(
-    params: Sequence[torch.nn.Parameter] | Sequence[dict], lr: float, steps: int, weight_decay: float = 0.01
-) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+def _train(
+    phase: str, modules: Sequence[torch.nn.Module], params: Iterable[torch.nn.Parameter] | Sequence[dict],
+    loss_of: Callable[[torch.Tensor, torch.Generator], torch.Tensor], n: int, batch_size: int, steps: int,
+    lr: float, seed: int, log: Log, weight_decay: float = 0.01,
+    clip_grad: Sequence[torch.nn.Parameter] | None = None, after_step: Callable[[], None] | None = None,
+) -> None:
+    """The loop all phases share: AdamW with warmup and cosine decay over `steps` index batches
+    of the `n` examples; `loss_of(index, generator)` draws its noise and augmentation from one
+    generator seeded per phase. Gradients are clipped to norm 1 over `clip_grad` when given;
+    `modules` are in train mode during the loop and in eval mode after it. Every 50 steps the
+    mean loss since the last report is logged with the elapsed time."""
+    for module in modules:
+        module.train()
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     warmup = max(1, min(50, steps // 10))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _cosine_lr(s, steps, warmup))
-    return optimizer, schedule
+    generator = torch.Generator().manual_seed(seed)
+    start, losses = time.perf_counter(), []
+    for step, index in enumerate(_batches(n, batch_size, steps, seed)):
+        loss = loss_of(index, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip_grad is not None:
+            torch.nn.utils.clip_grad_norm_(clip_grad, 1.0)
+        optimizer.step()
+        schedule.step()
+        if after_step is not None:
+            after_step()
+        losses.append(loss.item())
+        if (step + 1) % 50 == 0 or step + 1 == steps:
+            elapsed = time.perf_counter() - start
+            log(f"[{phase}] step {step + 1}/{steps} loss {sum(losses) / len(losses):.4f} elapsed {elapsed:.0f}s")
+            losses.clear()
+    for module in modules:
+        module.eval()
+
+
+def _tokens(tokenizer, texts: Sequence[str]):
+    """`texts` padded and truncated to the tokenizer's maximum length (77 for CLIP), as tensors."""
+    return tokenizer(
+        list(texts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    )
 
 
 def _batches(n: int, batch_size: int, steps: int, seed: int) -> list[torch.Tensor]:
@@ -169,11 +178,8 @@ def train_autoencoder(
 
     The autoencoder is convolutional, so it trains on random bands of `crop_rows` rows: the same
     number of updates at a fraction of the cost of whole images."""
-    vae.train()
-    optimizer, schedule = _training(vae.parameters(), lr, steps)
-    generator = torch.Generator().manual_seed(seed)
-    progress = _Progress("autoencoder", steps, log)
-    for step, index in enumerate(_batches(len(pixels), batch_size, steps, seed)):
+
+    def loss_of(index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         x = _flip(pixels[index], generator)
         if crop_rows is not None and crop_rows < x.shape[2]:
             top = int(torch.randint(0, (x.shape[2] - crop_rows) // 8 + 1, (1,), generator=generator)) * 8
@@ -181,13 +187,9 @@ def train_autoencoder(
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample(generator)).sample
         kl = posterior.kl().mean() / x[0].numel()
-        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + kl_weight * kl
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        progress.step(step, loss.item())
-    vae.eval()
+        return F.l1_loss(recon, x) + F.mse_loss(recon, x) + kl_weight * kl
+
+    _train("autoencoder", [vae], vae.parameters(), loss_of, len(pixels), batch_size, steps, lr, seed, log)
     with torch.no_grad():
         sample = pixels[:: max(1, len(pixels) // 256)]
         latents = vae.encode(sample).latent_dist.mean
@@ -195,13 +197,6 @@ def train_autoencoder(
         vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
     log(f"[autoencoder] reconstruction MSE {mse:.4f}, latent scaling factor {vae.config.scaling_factor:.4f}")
     return mse
-
-
-def _tokenize(pipeline: StableDiffusionPipeline, texts: Sequence[str]) -> torch.Tensor:
-    tokenizer = pipeline.tokenizer
-    return tokenizer(
-        list(texts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids
 
 
 def train_text_to_image(
@@ -227,17 +222,11 @@ def train_text_to_image(
     stds = torch.cat([d.std for d in encoded])
     unique = sorted(set(descriptions))
     texts = ["", *unique, *(template.format(caption=d) for d in unique)]
-    token_ids = _tokenize(pipeline, texts)
+    token_ids = _tokens(pipeline.tokenizer, texts).input_ids
     text_index = torch.tensor([1 + unique.index(d) for d in descriptions])
     noise_scheduler = DDPMScheduler.from_config(SD_V1_SCHEDULE)
 
-    unet.train()
-    text_encoder.train()
-    optimizer, schedule = _training([*unet.parameters(), *text_encoder.parameters()], lr, steps)
-    generator = torch.Generator().manual_seed(seed)
-    ema = EMAModel(unet.parameters(), decay=ema_decay, use_ema_warmup=True, power=3 / 4) if ema_decay else None
-    progress = _Progress("text-to-image", steps, log)
-    for step, index in enumerate(_batches(len(pixels), batch_size, steps, seed)):
+    def loss_of(index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         latents = (means[index] + stds[index] * torch.randn(means[index].shape, generator=generator))
         latents = latents * vae.config.scaling_factor
         noise = torch.randn(latents.shape, generator=generator)
@@ -245,21 +234,16 @@ def train_text_to_image(
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         rows = text_index[index] + len(unique) * (torch.rand(len(index), generator=generator) < 0.5).long()
         rows = torch.where(torch.rand(len(index), generator=generator) < caption_dropout, 0, rows)
-        hidden = text_encoder(token_ids[rows])[0]
-        prediction = unet(noisy, timesteps, hidden).sample
-        loss = F.mse_loss(prediction, noise)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([*unet.parameters(), *text_encoder.parameters()], 1.0)
-        optimizer.step()
-        schedule.step()
-        if ema is not None:
-            ema.step(unet.parameters())
-        progress.step(step, loss.item())
+        return F.mse_loss(unet(noisy, timesteps, text_encoder(token_ids[rows])[0]).sample, noise)
+
+    params = [*unet.parameters(), *text_encoder.parameters()]
+    ema = EMAModel(unet.parameters(), decay=ema_decay, use_ema_warmup=True, power=3 / 4) if ema_decay else None
+    _train(
+        "text-to-image", [unet, text_encoder], params, loss_of, len(pixels), batch_size, steps, lr, seed, log,
+        clip_grad=params, after_step=None if ema is None else lambda: ema.step(unet.parameters()),
+    )
     if ema is not None:  # sample with the averaged weights: smoother than the last step's
         ema.copy_to(unet.parameters())
-    unet.eval()
-    text_encoder.eval()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,33 +290,15 @@ def train_captioner(
         target = (with_prompt if prompted else without_prompt)[text_index[i]] + [eos]
         return context + target, [-100] * len(context) + target
 
-    probe = _AttributeProbe.for_rows(attributes, model) if attributes is not None else None
+    probe = _AttributeProbe(attributes, model) if attributes is not None else None
     jitter = _CameraJitter(processor.image_processor)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad] + (list(probe.parameters()) if probe else [])
-    language = {id(p) for p in model.language_model.parameters()}
-    # The randomly initialised vision side needs a larger step than the language model.
-    optimizer, schedule = _training(
-        [
-            {"params": [p for p in params if id(p) not in language], "lr": lr * vision_lr_scale},
-            {"params": [p for p in params if id(p) in language], "lr": lr},
-        ],
-        lr,
-        steps,
-    )
-    generator = torch.Generator().manual_seed(seed)
-    progress = _Progress("captioner", steps, log)
-    for step, index in enumerate(_batches(len(images), batch_size, steps, seed)):
+
+    def loss_of(index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         prompted = (torch.rand(len(index), generator=generator) < 0.5).tolist()
         pairs = [sequence(int(i), p) for i, p in zip(index, prompted, strict=True)]
-        length = max(len(ids) for ids, _ in pairs)
-        input_ids = torch.full((len(pairs), length), pad)
-        labels = torch.full((len(pairs), length), -100)
-        attention = torch.zeros((len(pairs), length), dtype=torch.long)
-        for row, (ids, target) in enumerate(pairs):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            labels[row, : len(ids)] = torch.tensor(target)
-            attention[row, : len(ids)] = 1
+        input_ids = pad_sequence([torch.tensor(ids) for ids, _ in pairs], batch_first=True, padding_value=pad)
+        labels = pad_sequence([torch.tensor(target) for _, target in pairs], batch_first=True, padding_value=-100)
+        attention = pad_sequence([torch.ones(len(ids), dtype=torch.long) for ids, _ in pairs], batch_first=True)
         pixels = jitter(_flip(pixel_values[index], generator), generator)
         features = model.get_image_features(pixel_values=pixels, return_dict=True)
         loss = model(
@@ -341,13 +307,16 @@ def train_captioner(
         ).loss
         if probe is not None:
             loss = loss + attribute_weight * probe.loss(features.pooler_output, index)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        progress.step(step, loss.item())
-    model.eval()
+        return loss
+
+    params = [p for p in model.parameters() if p.requires_grad] + (list(probe.parameters()) if probe else [])
+    language = {id(p) for p in model.language_model.parameters()}
+    # The randomly initialised vision side needs a larger step than the language model.
+    groups = [
+        {"params": [p for p in params if id(p) not in language], "lr": lr * vision_lr_scale},
+        {"params": [p for p in params if id(p) in language], "lr": lr},
+    ]
+    _train("captioner", [model], groups, loss_of, len(images), batch_size, steps, lr, seed, log, clip_grad=params)
 
 
 class _AttributeProbe(torch.nn.Module):
@@ -358,24 +327,17 @@ class _AttributeProbe(torch.nn.Module):
         "hair_color", "hair_length", "bag", "bag_color",
     )  # fmt: skip
 
-    def __init__(self, labels: dict[str, torch.Tensor], classes: dict[str, int], features: int) -> None:
+    def __init__(self, rows: Sequence[dict], model: Blip2ForConditionalGeneration) -> None:
+        """One head per attribute that every row has with at least two values."""
         super().__init__()
-        self.labels = labels
-        self.heads = torch.nn.ModuleDict({k: torch.nn.Linear(features, n) for k, n in classes.items()})
-
-    @classmethod
-    def for_rows(cls, rows: Sequence[dict], model: Blip2ForConditionalGeneration) -> _AttributeProbe:
-        labels, classes = {}, {}
-        for key in cls.KEYS:
-            if not all(key in row for row in rows):
-                continue
-            values = sorted({str(row[key]) for row in rows})
-            if len(values) < 2:
-                continue
-            labels[key] = torch.tensor([values.index(str(row[key])) for row in rows])
-            classes[key] = len(values)
         features = model.config.num_query_tokens * model.config.text_config.hidden_size
-        return cls(labels, classes, features)
+        self.labels: dict[str, torch.Tensor] = {}
+        self.heads = torch.nn.ModuleDict()
+        for key in self.KEYS:
+            values = sorted({str(row[key]) for row in rows}) if all(key in row for row in rows) else []
+            if len(values) >= 2:
+                self.labels[key] = torch.tensor([values.index(str(row[key])) for row in rows])
+                self.heads[key] = torch.nn.Linear(features, len(values))
 
     def loss(self, query_embeddings: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         flat = query_embeddings.flatten(1)
@@ -400,11 +362,8 @@ def empty_scenes(count: int, seed: int) -> list[Image.Image]:
 def blurry_noise(count: int, seed: int, size: tuple[int, int] = (128, 64)) -> list[Image.Image]:
     """Smooth random colour fields: "a blurry photo of nothing"."""
     rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(count):
-        coarse = rng.integers(0, 256, size=(4, 2, 3), dtype=np.uint8)
-        out.append(Image.fromarray(coarse).resize((size[1], size[0]), Image.Resampling.BICUBIC))
-    return out
+    coarse = (rng.integers(0, 256, size=(4, 2, 3), dtype=np.uint8) for _ in range(count))
+    return [Image.fromarray(c).resize((size[1], size[0]), Image.Resampling.BICUBIC) for c in coarse]
 
 
 def train_clip(
@@ -429,20 +388,13 @@ def train_clip(
     person_pixels = processor(images=list(images), return_tensors="pt")["pixel_values"]
     negative_pixels = [processor(images=n, return_tensors="pt")["pixel_values"] for n in negatives]
     unique = sorted(set(descriptions))
-    text_tokens = processor.tokenizer(
-        [*unique, *fixed_texts], padding="max_length", max_length=processor.tokenizer.model_max_length,
-        truncation=True, return_tensors="pt",
-    )
+    text_tokens = _tokens(processor.tokenizer, [*unique, *fixed_texts])
     text_index = torch.tensor([unique.index(d) for d in descriptions])
     fixed_rows = torch.arange(len(unique), len(unique) + len(fixed_texts))
     per_negative = max(1, batch_size // 8)
     jitter = _CameraJitter(processor.image_processor)
 
-    model.train()
-    optimizer, schedule = _training(model.parameters(), lr, steps, weight_decay=0.1)
-    generator = torch.Generator().manual_seed(seed)
-    progress = _Progress("clip", steps, log)
-    for step, index in enumerate(_batches(len(images), batch_size, steps, seed)):
+    def loss_of(index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         # one image per description in the batch, so every text has a single positive image
         seen: dict[int, int] = {}
         for i in index.tolist():
@@ -451,13 +403,11 @@ def train_clip(
         rows = torch.cat([torch.tensor(list(seen.keys())), fixed_rows])
         pixel_batches = [jitter(_flip(person_pixels[people], generator), generator)]
         for pixels in negative_pixels:
-            pick = torch.randint(0, len(pixels), (per_negative,), generator=generator)
-            pixel_batches.append(pixels[pick])
-        pixels = torch.cat(pixel_batches)
-        outputs = model(
-            input_ids=text_tokens.input_ids[rows], attention_mask=text_tokens.attention_mask[rows], pixel_values=pixels
-        )
-        logits = outputs.logits_per_image  # (images, texts)
+            pixel_batches.append(pixels[torch.randint(0, len(pixels), (per_negative,), generator=generator)])
+        logits = model(  # (images, texts)
+            input_ids=text_tokens.input_ids[rows], attention_mask=text_tokens.attention_mask[rows],
+            pixel_values=torch.cat(pixel_batches),
+        ).logits_per_image
         n_people = len(people)
         targets = torch.zeros_like(logits)
         targets[torch.arange(n_people), torch.arange(n_people)] = 0.5
@@ -467,15 +417,15 @@ def train_clip(
             targets[start : start + per_negative, n_people + 1 + k] = 1.0
         image_loss = -(targets * logits.log_softmax(dim=1)).sum(dim=1).mean()
         text_loss = F.cross_entropy(logits[:n_people, :n_people].T, torch.arange(n_people))
-        loss = (image_loss + text_loss) / 2
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        progress.step(step, loss.item())
-    model.eval()
+        return (image_loss + text_loss) / 2
+
+    _train(
+        "clip", [model], model.parameters(), loss_of, len(images), batch_size, steps, lr, seed, log, weight_decay=0.1
+    )
 
 
 def pipeline_pixels(corpus: PedestrianCorpus) -> torch.Tensor:
-    """The corpus at the text-to-image resolution, in [-1, 1]."""
-    return _to_tensor(corpus.images, TEXT_TO_IMAGE_RESOLUTION)
+    """The corpus at the text-to-image resolution: a float tensor in [-1, 1] of shape (N, 3, H, W)."""
+    height, width = TEXT_TO_IMAGE_RESOLUTION
+    arrays = [np.asarray(im.resize((width, height), Image.Resampling.BICUBIC), np.float32) for im in corpus.images]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1.0
