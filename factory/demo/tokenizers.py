@@ -11,11 +11,12 @@ still tokenizes (unseen words just split into more pieces; the IIR token `zwx` s
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from tokenizers import Regex, normalizers, pre_tokenizers
 from transformers import CLIPTokenizer, GPT2Tokenizer
+from transformers.convert_slow_tokenizer import bytes_to_unicode  # GPT-2/CLIP's byte-level alphabet, in id order
 
 CLIP_BOS = "<|startoftext|>"
 CLIP_EOS = "<|endoftext|>"
@@ -43,24 +44,6 @@ DETAILS = (
 )  # fmt: skip
 
 
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible map from bytes to printable unicode characters (the byte-level
-    alphabet both tokenizers operate on)."""
-    printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    chars = printable[:]
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, map(chr, chars), strict=True))
-
-
 def domain_corpus(extra: Iterable[str] = ()) -> list[str]:
     """Sentences the tokenizers are trained on: the project's default prompts and variation
     phrases, template descriptions over the attribute words, and `extra` (e.g. the descriptions
@@ -77,14 +60,10 @@ def domain_corpus(extra: Iterable[str] = ()) -> list[str]:
     ]
     for phrases in variations.model_dump(exclude={"probability"}).values():
         corpus.extend(phrases)
-    words = [*COLOURS, *GARMENTS, *DETAILS]
     for i, colour in enumerate(COLOURS):
-        garment = GARMENTS[i % len(GARMENTS)]
-        detail = DETAILS[i % len(DETAILS)]
+        garment, detail = GARMENTS[i % len(GARMENTS)], DETAILS[i % len(DETAILS)]
         corpus.append(f"a person with {detail} {colour} hair wearing a {colour} {garment}, carrying a {colour} bag")
-    corpus.append(" ".join(words))
-    corpus.extend(extra)
-    return corpus
+    return [*corpus, " ".join([*COLOURS, *GARMENTS, *DETAILS]), *extra]
 
 
 def _learn_merges(words: Counter[tuple[str, ...]], max_merges: int) -> list[tuple[str, str]]:
@@ -104,11 +83,10 @@ def _learn_merges(words: Counter[tuple[str, ...]], max_merges: int) -> list[tupl
         if pairs[best] < 2:
             break
         merges.append(best)
-        merged_vocabulary: dict[tuple[str, ...], int] = {}
+        merged: Counter[tuple[str, ...]] = Counter()
         for word, count in vocabulary.items():
-            merged_word = _apply_merge(word, best) if best[0] in word else word
-            merged_vocabulary[merged_word] = merged_vocabulary.get(merged_word, 0) + count
-        vocabulary = merged_vocabulary
+            merged[_apply_merge(word, best) if best[0] in word else word] += count
+        vocabulary = merged
     return merges
 
 
@@ -124,28 +102,27 @@ def _apply_merge(word: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...
     return tuple(out)
 
 
-def _word_counts(texts: Iterable[str], normalizer, pre_tokenizer, suffix: str = "") -> Counter[tuple[str, ...]]:
-    """Pre-tokenize like the final tokenizer and split each word into byte-level characters
-    (the last one carrying `suffix`)."""
-    counts: Counter[tuple[str, ...]] = Counter()
-    for text in texts:
+def _bpe(
+    texts: Iterable[str], normalizer, pre_tokenizer, prefix: list[str], size: int, end_of_word: str = "",
+    specials: Sequence[str] = (),
+) -> tuple[dict, list]:
+    """Vocabulary and merges of a BPE learned on `domain_corpus(texts)`, pre-tokenized like the final
+    tokenizer and split into byte-level characters (the last one carrying `end_of_word`). The
+    vocabulary holds `prefix`, then merge results in merge order (up to `size` in all), then `specials`."""
+    words: Counter[tuple[str, ...]] = Counter()
+    for text in domain_corpus(texts):
         normalized = normalizer.normalize_str(text) if normalizer is not None else text
         for piece, _ in pre_tokenizer.pre_tokenize_str(normalized):
-            counts[(*piece[:-1], piece[-1] + suffix)] += 1
-    return counts
-
-
-def _vocabulary(prefix: list[str], merges: list[tuple[str, str]], size: int, suffix: list[str] = ()) -> tuple[dict, list]:
-    """`prefix` tokens, then merge results in merge order (up to `size` in all), then `suffix`."""
+            words[(*piece[:-1], piece[-1] + end_of_word)] += 1
     tokens, seen, kept = list(prefix), set(prefix), []
-    for left, right in merges:
-        if len(tokens) + len(suffix) >= size:
+    for left, right in _learn_merges(words, size):
+        if len(tokens) + len(specials) >= size:
             break
         if left + right not in seen:
             tokens.append(left + right)
             seen.add(left + right)
         kept.append((left, right))
-    tokens += list(suffix)
+    tokens += list(specials)
     return {token: i for i, token in enumerate(tokens)}, kept
 
 
@@ -169,8 +146,7 @@ def train_clip_tokenizer(texts: Iterable[str] = (), vocab_size: int = 1024) -> C
     base = alphabet + [c + "</w>" for c in alphabet]
     if vocab_size < len(base) + 2:
         raise ValueError(f"vocab_size {vocab_size} is smaller than the byte alphabet ({len(base) + 2})")
-    words = _word_counts(domain_corpus(texts), normalizer, pre_tokenizer, suffix="</w>")
-    vocab, merges = _vocabulary(base, _learn_merges(words, vocab_size), vocab_size, [CLIP_BOS, CLIP_EOS])
+    vocab, merges = _bpe(texts, normalizer, pre_tokenizer, base, vocab_size, "</w>", [CLIP_BOS, CLIP_EOS])
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=CLIP_MAX_LENGTH)
 
 
@@ -180,8 +156,7 @@ def train_opt_tokenizer(texts: Iterable[str] = (), vocab_size: int = 1024) -> GP
     generation continues right after each prompt."""
     pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     base = [*OPT_SPECIALS, *bytes_to_unicode().values()]
-    words = _word_counts(domain_corpus(texts), None, pre_tokenizer)
-    vocab, merges = _vocabulary(base, _learn_merges(words, vocab_size), vocab_size)
+    vocab, merges = _bpe(texts, None, pre_tokenizer, base, vocab_size)
     return GPT2Tokenizer(
         vocab=vocab,
         merges=merges,
