@@ -71,25 +71,16 @@ SCHEDULERS: dict[str, type[SchedulerMixin]] = {
 }
 
 
-def _seeded(seed: int) -> None:
-    torch.manual_seed(seed)
-
-
-def tiny_clip_text_encoder(tokenizer: CLIPTokenizer, seed: int = 0, hidden_size: int = 64) -> CLIPTextModel:
-    """A 2-layer `CLIPTextModel` over `tokenizer`'s vocabulary (77 positions, like SD v1)."""
-    _seeded(seed)
-    config = CLIPTextConfig(**_clip_text_kwargs(tokenizer, hidden_size))
-    return CLIPTextModel(config).eval()
+def _layers(width: int) -> dict:
+    """The transformer shape every tiny tower shares: 2 layers of 4 heads, MLP twice the width."""
+    return {"hidden_size": width, "intermediate_size": 2 * width, "num_hidden_layers": 2, "num_attention_heads": 4}
 
 
 def _clip_text_kwargs(tokenizer: CLIPTokenizer, hidden_size: int) -> dict:
     return {
+        **_layers(hidden_size),
         "vocab_size": len(tokenizer),
-        "hidden_size": hidden_size,
-        "intermediate_size": 2 * hidden_size,
         "projection_dim": hidden_size,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
         "max_position_embeddings": CLIP_MAX_LENGTH,
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
@@ -102,7 +93,7 @@ def tiny_unet(
 ) -> UNet2DConditionModel:
     """SD v1's UNet layout shrunk: two resolution levels (32, 64 channels), cross-attention in
     the inner level, `sample_size` = the latent (H, W) so the pipeline's default size is 2:1."""
-    _seeded(seed)
+    torch.manual_seed(seed)
     return UNet2DConditionModel(
         sample_size=(resolution[0] // VAE_SCALE_FACTOR, resolution[1] // VAE_SCALE_FACTOR),
         in_channels=LATENT_CHANNELS,
@@ -119,7 +110,7 @@ def tiny_unet(
 
 def tiny_vae(seed: int = 0) -> AutoencoderKL:
     """An `AutoencoderKL` with three levels (4x downsampling, 4 latent channels)."""
-    _seeded(seed)
+    torch.manual_seed(seed)
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -150,7 +141,8 @@ def tiny_stable_diffusion(
 ) -> StableDiffusionPipeline:
     """A `StableDiffusionPipeline` assembled from the tiny components (no safety checker)."""
     tokenizer = tokenizer if tokenizer is not None else train_clip_tokenizer()
-    text_encoder = tiny_clip_text_encoder(tokenizer, seed)
+    torch.manual_seed(seed)  # a 2-layer text encoder over the tokenizer's vocabulary, 77 positions like SD v1
+    text_encoder = CLIPTextModel(CLIPTextConfig(**_clip_text_kwargs(tokenizer, 64))).eval()
     return StableDiffusionPipeline(
         vae=tiny_vae(seed),
         text_encoder=text_encoder,
@@ -187,7 +179,7 @@ def tiny_blip2(
     image_token_id = tokenizer.convert_tokens_to_ids(processor.image_token.content)
     width = 64
     text_config = OPTConfig(
-        vocab_size=_round_up(len(tokenizer), 8),
+        vocab_size=-(-len(tokenizer) // 8) * 8,  # rounded up to a multiple of 8
         hidden_size=width,
         word_embed_proj_dim=width,
         num_hidden_layers=2,
@@ -199,20 +191,9 @@ def tiny_blip2(
         pad_token_id=tokenizer.pad_token_id,
     )
     config = Blip2Config(
-        vision_config={
-            "hidden_size": width,
-            "intermediate_size": 2 * width,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "image_size": image_size,
-            "patch_size": patch_size,
-            "initializer_range": 0.02,
-        },
+        vision_config={**_layers(width), "image_size": image_size, "patch_size": patch_size, "initializer_range": 0.02},
         qformer_config={
-            "hidden_size": width,
-            "intermediate_size": 2 * width,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
+            **_layers(width),
             "encoder_hidden_size": width,
             "cross_attention_frequency": 1,
             "vocab_size": len(tokenizer),
@@ -222,7 +203,7 @@ def tiny_blip2(
         num_query_tokens=num_query_tokens,
         image_token_index=image_token_id,
     )
-    _seeded(seed)
+    torch.manual_seed(seed)
     model = Blip2ForConditionalGeneration(config).eval()
     # transformers initialises the learned queries to zeros (a pretrained checkpoint overwrites
     # them); identical queries would stay identical under training, so give them distinct values.
@@ -240,18 +221,10 @@ def tiny_clip(seed: int = 0, tokenizer: CLIPTokenizer | None = None) -> tuple[CL
     width = 64
     config = CLIPConfig(
         text_config=_clip_text_kwargs(tokenizer, width),
-        vision_config={
-            "hidden_size": width,
-            "intermediate_size": 2 * width,
-            "projection_dim": width,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "image_size": VISION_IMAGE_SIZE,
-            "patch_size": 4,
-        },
+        vision_config={**_layers(width), "projection_dim": width, "image_size": VISION_IMAGE_SIZE, "patch_size": 4},
         projection_dim=width,
     )
-    _seeded(seed)
+    torch.manual_seed(seed)
     model = CLIPModel(config).eval()
     image_processor = CLIPImageProcessor(
         size={"height": VISION_IMAGE_SIZE, "width": VISION_IMAGE_SIZE},
@@ -260,7 +233,3 @@ def tiny_clip(seed: int = 0, tokenizer: CLIPTokenizer | None = None) -> tuple[CL
         image_std=CLIP_STD,
     )
     return model, CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
