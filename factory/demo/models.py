@@ -30,8 +30,9 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields, replace
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from core.datasets.config import SyntheticSpec
@@ -100,15 +101,14 @@ class DemoRecipe:
             ids=self.ids, cameras=self.cameras, seed=self.seed, images_per_camera=self.images_per_camera
         )
 
-    def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
 
 def is_complete(root: Path) -> bool:
     """True when `root` holds every component and a VERSION stamp of this code's version."""
     stamp = root / VERSION_FILE
-    if not stamp.is_file() or stamp.read_text().strip() != DEMO_MODELS_VERSION:
-        return False
+    return stamp.is_file() and stamp.read_text().strip() == DEMO_MODELS_VERSION and _has_components(root)
+
+
+def _has_components(root: Path) -> bool:
     return all(any((root / c / m).is_file() for m in MARKER_FILES) for c in COMPONENTS)
 
 
@@ -200,7 +200,7 @@ def build_demo_models(
                 attributes=corpus.attributes, seed=seed, log=log,
             )
             _save((model, processor), staging / CAPTIONER, half)
-        (staging / RECIPE_FILE).write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
+        (staging / RECIPE_FILE).write_text(json.dumps(asdict(recipe), indent=2) + "\n")
     log(f"[demo-models] built {', '.join(components)} into {out} in {time.perf_counter() - start:.0f}s")
     return DemoModelPaths.under(out)
 
@@ -213,9 +213,8 @@ def install_demo_models(source: Path, out: Path, log: Log = print) -> DemoModelP
     from factory.models.loading import load_captioner, load_clip, load_text_to_image
 
     with _staging(out) as staging:
-        _save(load_text_to_image(str(source / TEXT_TO_IMAGE), "cpu", torch.float32), staging / TEXT_TO_IMAGE)
-        _save(load_captioner(str(source / CAPTIONER), "cpu", torch.float32), staging / CAPTIONER)
-        _save(load_clip(str(source / CLIP), "cpu", torch.float32), staging / CLIP)
+        for name, load in ((TEXT_TO_IMAGE, load_text_to_image), (CAPTIONER, load_captioner), (CLIP, load_clip)):
+            _save(load(str(source / name), "cpu", torch.float32), staging / name)
         if (source / RECIPE_FILE).is_file():
             shutil.copy2(source / RECIPE_FILE, staging / RECIPE_FILE)
     log(f"[demo-models] installed {source} into {out}")
@@ -232,51 +231,43 @@ def _save(model, directory: Path, half: bool = False) -> None:
     if isinstance(model, tuple):
         model, processor = model
         processor.save_pretrained(directory)
-        tokenizer_dirs = [(processor.tokenizer, directory)]
+        tokenizer, tokenizer_dir = processor.tokenizer, directory
     else:
-        processor = None
-        tokenizer_dirs = [(model.tokenizer, directory / "tokenizer")]
+        tokenizer, tokenizer_dir = model.tokenizer, directory / "tokenizer"
     if half:
         model = model.to(torch.float16)
     model.save_pretrained(directory)
     if half:
         model.to(torch.float32)
-    for tokenizer, where in tokenizer_dirs:
-        write_vocab_files(tokenizer, where)
+    write_vocab_files(tokenizer, tokenizer_dir)
 
 
-class _staging:
-    """Context manager: a hidden build folder next to `out`'s components; on success each
-    component replaces its old folder and VERSION is written last; on failure it is removed."""
-
-    def __init__(self, out: Path) -> None:
-        self.out = Path(out)
-
-    def __enter__(self) -> Path:
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.path = self.out / f".build-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.path.mkdir()
-        return self.path
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        try:
-            if exc_type is None:
-                (self.out / VERSION_FILE).unlink(missing_ok=True)  # incomplete from here on
-                for name in (*COMPONENTS, RECIPE_FILE):
-                    target, built = self.out / name, self.path / name
-                    if not built.exists():
-                        continue
-                    if target.is_dir():
-                        shutil.rmtree(target)
-                    elif target.exists():
-                        target.unlink()
-                    os.replace(built, target)
-                if all(any((self.out / c / m).is_file() for m in MARKER_FILES) for c in COMPONENTS):
-                    temporary = self.out / f".{VERSION_FILE}.{uuid.uuid4().hex[:8]}"
-                    temporary.write_text(DEMO_MODELS_VERSION + "\n")
-                    os.replace(temporary, self.out / VERSION_FILE)
-        finally:
-            shutil.rmtree(self.path, ignore_errors=True)
+@contextmanager
+def _staging(out: Path) -> Iterator[Path]:
+    """A hidden build folder next to `out`'s components; on success each component replaces its
+    old folder and VERSION is written last; on failure it is removed."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    staging = out / f".build-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        yield staging
+        (out / VERSION_FILE).unlink(missing_ok=True)  # incomplete from here on
+        for name in (*COMPONENTS, RECIPE_FILE):
+            target, built = out / name, staging / name
+            if not built.exists():
+                continue
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+            os.replace(built, target)
+        if _has_components(out):
+            temporary = out / f".{VERSION_FILE}.{uuid.uuid4().hex[:8]}"
+            temporary.write_text(DEMO_MODELS_VERSION + "\n")
+            os.replace(temporary, out / VERSION_FILE)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 __all__ = [
