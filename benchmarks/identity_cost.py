@@ -201,10 +201,8 @@ def count_unet(unet: torch.nn.Module, meter: PhaseMeter, recompute: bool) -> tor
 
     def hook(module, args, kwargs) -> None:
         sample = args[0] if args else kwargs["sample"]
-        images = int(sample.shape[0])
-        if torch.is_grad_enabled():
-            images *= 4 if recompute else 3
-        meter.add_unet(1, images)
+        per_image = (4 if recompute else 3) if torch.is_grad_enabled() else 1
+        meter.add_unet(1, int(sample.shape[0]) * per_image)
 
     return unet.register_forward_pre_hook(hook, with_kwargs=True)
 
@@ -358,11 +356,10 @@ class DiffusersBaseline:
 
     @torch.no_grad()
     def restore(self) -> None:
-        if self.base is None:
-            if getattr(self.pipe.unet, "peft_config", None):
-                self.pipe.unet.unload_lora()
-            return
-        self.pipe.unet.load_state_dict(self.base)
+        if self.base is not None:
+            self.pipe.unet.load_state_dict(self.base)
+        elif getattr(self.pipe.unet, "peft_config", None):
+            self.pipe.unet.unload_lora()
 
 
 # -- config ----------------------------------------------------------------------------------
@@ -503,9 +500,7 @@ class Identity:
 
 
 class BenchmarkFailed(RuntimeError):
-    def __init__(self, identity: str, error: str) -> None:
-        super().__init__(f"{identity} failed: {error}")
-        self.identity, self.error = identity, error
+    """An identity failed: its args are (identity, error)."""
 
 
 def run(args, config: RunConfig, meter: PhaseMeter) -> tuple[list[Identity], dict]:
@@ -541,14 +536,13 @@ def run(args, config: RunConfig, meter: PhaseMeter) -> tuple[list[Identity], dic
     _release()
 
     # generate (ours, then the baseline, identity by identity)
+    g = config.generation
     loader = _random_pipeline_loader() if args.random_init else None
-    stage = GenerationStage(config.generation, config.output, num_gpus, args.threads,
-                            config.generation.debug_fail_identities, loader=loader)
+    stage = GenerationStage(g, config.output, num_gpus, args.threads, g.debug_fail_identities, loader=loader)
     start = time.perf_counter()
     stage.setup()
     info["setup"]["generate"] = time.perf_counter() - start
     generator = stage.generator
-    g = config.generation
     if bool(generator.unet.is_gradient_checkpointing) != g.gradient_checkpointing:
         raise RuntimeError("the UNet's gradient checkpointing differs from generation.gradient_checkpointing")
     handle = count_unet(generator.unet, meter, recompute=g.gradient_checkpointing)
@@ -715,15 +709,12 @@ def print_report(args, preset: Path, config: RunConfig, identities: Sequence[Ide
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.identities < 1:
-        print("error: --identities must be at least 1", file=sys.stderr)
-        return 2
-    if args.tiny and args.random_init:
-        print("error: --tiny and --random-init exclude each other", file=sys.stderr)
-        return 2
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but no CUDA device", file=sys.stderr)
-        return 2
+    for bad, error in ((args.identities < 1, "--identities must be at least 1"),
+                       (args.tiny and args.random_init, "--tiny and --random-init exclude each other"),
+                       (args.device == "cuda" and not torch.cuda.is_available(), "--device cuda but no CUDA device")):
+        if bad:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
     torch.set_num_threads(args.threads)
     preset, config = load_benchmark_config(args)
     if args.random_init and config.filter.kind == "clip":
@@ -739,7 +730,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         identities, info = run(args, config, meter)
     except BenchmarkFailed as err:
-        failed, info = [{"identity": err.identity, "error": err.error}], {}
+        failed, info = [{"identity": err.args[0], "error": err.args[1]}], {}
     else:
         failed = []
     finally:
