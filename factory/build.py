@@ -134,8 +134,7 @@ def output_location(out: str | os.PathLike[str] | None, config: RunConfig) -> Lo
         raise ConfigError(
             f"--out {text!r} is relative, and this build runs inside `ray job submit`: it would be written "
             "into the job's temporary working directory and lost. Give a URI (s3://bucket/run, gs://...) "
-            "or an absolute path on storage every node shares"
-        )
+            "or an absolute path on storage every node shares")
     return resolve(text)
 
 
@@ -257,8 +256,7 @@ def raise_if_too_many_failed(summary: BuildSummary, tolerated: int, out: Locatio
     raise BuildFailed(
         f"{summary.identities_failed} identities failed (tolerated: generation.max_failed_identities={tolerated}): "
         f"{groups}. Their errors are in {out / 'summary.json'}; rerun the same command to retry them "
-        "(finished identities are kept)"
-    )
+        "(finished identities are kept)")
 
 
 def identity_cost(row: dict, config: RunConfig, use_gpus: bool) -> tuple[dict[str, float], float]:
@@ -269,8 +267,7 @@ def identity_cost(row: dict, config: RunConfig, use_gpus: bool) -> tuple[dict[st
     if not use_gpus:
         return seconds, 0.0
     gpus = {"caption": config.caption.num_gpus, "filter": config.filter.num_gpus}
-    gpu_seconds = sum(s * gpus.get(phase, config.generation.num_gpus) for phase, s in seconds.items())
-    return seconds, gpu_seconds
+    return seconds, sum(s * gpus.get(phase, config.generation.num_gpus) for phase, s in seconds.items())
 
 
 def _record_row(row: dict, store: OutputStore, summary: BuildSummary, config: RunConfig,
@@ -305,20 +302,14 @@ def _record_row(row: dict, store: OutputStore, summary: BuildSummary, config: Ru
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m factory.build",
-        description="Generate an identity-consistent synthetic Re-ID dataset (Diffusion-ReID) on Ray. "
-        "With no arguments, runs the embedded default (configs/demo.yaml).",
-    )
+        prog="python -m factory.build", description="Generate an identity-consistent synthetic Re-ID dataset "
+        "(Diffusion-ReID) on Ray. With no arguments, runs the embedded default (configs/demo.yaml).")
     parser.add_argument("--config", type=Path, default=None, help="YAML preset (default: configs/demo.yaml)")
-    parser.add_argument(
-        "--out", default=None, metavar="URI",
-        help="output location: a local folder, s3://bucket/run, gs://bucket/run, ... (default: output.dir of the "
-        "preset); rerun to resume. Inside `ray job submit` give a URI or an absolute shared path",
-    )
-    parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
-        help="override a config value, e.g. --set generation.train_steps=200 (repeatable)",
-    )
+    parser.add_argument("--out", default=None, metavar="URI", help="output location: a local folder, s3://bucket/run, "
+                        "gs://bucket/run, ... (default: output.dir of the preset); rerun to resume. Inside `ray job "
+                        "submit` give a URI or an absolute shared path")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                        help="override a config value, e.g. --set generation.train_steps=200 (repeatable)")
     return parser
 
 

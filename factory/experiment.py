@@ -141,8 +141,7 @@ def refuse_changed_builds(placed: Mapping[str, tuple[Location, RunConfig, str]])
             raise ConfigError(
                 f"experiment build {name!r}: {location} holds a build of another config (its generation, "
                 "caption, filter, sequences or source settings changed); a build resumes rather than redoes "
-                "finished identities, so use another --out, or delete that folder to rebuild it"
-            )
+                "finished identities, so use another --out, or delete that folder to rebuild it")
 
 
 def ensure_build(name: str, placed: tuple[Location, RunConfig, str], log: Callable[[str], None],

@@ -91,8 +91,7 @@ def ensure_filter_models(
         if configured:
             raise FileNotFoundError(
                 f"filter.reid_checkpoints.{dataset.name}: {location} has no filter_model.json "
-                "(point it at a DIR/filter_models/<source> directory written by a previous build)"
-            )
+                "(point it at a DIR/filter_models/<source> directory written by a previous build)")
         readable, dropped, images = readable_training_split(dataset)
         if dropped:
             log(f"[filter] {len(dropped)} unreadable training images left out of the filter model: {dropped[:3]}")

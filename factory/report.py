@@ -11,9 +11,8 @@ from dataclasses import asdict, dataclass, field
 
 from PIL import Image, ImageDraw
 
-from core.storage import Location
-
 from core.config import config_to_yaml
+from core.storage import Location
 from factory.run_config import RunConfig
 
 

@@ -105,8 +105,7 @@ def read_sequences(plan: Sequence[IdentitySequence], config: SequenceConfig, bas
                 report.quarantined.append({"path": record.path, "identity": sequence.key, "reason": result})
         if len(good) < config.min_images:
             report.skipped_identities.append(
-                {"identity": sequence.key, "reason": f"{len(good)} readable images < min_images {config.min_images}"}
-            )
+                {"identity": sequence.key, "reason": f"{len(good)} readable images < min_images {config.min_images}"})
             continue
         rows.append({"identity": sequence.key, "source": sequence.source, "source_pid": sequence.source_pid,
                      "camid": sequence.camid, "image_paths": [r.path for r, _ in good],

@@ -49,8 +49,7 @@ class CaptionConfig(StrictModel):
     # Ablations of the paper's Table 6 (eval.experiment runs them); the defaults are the method.
     captions: Literal["lpe", "category"] = Field(
         "lpe", description="lpe: BLIP-2 captions merged per identity (the paper); category: no captioner, "
-        "the prompts carry the category only ('a photo of zwx person')",
-    )
+        "the prompts carry the category only ('a photo of zwx person')")
     use_iir: bool = Field(
         True, description="false: fine-tune and sample on the prompt without the IIR token (the reference prompt)")
 
@@ -96,19 +95,16 @@ class GenerationConfig(StrictModel):
     guidance_scale: float = Field(7.5, ge=0)
     scheduler: SchedulerName = Field(
         "model", description="sampler for the reference set and the samples: 'model' keeps the one the model "
-        "ships (SD v1.4: PNDM); fine-tuning always adds DDPM noise",
-    )
+        "ships (SD v1.4: PNDM); fine-tuning always adds DDPM noise")
     sample_batch_size: int = Field(10, ge=1)
     vae_batch_size: int = Field(8, ge=1, description="images per VAE encode/decode call (bounds VAE activation memory)")
     reference_latents: Literal["reencoded", "sampled"] = Field(
         "reencoded", description="what the prior term trains on: the VAE posterior of the decoded reference "
         "images, sampled per step (DreamBooth's class images; decoded and encoded in vae_batch_size chunks), "
-        "or the sampler's own latents (no VAE pass; measured weaker identity consistency on the demo)",
-    )
+        "or the sampler's own latents (no VAE pass; measured weaker identity consistency on the demo)")
     reuse_reference_sets: bool = Field(
         True, description="identities with the same reference prompt share one Attribute Reference Set, "
-        "stored as latents under DIR/reference_sets/",
-    )
+        "stored as latents under DIR/reference_sets/")
     finetune: Literal["full", "lora"] = Field("full", description="full: the paper's whole-UNet fine-tune; lora: peft adapter")
     lora: LoraSettings = LoraSettings()
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
@@ -128,12 +124,10 @@ class GenerationConfig(StrictModel):
     replay_from: UriStr | None = Field(
         None, description="a finished build (folder or URI) of the same sources, sequences, captions and "
         "generation settings: its staged samples are filtered again instead of generated (no diffusion model "
-        "loads). A filter-only variant of a build; eval.experiment uses it for the filter ablations",
-    )
+        "loads). A filter-only variant of a build; eval.experiment uses it for the filter ablations")
     debug_fail_identities: list[str] = Field(
         [], description="fault injection: identities ('source/pid') whose generation always raises "
-        "(RuntimeError; 'source/pid:oom' raises CUDA's OutOfMemoryError)",
-    )
+        "(RuntimeError; 'source/pid:oom' raises CUDA's OutOfMemoryError)")
 
 
 def fault_target(entry: str) -> tuple[str, str]:

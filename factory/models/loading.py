@@ -24,12 +24,7 @@ from transformers import Blip2ForConditionalGeneration, Blip2Processor, CLIPMode
 
 from core.hub import downloads_allowed, hub_cache_dir  # noqa: F401  (re-exported)
 from factory.models.locate import (  # noqa: F401  (re-exported: the loaders' public API)
-    ModelNotAvailableError,
-    _looks_like_path,
-    _not_available,
-    check_model_available,
-    local_model,
-)
+    ModelNotAvailableError, _looks_like_path, _not_available, check_model_available, local_model)
 
 DTypeLike = torch.dtype | str | None
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -54,8 +54,7 @@ def _not_available(model_id: str, reason: str, config_key: str | None) -> ModelN
         f"  - pre-populate the Hugging Face cache: on a machine with internet run "
         f"`hf download {model_id}` (formerly `huggingface-cli download {model_id}`), then copy "
         f"~/.cache/huggingface to this machine (or point HF_HOME at the copy)\n"
-        f"  - or allow downloads with HF_HUB_OFFLINE=0"
-    )
+        f"  - or allow downloads with HF_HUB_OFFLINE=0")
 
 
 def check_model_available(model_id: str, config_key: str | None = None) -> None:
