@@ -5,23 +5,20 @@
 """
 
 from core.datasets.airport import load_airport
-from core.datasets.base import DatasetError, ImageRecord, ReidDataset, Split, confined_path
+from core.datasets.base import DatasetError, ImageRecord, ReidDataset
 from core.datasets.config import SourceConfig, SyntheticSpec
 from core.datasets.cuhk03 import load_cuhk03
 from core.datasets.generic import load_csv, load_folder
 from core.datasets.market import load_market1501
 from core.datasets.msmt17 import load_msmt17
-from core.datasets.registry import SOURCE_LOADERS, load_source
+from core.datasets.registry import load_source
 
 __all__ = [
-    "SOURCE_LOADERS",
     "DatasetError",
     "ImageRecord",
     "ReidDataset",
     "SourceConfig",
-    "Split",
     "SyntheticSpec",
-    "confined_path",
     "load_airport",
     "load_csv",
     "load_cuhk03",

@@ -25,12 +25,12 @@ from pathlib import Path
 from core.datasets.base import DatasetError, ImageRecord, ReidDataset, require_dir
 from core.datasets.generic import (
     ProblemCollector,
+    assemble,
     iter_list_lines,
     located,
     make_record,
     parse_int,
     parse_split,
-    require_train_identities,
     resolve_list_file,
 )
 
@@ -46,22 +46,19 @@ def _airport_record(root: Path, fields: list[str], source: str, where: str) -> I
     split = parse_split(fields[3], where) if len(fields) > 3 else "train"
     frame = parse_int(fields[4], "frame", where) if len(fields) > 4 else -1
     with located(where):
-        record = make_record(
+        return make_record(
             root, relpath, source=source, pid=parse_int(pid, "pid", where),
             camid=parse_int(camid, "camid", where), split=split, frame=frame,
         )
-    return record
 
 
-def load_airport(root: Path, list_file: Path | None = None, source: str = "airport") -> ReidDataset:
+def load_airport(root: Path, list_file: str | Path | None = None, source: str = "airport") -> ReidDataset:
     """Read the Airport list file (format in the module docstring)."""
     root = require_dir(Path(root), f"{source} dataset root")
     path = resolve_list_file(root, list_file, DEFAULT_AIRPORT_LIST)
-    dataset = ReidDataset(name=source, root=root)
     problems = ProblemCollector(source)
-    for lineno, fields in iter_list_lines(path):
-        record = problems.check(_airport_record, root, fields, source, f"{path}:{lineno}")
-        if record is not None:
-            getattr(dataset, record.split).append(record)
-    problems.raise_if_any(root)
-    return require_train_identities(dataset, path)
+    records = (
+        problems.check(_airport_record, root, fields, source, f"{path}:{lineno}")
+        for lineno, fields in iter_list_lines(path)
+    )
+    return assemble(problems, root, records, root, path)

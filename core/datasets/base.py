@@ -58,12 +58,9 @@ class ReidDataset:
         def ids(rows: list[ImageRecord]) -> int:
             return len({r.pid for r in rows})
 
-        def cams(rows: list[ImageRecord]) -> int:
-            return len({r.camid for r in rows})
-
         return (
             f"{self.name}: train {len(self.train)} images / {ids(self.train)} ids / "
-            f"{cams(self.train)} cams; query {len(self.query)} / {ids(self.query)} ids; "
+            f"{len({r.camid for r in self.train})} cams; query {len(self.query)} / {ids(self.query)} ids; "
             f"gallery {len(self.gallery)} / {ids(self.gallery)} ids"
         )
 

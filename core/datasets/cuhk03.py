@@ -12,13 +12,11 @@ the Market rule: `0001_c1_1.png` -> pid 1, camid 0, frame 1 (the trailing image 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 from core.datasets.base import DatasetError, ReidDataset
 from core.datasets.market import read_market_layout
 
-Cuhk03Variant = Literal["labeled", "detected"]
-CUHK03_VARIANTS: tuple[Cuhk03Variant, ...] = ("labeled", "detected")
+CUHK03_VARIANTS = ("labeled", "detected")
 
 
 def load_cuhk03(root: Path, variant: str | None = None, source: str = "cuhk03") -> ReidDataset:

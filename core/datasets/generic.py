@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import csv
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import ParamSpec, TypeVar, get_args
@@ -76,9 +76,8 @@ class ProblemCollector:
     nothing from a listing with problems (in particular nothing outside the root) is returned.
     """
 
-    def __init__(self, source: str, limit: int = MAX_LISTED_PROBLEMS) -> None:
+    def __init__(self, source: str) -> None:
         self.source = source
-        self.limit = limit
         self.problems: list[str] = []
 
     def check(self, entry: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T | None:
@@ -94,7 +93,7 @@ class ProblemCollector:
             return None
 
     def raise_if_any(self, where: Path) -> None:
-        """Raise one `DatasetError` listing the recorded problems (at most `limit` of them, then
+        """Raise one `DatasetError` listing the recorded problems (at most `MAX_LISTED_PROBLEMS`, then
         a count of the rest), the total in its first line; do nothing when there are none."""
         total = len(self.problems)
         if total == 0:
@@ -102,9 +101,9 @@ class ProblemCollector:
         noun = "problem" if total == 1 else "problems"
         head = f"{self.source} at {where}: {total} {noun} in the dataset listing"
         lines = [f"{head} (nothing was read):"]
-        lines.extend(f"  {problem}" for problem in self.problems[: self.limit])
-        if total > self.limit:
-            lines.append(f"  ... and {total - self.limit} more")
+        lines.extend(f"  {problem}" for problem in self.problems[:MAX_LISTED_PROBLEMS])
+        if total > MAX_LISTED_PROBLEMS:
+            lines.append(f"  ... and {total - MAX_LISTED_PROBLEMS} more")
         raise DatasetError("\n".join(lines))
 
 
@@ -170,14 +169,24 @@ def parse_market_name(path: Path) -> tuple[int, int, int, int]:
     return int(match["pid"]), cam - 1, 0, frame
 
 
-def require_train_identities(dataset: ReidDataset, where: Path) -> ReidDataset:
-    """Return `dataset`, or raise when it has no training identity (nothing to generate from)."""
+def assemble(
+    problems: ProblemCollector, root: Path, records: Iterable[ImageRecord | None], where: Path,
+    empty_where: Path | None = None,
+) -> ReidDataset:
+    """The dataset of `records` (None: dropped, or a recorded problem), each in its split. The
+    load's problems are raised first, naming `where` (an all-bad tree names its entries), then an
+    empty train split (nothing to generate from), naming `empty_where` (default `where`)."""
+    dataset = ReidDataset(name=problems.source, root=root)
+    for record in records:
+        if record is not None:
+            getattr(dataset, record.split).append(record)
+    problems.raise_if_any(where)
     if not dataset.train_identities:
-        raise DatasetError(f"{where}: no training identities found (dataset is empty)")
+        raise DatasetError(f"{empty_where or where}: no training identities found (dataset is empty)")
     return dataset
 
 
-def resolve_list_file(root: Path, list_file: Path | None, default_name: str) -> Path:
+def resolve_list_file(root: Path, list_file: str | Path | None, default_name: str) -> Path:
     """The list file to read: `list_file` (relative paths are taken under `root`) or the default."""
     path = root / (list_file if list_file is not None else default_name)
     if not path.is_file():
@@ -221,13 +230,16 @@ def parse_split(value: str, where: str) -> Split:
     return value  # type: ignore[return-value]  # checked against the Literal's values above
 
 
-def _folder_record(
-    root: Path, image: Path, pid: int, split: Split, source: str
+def image_record(
+    root: Path, image: Path, split: Split, source: str, pid: int | None = None
 ) -> ImageRecord | None:
-    """A `folder` record: Market naming supplies camera/frame when present, else camera 0."""
+    """The record of one image file (None when dropped). Without `pid` the name must follow
+    Market naming and gives it all; with `pid` (a `folder` identity) Market naming supplies
+    camera/frame when present, else a `_c<digit>` tag the camera, else camera 0."""
     camera = CAMERA_TAG.search(image.stem)
-    if MARKET_NAME.match(image.name):
-        _, camid, sequence, frame = parse_market_name(image)
+    if pid is None or MARKET_NAME.match(image.name):
+        name_pid, camid, sequence, frame = parse_market_name(image)
+        pid = name_pid if pid is None else pid
     elif camera is not None and camera["cam"] != "0":
         camid, sequence, frame = int(camera["cam"]) - 1, 0, -1
     else:
@@ -247,37 +259,28 @@ def _pid_folder(root: Path, pid_dir: Path) -> int:
     return int(pid_dir.name)
 
 
-def _read_pid_folders(
-    root: Path, split_dir: Path, split: Split, source: str, problems: ProblemCollector
-) -> list[ImageRecord]:
-    confined_path(root, split_dir.relative_to(root))  # structural: refuse before listing it
-    records: list[ImageRecord] = []
-    for pid_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
-        pid = problems.check(_pid_folder, root, pid_dir)
-        if pid is None:
-            continue  # recorded; its images are not even listed
-        for image in list_images(pid_dir):
-            record = problems.check(_folder_record, root, image, pid, split, source)
-            if record is not None:
-                records.append(record)
-    return records
+def _pid_folder_records(
+    root: Path, split_dirs: dict[Split, Path], source: str, problems: ProblemCollector
+) -> Iterator[ImageRecord | None]:
+    for split, split_dir in split_dirs.items():
+        confined_path(root, split_dir.relative_to(root))  # structural: refuse before listing it
+        for pid_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
+            pid = problems.check(_pid_folder, root, pid_dir)
+            if pid is None:
+                continue  # recorded; its images are not even listed
+            for image in list_images(pid_dir):
+                yield problems.check(image_record, root, image, split, source, pid)
 
 
 def load_folder(root: Path, source: str = "folder") -> ReidDataset:
     """Read `root/<pid>/<images>` (all train) or `root/<split>/<pid>/<images>` (see module doc)."""
     root = require_dir(Path(root), f"{source} dataset root")
-    dataset = ReidDataset(name=source, root=root)
-    problems = ProblemCollector(source)
-    if not any((root / split).is_dir() for split in SPLITS):
-        dataset.train = _read_pid_folders(root, root, "train", source, problems)
-    else:
+    split_dirs = {split: root / split for split in SPLITS if (root / split).is_dir()}
+    if split_dirs:
         require_dir(root / "train", f"{source} train split")
-        for split in SPLITS:
-            if (root / split).is_dir():
-                rows = _read_pid_folders(root, root / split, split, source, problems)
-                getattr(dataset, split).extend(rows)
-    problems.raise_if_any(root)
-    return require_train_identities(dataset, root)
+    problems = ProblemCollector(source)
+    records = _pid_folder_records(root, split_dirs or {"train": root}, source, problems)
+    return assemble(problems, root, records, root)
 
 
 def _csv_record(
@@ -293,13 +296,12 @@ def _csv_record(
 
     split = parse_split((row.get("split") or "").strip() or "train", where)
     with located(where):
-        record = make_record(
+        return make_record(
             root, row["path"].strip(), source=source,
             pid=parse_int(row["pid"].strip(), "pid", where),
             camid=parse_int(row["camid"].strip(), "camid", where),
             split=split, frame=optional_int("frame", -1), sequence=optional_int("sequence", 0),
         )
-    return record
 
 
 def _check_csv_header(fields: list[str] | None, path: Path) -> None:
@@ -314,20 +316,19 @@ def _check_csv_header(fields: list[str] | None, path: Path) -> None:
         )
 
 
-def load_csv(root: Path, list_file: Path | None = None, source: str = "csv") -> ReidDataset:
-    """Read a CSV list (header `path,pid,camid[,split][,frame][,sequence]`, see module doc)."""
-    root = require_dir(Path(root), f"{source} dataset root")
-    path = resolve_list_file(root, list_file, DEFAULT_CSV_NAME)
-    dataset = ReidDataset(name=source, root=root)
-    problems = ProblemCollector(source)
+def _csv_records(root: Path, path: Path, source: str, problems: ProblemCollector) -> Iterator[ImageRecord | None]:
     with path.open(encoding="utf-8", newline="") as handle:
         reader = csv.DictReader(handle)
         _check_csv_header(reader.fieldnames, path)
         columns = len(reader.fieldnames or [])
         for row in reader:
             where = f"{path}:{reader.line_num}"
-            record = problems.check(_csv_record, root, row, columns, source, where)
-            if record is not None:
-                getattr(dataset, record.split).append(record)
-    problems.raise_if_any(root)
-    return require_train_identities(dataset, path)
+            yield problems.check(_csv_record, root, row, columns, source, where)
+
+
+def load_csv(root: Path, list_file: str | Path | None = None, source: str = "csv") -> ReidDataset:
+    """Read a CSV list (header `path,pid,camid[,split][,frame][,sequence]`, see module doc)."""
+    root = require_dir(Path(root), f"{source} dataset root")
+    path = resolve_list_file(root, list_file, DEFAULT_CSV_NAME)
+    problems = ProblemCollector(source)
+    return assemble(problems, root, _csv_records(root, path, source, problems), root, path)

@@ -12,20 +12,16 @@ from concurrent.futures import ThreadPoolExecutor
 from PIL import Image
 
 
-def read_image_bytes(path: str) -> bytes:
-    """Read an image file and prove it decodes fully (a truncated JPEG fails `load()`)."""
-    with open(path, "rb") as handle:
-        data = handle.read()
-    with Image.open(io.BytesIO(data)) as image:
-        image.load()
-        if image.width < 2 or image.height < 2:
-            raise ValueError(f"degenerate image size {image.size}")
-    return data
-
-
 def _try_read(path: str) -> bytes | str:
+    """The file's bytes, proven to decode fully (a truncated JPEG fails `load()`), or why not."""
     try:
-        return read_image_bytes(path)
+        with open(path, "rb") as handle:
+            data = handle.read()
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            if image.width < 2 or image.height < 2:
+                raise ValueError(f"degenerate image size {image.size}")
+        return data
     except Exception as err:  # any decode/IO failure quarantines the file, never the run
         return f"{type(err).__name__}: {err}"
 

@@ -14,16 +14,11 @@ from train. Every malformed name and every symlink escaping `root` is reported i
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 from core.datasets.base import ImageRecord, ReidDataset, Split, confined_path, require_dir
-from core.datasets.generic import (
-    ProblemCollector,
-    list_images,
-    make_record,
-    parse_market_name,
-    require_train_identities,
-)
+from core.datasets.generic import ProblemCollector, assemble, image_record, list_images
 
 MARKET_SPLIT_DIRS: dict[Split, str] = {
     "train": "bounding_box_train",
@@ -32,45 +27,27 @@ MARKET_SPLIT_DIRS: dict[Split, str] = {
 }
 
 
-def _market_record(root: Path, image: Path, split: Split, source: str) -> ImageRecord | None:
-    """The record of one Market-named image (None when dropped); raises `DatasetError` on a
-    malformed name or a path escaping `root`."""
-    pid, camid, sequence, frame = parse_market_name(image)
-    return make_record(
-        root, image.relative_to(root), source=source, pid=pid, camid=camid, split=split,
-        frame=frame, sequence=sequence,
-    )
-
-
-def read_market_split(
-    root: Path, directory: Path, split: Split, source: str, problems: ProblemCollector
-) -> list[ImageRecord]:
-    """Records of one Market-layout folder; `root` is the confinement root of the paths.
+def _market_records(
+    root: Path, layout_dir: Path, source: str, problems: ProblemCollector
+) -> Iterator[ImageRecord | None]:
+    """Records of the three Market-layout folders; `root` is the confinement root of the paths.
 
     Per-image problems go to `problems` (the caller raises them all at the end of the load).
     """
-    require_dir(directory, f"{source} {split} folder")
-    # structural: a split folder symlinked outside `root` is refused before it is listed
-    confined_path(root, directory.relative_to(root))
-    records: list[ImageRecord] = []
-    for image in list_images(directory):
-        record = problems.check(_market_record, root, image, split, source)
-        if record is not None:
-            records.append(record)
-    return records
+    for split, folder in MARKET_SPLIT_DIRS.items():
+        directory = require_dir(layout_dir / folder, f"{source} {split} folder")
+        # structural: a split folder symlinked outside `root` is refused before it is listed
+        confined_path(root, directory.relative_to(root))
+        for image in list_images(directory):
+            yield problems.check(image_record, root, image, split, source)
 
 
 def read_market_layout(root: Path, source: str, layout_dir: Path | None = None) -> ReidDataset:
     """Read the three Market folders found in `layout_dir` (default `root`)."""
     root = require_dir(Path(root), f"{source} dataset root")
     layout_dir = root if layout_dir is None else require_dir(layout_dir, f"{source} folder")
-    dataset = ReidDataset(name=source, root=root)
     problems = ProblemCollector(source)
-    for split, folder in MARKET_SPLIT_DIRS.items():
-        rows = read_market_split(root, layout_dir / folder, split, source, problems)
-        getattr(dataset, split).extend(rows)
-    problems.raise_if_any(layout_dir)  # before the empty check: an all-bad tree names its entries
-    return require_train_identities(dataset, layout_dir)
+    return assemble(problems, root, _market_records(root, layout_dir, source, problems), layout_dir)
 
 
 def load_market1501(root: Path, source: str = "market1501") -> ReidDataset:

@@ -16,17 +16,12 @@ Every malformed or escaping line of the four lists is reported in one error.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from core.datasets.base import DatasetError, ImageRecord, ReidDataset, Split, confined_path
-from core.datasets.generic import (
-    ProblemCollector,
-    iter_list_lines,
-    located,
-    parse_int,
-    require_train_identities,
-)
+from core.datasets.generic import ProblemCollector, assemble, iter_list_lines, located, parse_int
 
 
 @dataclass(frozen=True)
@@ -53,12 +48,11 @@ MSMT17_LISTS: tuple[tuple[str, str, Split], ...] = (
 
 def detect_msmt17(root: Path, variant: str | None) -> tuple[Path, Msmt17Layout]:
     """Find the dataset folder and its layout: `variant` when given, else whichever exists."""
-    names = [variant] if variant is not None else list(MSMT17_LAYOUTS)
-    unknown = [n for n in names if n not in MSMT17_LAYOUTS]
-    if unknown:
+    if variant is not None and variant not in MSMT17_LAYOUTS:
         raise DatasetError(
             f"{root}: MSMT17 variant must be one of {list(MSMT17_LAYOUTS)}, got {variant!r}"
         )
+    names = [variant] if variant is not None else list(MSMT17_LAYOUTS)
     for name in names:
         layout = MSMT17_LAYOUTS[name]
         for base in (root, root / layout.top_dir):
@@ -91,24 +85,22 @@ def _msmt17_record(
     )
 
 
-def load_msmt17(root: Path, variant: str | None = None, source: str = "msmt17") -> ReidDataset:
-    """Read MSMT17 V1 or V2 (detected when `variant` is None) from `root`."""
-    root = Path(root)
-    base, layout = detect_msmt17(root, variant)
+def _msmt17_records(
+    base: Path, layout: Msmt17Layout, source: str, problems: ProblemCollector
+) -> Iterator[ImageRecord | None]:
     folders = {"train": layout.train_dir, "test": layout.test_dir}
-    dataset = ReidDataset(name=source, root=base)
-    problems = ProblemCollector(source)
     for list_name, folder_key, split in MSMT17_LISTS:
         list_path = base / list_name
         if not list_path.is_file():
             raise DatasetError(f"MSMT17 list file not found: {list_path}")
-        rows = getattr(dataset, split)
         for lineno, fields in iter_list_lines(list_path):
             where = f"{list_path}:{lineno}"
-            record = problems.check(
-                _msmt17_record, base, folders[folder_key], fields, split, source, where
-            )
-            if record is not None:
-                rows.append(record)
-    problems.raise_if_any(base)  # one error for all four lists
-    return require_train_identities(dataset, base)
+            yield problems.check(_msmt17_record, base, folders[folder_key], fields, split, source, where)
+
+
+def load_msmt17(root: Path, variant: str | None = None, source: str = "msmt17") -> ReidDataset:
+    """Read MSMT17 V1 or V2 (detected when `variant` is None) from `root`."""
+    base, layout = detect_msmt17(Path(root), variant)
+    problems = ProblemCollector(source)
+    # one error for all four lists
+    return assemble(problems, base, _msmt17_records(base, layout, source, problems), base)

@@ -27,17 +27,13 @@ def _load_synthetic(config: SourceConfig) -> ReidDataset:
     return load_market1501(config.root, source=config.source_name)
 
 
-def _list_file(config: SourceConfig) -> Path | None:
-    return Path(config.list_file) if config.list_file is not None else None
-
-
 SOURCE_LOADERS: dict[SourceKind, SourceLoader] = {
     "market1501": lambda c: load_market1501(Path(c.root), source=c.source_name),
     "cuhk03": lambda c: load_cuhk03(Path(c.root), variant=c.variant, source=c.source_name),
     "msmt17": lambda c: load_msmt17(Path(c.root), variant=c.variant, source=c.source_name),
-    "airport": lambda c: load_airport(Path(c.root), list_file=_list_file(c), source=c.source_name),
+    "airport": lambda c: load_airport(Path(c.root), list_file=c.list_file, source=c.source_name),
     "folder": lambda c: load_folder(Path(c.root), source=c.source_name),
-    "csv": lambda c: load_csv(Path(c.root), list_file=_list_file(c), source=c.source_name),
+    "csv": lambda c: load_csv(Path(c.root), list_file=c.list_file, source=c.source_name),
     "synthetic": _load_synthetic,
 }
 
