@@ -27,7 +27,6 @@ from core.datasets.synthetic.attributes import (  # noqa: F401
     ATTRIBUTES_FILE,
     PALETTE,
     CameraStyle,
-    PersonAttributes,
     sequence_shots,
 )
 from core.datasets.synthetic.dataset import ensure_synthetic_dataset, generate_synthetic_dataset  # noqa: F401

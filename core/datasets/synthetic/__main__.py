@@ -15,10 +15,6 @@ from core.datasets.market import load_market1501
 from core.datasets.synthetic.dataset import generate_synthetic_dataset
 
 
-# --------------------------------------------------------------------------------------------
-# CLI
-
-
 def build_parser() -> argparse.ArgumentParser:
     defaults = SyntheticSpec()
     parser = argparse.ArgumentParser(
@@ -28,19 +24,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--out", type=Path, required=True, help="output folder (must be absent or empty)"
     )
-    parser.add_argument(
-        "--ids", type=int, default=defaults.ids, help="train identities (test gets as many)"
-    )
-    parser.add_argument(
-        "--cameras", type=int, default=defaults.cameras, help="number of cameras (2-9)"
-    )
-    parser.add_argument(
-        "--seed", type=int, default=defaults.seed, help="random seed; same seed, same bytes"
-    )
-    parser.add_argument(
-        "--images-per-camera", type=int, default=defaults.images_per_camera,
-        help="consecutive frames per identity and camera",
-    )
+    for field, help_text in (
+        ("ids", "train identities (test gets as many)"),
+        ("cameras", "number of cameras (2-9)"),
+        ("seed", "random seed; same seed, same bytes"),
+        ("images_per_camera", "consecutive frames per identity and camera"),
+    ):
+        flag = "--" + field.replace("_", "-")
+        parser.add_argument(flag, type=int, default=getattr(defaults, field), help=help_text)
     return parser
 
 
@@ -49,12 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        spec = SyntheticSpec(
-            ids=args.ids,
-            cameras=args.cameras,
-            seed=args.seed,
-            images_per_camera=args.images_per_camera,
-        )
+        spec = SyntheticSpec(**{k: v for k, v in vars(args).items() if k != "out"})
     except ValidationError as err:
         problems = [
             f"--{str(e['loc'][0]).replace('_', '-')}: {e['msg']}" for e in err.errors()

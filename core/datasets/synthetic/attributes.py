@@ -50,6 +50,10 @@ SKIN_TONES: dict[str, RGB] = {
 }
 UPPER_PATTERNS = ("solid", "horizontal stripes", "vertical stripes", "checks", "two-tone")
 UPPER_PATTERN_WEIGHTS = (0.4, 0.15, 0.15, 0.15, 0.15)
+PATTERN_WORDS = {  # how `describe` names a patterned top
+    "horizontal stripes": "horizontally striped", "vertical stripes": "vertically striped",
+    "checks": "checked", "two-tone": "two-tone",
+}
 LOWER_TYPES = ("trousers", "shorts", "skirt")
 LOWER_TYPE_WEIGHTS = (0.6, 0.2, 0.2)
 BAGS = ("none", "backpack", "handbag", "shoulder bag")
@@ -136,13 +140,7 @@ class PersonAttributes:
         if self.upper_pattern == "solid":
             top = f"a {self.upper_color} shirt"
         else:
-            kind = {
-                "horizontal stripes": "horizontally striped",
-                "vertical stripes": "vertically striped",
-                "checks": "checked",
-                "two-tone": "two-tone",
-            }[self.upper_pattern]
-            top = f"a {self.upper_color} and {self.upper_color2} {kind} shirt"
+            top = f"a {self.upper_color} and {self.upper_color2} {PATTERN_WORDS[self.upper_pattern]} shirt"
         bottom = f"{self.lower_color} {self.lower_type}"
         if self.lower_type == "skirt":
             bottom = f"a {bottom}"
@@ -219,18 +217,16 @@ def sequence_shots(camera: CameraStyle, rng: np.random.Generator, frames: int) -
     step = float(rng.uniform(0.9, 1.6))
     center = 0.5 + camera.offset + float(rng.uniform(-0.05, 0.05))
     scale = camera.person_scale * float(rng.uniform(0.95, 1.05))
-    shots = []
-    for k in range(frames):
-        shots.append(
-            Shot(
-                view=view,
-                facing=facing,
-                phase=phase + k * step,
-                center_x=center + float(rng.uniform(-0.025, 0.025)),
-                feet_y=float(rng.uniform(0.955, 0.985)),
-                scale=min(scale * float(rng.uniform(0.97, 1.03)), 0.94),
-                light=float(rng.uniform(0.94, 1.06)),
-                shift=int(rng.integers(-6, 7)),
-            )
+    return [
+        Shot(
+            view=view,
+            facing=facing,
+            phase=phase + k * step,
+            center_x=center + float(rng.uniform(-0.025, 0.025)),
+            feet_y=float(rng.uniform(0.955, 0.985)),
+            scale=min(scale * float(rng.uniform(0.97, 1.03)), 0.94),
+            light=float(rng.uniform(0.94, 1.06)),
+            shift=int(rng.integers(-6, 7)),
         )
-    return shots
+        for k in range(frames)
+    ]

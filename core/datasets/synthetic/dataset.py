@@ -31,9 +31,6 @@ from core.datasets.synthetic.attributes import (
 )
 from core.datasets.synthetic.render import render_image
 
-# --------------------------------------------------------------------------------------------
-# The dataset
-
 
 @dataclass(frozen=True)
 class IdentityPlan:
@@ -94,10 +91,8 @@ def _identity_images(
         start, step = int(rng.integers(1, 90000)), int(rng.integers(3, 13))
         query_index = int(rng.integers(frames)) if plan.split == "test" else -1
         for k, shot in enumerate(sequence_shots(cameras[camera], rng, frames)):
-            if plan.split == "train":
-                folder = MARKET_SPLIT_DIRS["train"]
-            else:
-                folder = MARKET_SPLIT_DIRS["query" if k == query_index else "gallery"]
+            split = "query" if k == query_index else "train" if plan.split == "train" else "gallery"
+            folder = MARKET_SPLIT_DIRS[split]
             name = _market_name(plan.pid, camera, start + k * step)
             yield PlannedImage(folder, name, plan.attributes, camera, shot, (plan.pid, camera, k))
 

@@ -23,9 +23,6 @@ from core.datasets.synthetic.attributes import (
     Shot,
 )
 
-# --------------------------------------------------------------------------------------------
-# Rendering
-
 
 @lru_cache(maxsize=64)
 def _camera_background(camera: CameraStyle) -> np.ndarray:
@@ -95,20 +92,14 @@ def _draw_top(pen: _Pen, person: PersonAttributes, half_width: float) -> None:
     pattern = person.upper_pattern
     if pattern == "two-tone":
         pen.rect(x0, (y0 + y1) / 2, x1, y1, second)
-    if pattern == "horizontal stripes":
-        for i, y in enumerate(np.arange(y0, y1, 0.025)):
-            if i % 2:
-                pen.rect(x0, y, x1, min(y + 0.025, y1), second)
-    if pattern == "vertical stripes":
-        for i, x in enumerate(np.arange(x0, x1, 0.025)):
-            if i % 2:
-                pen.rect(x, y0, min(x + 0.025, x1), y1, second)
-    if pattern == "checks":
-        cell = 0.035
-        for i, y in enumerate(np.arange(y0, y1, cell)):
-            for j, x in enumerate(np.arange(x0, x1, cell)):
+    # stripes are checks one cell wide or high (1.0 exceeds the torso, so that side stays whole)
+    cells = {"horizontal stripes": (1.0, 0.025), "vertical stripes": (0.025, 1.0), "checks": (0.035, 0.035)}
+    if pattern in cells:
+        width, height = cells[pattern]
+        for i, y in enumerate(np.arange(y0, y1, height)):
+            for j, x in enumerate(np.arange(x0, x1, width)):
                 if (i + j) % 2:
-                    pen.rect(x, y, min(x + cell, x1), min(y + cell, y1), second)
+                    pen.rect(x, y, min(x + width, x1), min(y + height, y1), second)
 
 
 def _draw_legs(pen: _Pen, person: PersonAttributes, shot: Shot, half_width: float) -> None:
