@@ -57,7 +57,6 @@ def cluster_gpus() -> float:
     return max(now, float(reachable))
 
 
-
 def resolve_use_gpu(setting: bool | str) -> bool:
     """A trainer's `use_gpu`: True/False as given; `auto` means this machine has a GPU, or the
     cluster has or can scale to one (an elastic cluster's GPU nodes start only once asked for)."""

@@ -69,19 +69,6 @@ def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, 
     return merged
 
 
-def parse_override(override: str) -> tuple[list[str], Any]:
-    """Parse `a.b.c=value` into (['a','b','c'], value); the value is read as YAML so
-    `lr=2e-6`, `flag=true`, `ids=[1,2]` get their natural types."""
-    key, sep, raw = override.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"--set {override!r}: expected KEY.PATH=VALUE")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as err:
-        raise ConfigError(f"--set {override!r}: value is not valid YAML: {err}") from err
-    return [part.strip() for part in key.split(".")], value
-
-
 def _set_path(node: Any, path: list[str], value: Any, override: str) -> Any:
     """Return a copy of `node` with `value` at `path`; integer parts index into lists
     (`sources.0.root=...`), missing mapping keys create sections."""
@@ -91,23 +78,28 @@ def _set_path(node: Any, path: list[str], value: Any, override: str) -> Any:
     if isinstance(node, list):
         if not head.lstrip("-").isdigit() or not -len(node) <= int(head) < len(node):
             raise ConfigError(f"--set {override!r}: {head!r} is not an index of a list of {len(node)} entries")
-        copy = list(node)
-        copy[int(head)] = _set_path(node[int(head)], rest, value, override)
-        return copy
-    if node is None:
-        node = {}
-    if not isinstance(node, dict):
-        raise ConfigError(f"--set {override!r}: cannot descend into {head!r}: its parent is a value, not a section")
-    copy = dict(node)
-    copy[head] = _set_path(node.get(head), rest, value, override)
+        key, copy, child = int(head), list(node), node[int(head)]
+    else:
+        node = {} if node is None else node
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {override!r}: cannot descend into {head!r}: its parent is a value, not a section")
+        key, copy, child = head, dict(node), node.get(head)
+    copy[key] = _set_path(child, rest, value, override)
     return copy
 
 
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Apply `--set` overrides in order; later ones win."""
+    """Apply `--set a.b.c=value` overrides in order; later ones win. The value is read as YAML so
+    `lr=2e-6`, `flag=true`, `ids=[1,2]` get their natural types."""
     for override in overrides:
-        path, value = parse_override(override)
-        data = _set_path(data, path, value, override)
+        key, sep, raw = override.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {override!r}: expected KEY.PATH=VALUE")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {override!r}: value is not valid YAML: {err}") from err
+        data = _set_path(data, [part.strip() for part in key.split(".")], value, override)
     return data
 
 
@@ -132,11 +124,7 @@ def config_origin(path: str | Path | None, overrides: Sequence[str] = ()) -> str
     return origin
 
 
-def load_config(
-    model: type[M],
-    path: str | Path | None = None,
-    overrides: Sequence[str] = (),
-) -> M:
+def load_config(model: type[M], path: str | Path | None = None, overrides: Sequence[str] = ()) -> M:
     """Load `path` (or the model's defaults when None), apply `--set` overrides, validate.
 
     Raises `ConfigError` naming the file, the key and the offending value.

@@ -98,33 +98,21 @@ def evaluate_rank(
     *,
     query_chunk: int = _DEFAULT_QUERY_CHUNK,
 ) -> tuple[np.ndarray, float, float]:
-    """Evaluate a ranking with the Market-1501 protocol.
+    """Evaluate a ranking with the Market-1501 protocol (see the module docstring).
 
-    Args:
-        distmat: ``(num_q, num_g)`` distances (smaller = more similar); numpy
-            array or torch tensor. NaN is rejected; ``inf`` is allowed.
-        q_pids, g_pids: identity labels, lengths ``num_q`` and ``num_g``.
-        q_camids, g_camids: camera labels, lengths ``num_q`` and ``num_g``.
-        max_rank: length of the returned CMC curve (>= 1).
-        query_chunk: queries processed at once; trades speed for peak memory.
+    `distmat` holds ``(num_q, num_g)`` distances (smaller = more similar), a numpy array or torch
+    tensor; NaN is rejected, ``inf`` is allowed. `query_chunk` queries are ranked at once: it
+    trades speed for peak memory.
 
-    Returns:
-        ``(cmc, mAP, mINP)`` where ``cmc`` is a float64 array of length
-        ``max_rank`` with ``cmc[k-1]`` = fraction of valid queries whose first
-        true match is within the top ``k`` (after removing same-pid same-camera
-        gallery entries); ``mAP`` is the mean average precision; ``mINP`` is the
-        mean inverse negative penalty (Ye et al., AGW):
-        ``num_positives / rank_of_hardest_positive`` (1-based), averaged over
-        valid queries.
+    Returns ``(cmc, mAP, mINP)``: ``cmc`` (float64, length ``max_rank``) has ``cmc[k-1]`` = the
+    fraction of valid queries whose first true match is within the top ``k`` (after removing
+    same-pid same-camera gallery entries); mINP is the mean inverse negative penalty (Ye et al.,
+    AGW), ``num_positives / rank_of_hardest_positive`` (1-based), averaged over valid queries.
 
-        If the gallery has fewer than ``max_rank`` entries, ranks beyond the
-        gallery size cannot change the curve, so the CMC is padded with its last
-        value (the length is always ``max_rank``; torchreid instead truncates).
+    If the gallery has fewer than ``max_rank`` entries, ranks beyond the gallery size cannot
+    change the curve, so the CMC is padded with its last value (torchreid instead truncates).
 
-    Raises:
-        ValueError: on shape / length mismatches (the offending arguments are
-            named), NaN distances, ``max_rank < 1``, or when no query has a valid
-            true match in the gallery.
+    Raises `ValueError` naming the offending argument, or when no query has a valid true match.
     """
     dist = _as_numpy(distmat, "distmat")
     if dist.ndim != 2:
@@ -227,24 +215,13 @@ def compute_distance_matrix(
     *,
     chunk_size: int = 1024,
 ) -> np.ndarray:
-    """Pairwise query x gallery distances as a ``(num_q, num_g)`` numpy array.
+    """Pairwise ``(num_q, num_g)`` distances of ``(num_q, dim)`` and ``(num_g, dim)`` features
+    (numpy arrays or torch tensors: the work runs on a tensor's device, e.g. CUDA, else on the CPU)
+    as a float32 numpy array (float64 if either input is float64).
 
-    Args:
-        query_features: ``(num_q, dim)`` numpy array or torch tensor.
-        gallery_features: ``(num_g, dim)`` numpy array or torch tensor. If either
-            input is a torch tensor the computation runs on that tensor's device
-            (e.g. CUDA), otherwise on CPU.
-        metric: ``"euclidean"`` -- true (not squared) L2 distance;
-            ``"cosine"`` -- ``1 - cos_sim`` in ``[0, 2]`` (features are L2
-            normalised internally; an all-zero feature is at distance 1 from
-            everything).
-        chunk_size: query rows per matrix product, bounding temporary memory.
-
-    Returns:
-        float32 array (float64 if either input is float64).
-
-    Raises:
-        ValueError: unknown metric, non-2-D inputs or mismatched feature dims.
+    ``"euclidean"`` is the true (not squared) L2 distance; ``"cosine"`` is ``1 - cos_sim`` in
+    ``[0, 2]`` (features are L2-normalised internally; an all-zero feature is at distance 1 from
+    everything). `chunk_size` query rows per matrix product bound the temporary memory.
     """
     import torch  # local import: evaluate_rank must not pay for torch
 
@@ -253,11 +230,7 @@ def compute_distance_matrix(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
 
-    device = None
-    for f in (query_features, gallery_features):
-        if isinstance(f, torch.Tensor):
-            device = f.device
-            break
+    device = next((f.device for f in (query_features, gallery_features) if isinstance(f, torch.Tensor)), None)
 
     def to_tensor(x: Any, name: str) -> torch.Tensor:
         t = x.detach() if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))

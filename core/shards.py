@@ -45,8 +45,5 @@ def encode_image(image: Image.Image, size: tuple[int, int] | None = None, fmt: s
     if size is not None and image.size != (size[1], size[0]):
         image = image.resize((size[1], size[0]), Image.Resampling.BICUBIC)
     buffer = io.BytesIO()
-    if fmt == "jpeg":
-        image.save(buffer, format="JPEG", quality=quality)
-    else:
-        image.save(buffer, format="PNG")
+    image.save(buffer, **({"format": "JPEG", "quality": quality} if fmt == "jpeg" else {"format": "PNG"}))
     return buffer.getvalue()

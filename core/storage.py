@@ -18,7 +18,7 @@ import os
 import tempfile
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,9 +95,10 @@ class Location:
 
     # -- queries ---------------------------------------------------------------------------
 
-    def _info(self) -> pafs.FileInfo:
+    def _info(self, selector: pafs.FileSelector | None = None) -> Any:
+        """`get_file_info` of this path (a `FileInfo`) or of `selector` (a list of them)."""
         try:
-            return self.filesystem.get_file_info(self.path)
+            return self.filesystem.get_file_info(selector or self.path)
         except OSError as err:
             raise StorageError(f"{self.uri}: {err}") from None
 
@@ -117,20 +118,14 @@ class Location:
 
     def listing(self, suffix: str = "", recursive: bool = False) -> list[tuple[Location, int]]:
         """`files` with each file's size, from the same single listing request."""
-        selector = pafs.FileSelector(self.path, allow_not_found=True, recursive=recursive)
-        try:
-            infos = self.filesystem.get_file_info(selector)
-        except OSError as err:
-            raise StorageError(f"{self.uri}: {err}") from None
+        infos = self._info(pafs.FileSelector(self.path, allow_not_found=True, recursive=recursive))
         base = self.path.rstrip("/")
         found = []
         for info in infos:
             relative = info.path[len(base):].lstrip("/")
-            if info.type != pafs.FileType.File or not relative.endswith(suffix):
-                continue
-            if any(part.startswith((".", "_")) for part in relative.split("/")):
-                continue
-            found.append((self / relative, info.size))
+            hidden = any(part.startswith((".", "_")) for part in relative.split("/"))
+            if info.type == pafs.FileType.File and relative.endswith(suffix) and not hidden:
+                found.append((self / relative, info.size))
         return sorted(found, key=lambda entry: entry[0].path)
 
     # -- reading ---------------------------------------------------------------------------
@@ -180,16 +175,12 @@ class Location:
         self._write(lambda stream: pq.write_table(table, stream))
 
     def delete(self) -> None:
-        try:
+        with suppress(FileNotFoundError):
             self.filesystem.delete_file(self.path)
-        except FileNotFoundError:
-            pass
 
     def delete_dir(self) -> None:
-        try:
+        with suppress(FileNotFoundError):
             self.filesystem.delete_dir(self.path)
-        except FileNotFoundError:
-            pass
 
 
 @contextmanager
@@ -278,15 +269,11 @@ def resolve(location: str | os.PathLike[str] | Location) -> Location:
     text = os.fspath(location)
     if not text:
         raise StorageError("empty location")
-    if not has_scheme(text):
-        path = str(Path(text).expanduser().resolve())
+    parsed = urlparse(text) if has_scheme(text) else None
+    if parsed is None or parsed.scheme.lower() == "file":
+        path = str(Path(text if parsed is None else parsed.path).expanduser().resolve())
         return Location(path, pafs.LocalFileSystem(), path)
-    parsed = urlparse(text)
-    scheme = parsed.scheme.lower()
-    if scheme == "file":
-        path = str(Path(parsed.path).resolve())
-        return Location(path, pafs.LocalFileSystem(), path)
-    filesystem = _filesystem(scheme, parsed.netloc)
+    filesystem = _filesystem(parsed.scheme.lower(), parsed.netloc)
     if isinstance(filesystem, pafs.PyFileSystem):  # fsspec names paths its own way
         path = filesystem.handler.fs._strip_protocol(text).rstrip("/")
     else:
