@@ -16,16 +16,18 @@ from core.shards import SHARD_SCHEMA
 
 
 # read sources -> identity sequences
-SEQUENCE_SCHEMA = pa.schema([
-    ("identity", pa.string()),  # "<source>/<source_pid>", unique over the run
-    ("source", pa.string()),
-    ("source_pid", pa.int64()),
-    ("camid", pa.int64()),
-    ("image_paths", pa.list_(pa.string())),
-    ("image_bytes", pa.list_(pa.binary())),
-    ("frames", pa.list_(pa.int64())),
-    ("seed", pa.int64()),  # identity seed: every image is reproducible from (config, identity, seed)
-])
+SEQUENCE_SCHEMA = pa.schema(
+    [
+        ("identity", pa.string()),  # "<source>/<source_pid>", unique over the run
+        ("source", pa.string()),
+        ("source_pid", pa.int64()),
+        ("camid", pa.int64()),
+        ("image_paths", pa.list_(pa.string())),
+        ("image_bytes", pa.list_(pa.binary())),
+        ("frames", pa.list_(pa.int64())),
+        ("seed", pa.int64()),  # identity seed: every image is reproducible from (config, identity, seed)
+    ]
+)
 
 # LPE captioning adds
 CAPTION_FIELDS = [
@@ -97,23 +99,25 @@ def append_columns(table: pa.Table, fields: Sequence[tuple[str, pa.DataType]], v
 
 
 # the write stage's output: what the driver receives per identity (no images: workers wrote them)
-STATUS_SCHEMA = pa.schema([
-    ("identity", pa.string()),
-    ("source", pa.string()),
-    ("source_pid", pa.int64()),
-    ("seed", pa.int64()),
-    ("status", pa.string()),
-    ("error", pa.string()),
-    ("attempts", pa.int64()),
-    ("caption", pa.string()),
-    ("caption_seconds", pa.float64()),
-    ("timings", pa.map_(pa.string(), pa.float64())),
-    ("filter_kind", pa.string()),
-    ("filter_seconds", pa.float64()),
-    ("reference_reused", pa.bool_()),
-    ("generated_at", pa.float64()),
-    ("generated_count", pa.int64()),
-    ("kept_count", pa.int64()),
-    ("staged_file", pa.string()),  # relative to DIR; "" when the identity failed
-    ("write_seconds", pa.float64()),
-])
+STATUS_SCHEMA = pa.schema(
+    [
+        ("identity", pa.string()),
+        ("source", pa.string()),
+        ("source_pid", pa.int64()),
+        ("seed", pa.int64()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("attempts", pa.int64()),
+        ("caption", pa.string()),
+        ("caption_seconds", pa.float64()),
+        ("timings", pa.map_(pa.string(), pa.float64())),
+        ("filter_kind", pa.string()),
+        ("filter_seconds", pa.float64()),
+        ("reference_reused", pa.bool_()),
+        ("generated_at", pa.float64()),
+        ("generated_count", pa.int64()),
+        ("kept_count", pa.int64()),
+        ("staged_file", pa.string()),  # relative to DIR; "" when the identity failed
+        ("write_seconds", pa.float64()),
+    ]
+)
