@@ -9,7 +9,7 @@ CSV keeps every cell (each seed), the Markdown averages over seeds (deltas of th
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from eval.downstream.settings import Setting
 STATUS_DONE, STATUS_UNAVAILABLE, STATUS_ERROR, STATUS_MISSING = "done", "unavailable", "error", "missing"
 INIT_ORDER = (INIT_IMAGENET, INIT_OURS, INIT_RANDOM)
 INIT_LABELS = {INIT_IMAGENET: "IN", INIT_OURS: "Ours", INIT_RANDOM: "Random"}
-BASELINES = {INIT_IMAGENET: "imagenet", INIT_RANDOM: "random"}
+BASELINES = (INIT_IMAGENET, INIT_RANDOM)  # ours minus these: columns delta_<metric>_vs_<init>
 METRICS = ("mAP", "rank1", "rank5", "rank10", "mINP")
 CSV_COLUMNS = (
     "dataset", "method", "init", "setting", "kind", "percent", "seed", "status",
@@ -51,10 +51,10 @@ def _add_deltas(frame: pd.DataFrame, references: pd.DataFrame, keys: list[str]) 
     baseline's row in `references` with the same `keys` (NaN where it has none)."""
     ours = frame["init"] == INIT_OURS
     index = pd.MultiIndex.from_frame(frame.loc[ours, keys])
-    for baseline, label in BASELINES.items():
+    for baseline in BASELINES:
         base = references[references["init"] == baseline].set_index(keys)
         for metric in ("mAP", "rank1"):
-            column = f"delta_{metric}_vs_{label}"
+            column = f"delta_{metric}_vs_{baseline}"
             frame[column] = frame[column] if column in frame else math.nan
             reference = base[metric].reindex(index).to_numpy(dtype=float)
             frame.loc[ours, column] = frame.loc[ours, metric].to_numpy(dtype=float) - reference
@@ -133,6 +133,22 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return lines
 
 
+# The rows of the paper's Table 2 and 3 layouts: an init's results, or ours' delta over a baseline.
+_LAYOUT = ((INIT_IMAGENET, None), (INIT_OURS, None), (None, INIT_IMAGENET), (INIT_RANDOM, None), (None, INIT_RANDOM))
+
+
+def _layout_rows(first: str, delta_first: str, columns: Callable[[str], list[Any]]) -> list[list[str]]:
+    """`columns(init)` gives the summary rows (or None) of the table's columns for `init`."""
+    rows = []
+    for init, baseline in _LAYOUT:
+        if init is not None:
+            rows.append([first, INIT_LABELS[init], *map(_value, columns(init))])
+        else:
+            rows.append([delta_first, f"Δ vs {'IN' if baseline == INIT_IMAGENET else 'random'}",
+                         *[_delta(row, baseline) or "-" for row in columns(INIT_OURS)]])
+    return rows
+
+
 def results_markdown(
     frame: pd.DataFrame,
     methods: Sequence[str] = (),
@@ -150,9 +166,7 @@ def results_markdown(
     datasets = list(dict.fromkeys(summary["dataset"]))
     cell = {(r["dataset"], r["method"], r["setting"], r["init"]): r for _, r in summary.iterrows()}
 
-    lines = ["# Downstream Re-ID evaluation", ""]
-    for key, value in (meta or {}).items():
-        lines.append(f"- {key}: {value}")
+    lines = ["# Downstream Re-ID evaluation", "", *[f"- {key}: {value}" for key, value in (meta or {}).items()]]
     lines += [
         "",
         "Entries are mAP/Rank-1 in % (Market-1501 protocol), averaged over seeds; deltas are "
@@ -162,16 +176,10 @@ def results_markdown(
         "## All cells",
         "",
     ]
-    rows = []
-    for dataset in datasets:
-        for method in method_order:
-            for setting in setting_order:
-                for init in INIT_ORDER:
-                    row = cell.get((dataset, method, setting, init))
-                    if row is None:
-                        continue
-                    rows.append([dataset, method.upper(), Setting.parse(setting).label, INIT_LABELS[init],
-                                 _value(row), str(row["seeds"]), _delta(row, "imagenet"), _delta(row, "random")])
+    rows = [[dataset, method.upper(), Setting.parse(setting).label, INIT_LABELS[init], _value(row), str(row["seeds"]),
+             _delta(row, "imagenet"), _delta(row, "random")]
+            for dataset in datasets for method in method_order for setting in setting_order for init in INIT_ORDER
+            if (row := cell.get((dataset, method, setting, init))) is not None]
     lines += _table(["Dataset", "Method", "Setting", "Init", "mAP/Rank-1", "Seeds", "Δ vs ImageNet",
                      "Δ vs random"], rows)
 
@@ -180,15 +188,8 @@ def results_markdown(
         lines += ["", "## Supervised (Table 2 layout)", ""]
         rows = []
         for dataset in datasets:
-            for init, delta_label in ((INIT_IMAGENET, None), (INIT_OURS, None), (None, "imagenet"),
-                                      (INIT_RANDOM, None), (None, "random")):
-                if init is not None:
-                    rows.append([dataset, INIT_LABELS[init]] +
-                                [_value(cell.get((dataset, m, "supervised", init))) for m in supervised])
-                else:
-                    rows.append(["", f"Δ vs {'IN' if delta_label == 'imagenet' else 'random'}"] +
-                                [_delta(cell.get((dataset, m, "supervised", INIT_OURS)), delta_label) or "-"
-                                 for m in supervised])
+            rows += _layout_rows(dataset, "", lambda init: [cell.get((dataset, m, "supervised", init))
+                                                            for m in supervised])
         lines += _table(["Dataset", "Init", *[m.upper() for m in supervised]], rows)
 
     fractions = [s for s in setting_order if Setting.parse(s).kind in ("fs", "ss")]
@@ -203,27 +204,16 @@ def results_markdown(
             for kind in ("fs", "ss"):
                 if not any(Setting.parse(s).kind == kind for s in present):
                     continue
-                for init, delta_label in ((INIT_IMAGENET, None), (INIT_OURS, None), (None, "imagenet"),
-                                          (INIT_RANDOM, None), (None, "random")):
-                    label = INIT_LABELS[init] if init else f"Δ vs {'IN' if delta_label == 'imagenet' else 'random'}"
-                    values = []
-                    for percent in percents:
-                        row = cell.get((dataset, method, f"{kind}{percent}", init or INIT_OURS))
-                        values.append(_value(row) if init else (_delta(row, delta_label) or "-"))
-                    rows.append([kind.capitalize(), label, *values])
+                rows += _layout_rows(kind.capitalize(), kind.capitalize(), lambda init: [
+                    cell.get((dataset, method, f"{kind}{percent}", init)) for percent in percents])
                 rows.append([kind.capitalize(), "data kept", *[
                     _kept(frame, dataset, method, f"{kind}{percent}") for percent in percents]])
             lines += _table(["Setting", "Init", *[f"{p}%" for p in percents]], rows)
 
     notes = summary[summary["reason"].astype(bool)]
     if not notes.empty:
-        lines += ["", "## Notes", ""]
-        seen: set[str] = set()
-        for _, row in notes.iterrows():
-            text = f"- {row['init']} / {row['status']}: {row['reason']}"
-            if row["status"] != STATUS_UNAVAILABLE:
-                text = f"- {row['dataset']}/{row['method']}/{row['init']}/{row['setting']} {row['status']}: {row['reason']}"
-            if text not in seen:
-                seen.add(text)
-                lines.append(text)
+        texts = [f"- {r['init']} / {r['status']}: {r['reason']}" if r["status"] == STATUS_UNAVAILABLE else
+                 f"- {r['dataset']}/{r['method']}/{r['init']}/{r['setting']} {r['status']}: {r['reason']}"
+                 for _, r in notes.iterrows()]
+        lines += ["", "## Notes", "", *dict.fromkeys(texts)]
     return "\n".join(lines) + "\n"
