@@ -31,7 +31,6 @@ from core.datasets.base import ImageRecord
 
 SettingKind = Literal["supervised", "fs", "ss"]
 SUPERVISED = "supervised"
-PAPER_PERCENTS = (10, 30, 50, 70, 90)
 _SETTING_PATTERN = re.compile(r"^(fs|ss)(\d{1,3})$")
 # Independent random streams for the two subset kinds, so fs and ss of one seed do not share draws.
 _FS_STREAM, _SS_STREAM = 1, 2
@@ -73,24 +72,16 @@ class Setting:
         return self.name
 
 
-def _round_half_up(value: float) -> int:
-    return int(np.floor(value + 0.5))
-
-
-def _identity_key(record: ImageRecord) -> tuple[str, int]:
-    return (record.source, record.pid)
-
-
-def _stable_hash(text: str) -> int:
-    """A process-independent hash (Python's `hash` of str is salted per process)."""
-    return zlib.crc32(text.encode("utf-8"))
+def _kept_count(total: int, percent: int, minimum: int) -> int:
+    """`percent` % of `total` rounded half up, at least `minimum`, at most `total`."""
+    return min(total, max(minimum, int(np.floor(percent / 100 * total + 0.5))))
 
 
 def _by_identity(records: Sequence[ImageRecord]) -> dict[tuple[str, int], list[ImageRecord]]:
     groups: dict[tuple[str, int], list[ImageRecord]] = defaultdict(list)
     for record in records:
         if not record.distractor:  # distractors are never training identities
-            groups[_identity_key(record)].append(record)
+            groups[(record.source, record.pid)].append(record)
     for images in groups.values():
         images.sort(key=lambda r: r.path)
     return groups
@@ -107,10 +98,10 @@ def few_shot_images(
         raise ValueError(f"min_images_per_id must be >= 1, got {min_images_per_id}")
     kept: list[ImageRecord] = []
     for (source, pid), images in sorted(_by_identity(records).items()):
-        count = min(len(images), max(min_images_per_id, _round_half_up(percent / 100 * len(images))))
-        rng = np.random.default_rng([seed % 2**32, _FS_STREAM, _stable_hash(f"{source}\0{pid}")])
-        order = rng.permutation(len(images))
-        kept.extend(images[i] for i in order[:count])
+        count = _kept_count(len(images), percent, min_images_per_id)
+        # crc32, not `hash`: Python salts the hash of a str per process.
+        rng = np.random.default_rng([seed % 2**32, _FS_STREAM, zlib.crc32(f"{source}\0{pid}".encode("utf-8"))])
+        kept.extend(images[i] for i in rng.permutation(len(images))[:count])
     return kept
 
 
@@ -121,12 +112,11 @@ def small_scale_identities(
     images. Order of the result: the records' own order."""
     if not 1 <= percent <= 100:
         raise ValueError(f"percent must be in 1..100, got {percent}")
-    groups = _by_identity(records)
-    identities = sorted(groups)
-    count = min(len(identities), max(min_identities, _round_half_up(percent / 100 * len(identities))))
+    identities = sorted(_by_identity(records))
+    count = _kept_count(len(identities), percent, min_identities)
     order = np.random.default_rng([seed % 2**32, _SS_STREAM]).permutation(len(identities))
     chosen = {identities[i] for i in order[:count]}
-    return [r for r in records if not r.distractor and _identity_key(r) in chosen]
+    return [r for r in records if not r.distractor and (r.source, r.pid) in chosen]
 
 
 def training_subset(
