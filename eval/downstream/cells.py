@@ -53,19 +53,12 @@ class Cell:
 def plan_cells(config: DownstreamConfig) -> list[Cell]:
     """The grid: dataset x method x init x setting x seed, with the Fs/Ss settings limited to
     `fraction_datasets` / `fraction_methods` when those are given."""
-    cells = []
-    for source in config.datasets:
-        for method in config.methods:
-            for setting in config.setting_list:
-                if setting.kind != "supervised":
-                    if config.fraction_datasets and source.source_name not in config.fraction_datasets:
-                        continue
-                    if config.fraction_methods and method not in config.fraction_methods:
-                        continue
-                for init in config.inits:
-                    for seed in config.seeds:
-                        cells.append(Cell(source.source_name, method, init, setting, seed))
-    return cells
+    return [Cell(source.source_name, method, init, setting, seed)
+            for source in config.datasets for method in config.methods for setting in config.setting_list
+            if setting.kind == "supervised" or (
+                (not config.fraction_datasets or source.source_name in config.fraction_datasets)
+                and (not config.fraction_methods or method in config.fraction_methods))
+            for init in config.inits for seed in config.seeds]
 
 
 def _digest(payload: Any) -> str:
@@ -100,7 +93,3 @@ def count_executions(out_dir: Location | str, cell: Cell) -> int:
     """How many trials started training this cell (lines of its `executions.log`)."""
     location = cell.directory(out_dir) / EXECUTIONS_FILE
     return len(location.read_text().splitlines()) if location.exists() else 0
-
-
-def _write_json(location: Location, data: Any) -> None:
-    location.write_bytes(json.dumps(data, indent=2).encode())

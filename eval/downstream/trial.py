@@ -3,6 +3,7 @@ resume it, write its result to the output URI (`run_trial`)."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
@@ -19,12 +20,12 @@ from torch import nn
 from core.datasets.base import ReidDataset
 from core.device import torch_device
 from core.storage import Location
-from eval.downstream.cells import EXECUTIONS_FILE, RESULT_FILE, Cell, _write_json, read_cell_result
+from eval.downstream.cells import EXECUTIONS_FILE, RESULT_FILE, Cell, read_cell_result
 from eval.downstream.config import INIT_RANDOM, DownstreamConfig
 from eval.downstream.inits import InitWeights, build_initialised_backbone
 from eval.downstream.methods import ReidMethod, get_method
 from eval.downstream.settings import training_subset
-from eval.downstream.tables import STATUS_DONE
+from eval.downstream.tables import METRICS, STATUS_DONE
 from trainers.checkpoint import TrainingState, cpu_state, load_training_state, save_training_state
 from trainers.config import ReidTrainConfig
 from trainers.reid.data import TrainingSet, make_train_loader
@@ -33,23 +34,12 @@ from trainers.reid.schedule import build_lr_scheduler, build_optimizer
 from trainers.reid.train import run_epoch
 
 
-
 # ------------------------------------------------------------------------------------------
 # One cell: fine-tune and evaluate
 
 
 # (epoch metrics, state to checkpoint or None) -> None
 EpochReporter = Callable[[dict[str, Any], "TrainingState | None"], None]
-
-
-def cell_recipe(config: DownstreamConfig, method: ReidMethod, options: Any, cell: Cell, num_ids: int) -> ReidTrainConfig:
-    """The cell's training config: the shared recipe as the method adjusts it, with the cell's
-    seed, and the PK sampler's P capped at the identities there are (a small Ss subset can have
-    fewer than `ids_per_batch`)."""
-    recipe = method.adjust_recipe(config.train, options)
-    return recipe.model_copy(update={
-        "seed": cell.seed, "init": INIT_RANDOM, "ids_per_batch": min(recipe.ids_per_batch, num_ids),
-    })
 
 
 def build_cell_model(
@@ -91,7 +81,12 @@ def fine_tune_cell(
     training = TrainingSet.from_records(records, images)
     if training.num_classes < 2:
         raise ValueError(f"{cell.key}: {training.num_classes} training identities; metric learning needs 2")
-    recipe = cell_recipe(config, method, options, cell, training.num_classes)
+    # The shared recipe as the method adjusts it, with the cell's seed, and the PK sampler's P
+    # capped at the identities there are (a small Ss subset can have fewer than `ids_per_batch`).
+    recipe = method.adjust_recipe(config.train, options)
+    recipe = recipe.model_copy(update={
+        "seed": cell.seed, "init": INIT_RANDOM, "ids_per_batch": min(recipe.ids_per_batch, training.num_classes),
+    })
     model, loss_fn = build_cell_model(method, options, recipe, init, training.num_classes, cell.seed)
     model.to(device)
     loss_fn.to(device)
@@ -122,7 +117,7 @@ def fine_tune_cell(
         "status": STATUS_DONE,
         "kind": cell.setting.kind,
         "percent": cell.setting.percent,
-        **{k: metrics[k] for k in ("mAP", "rank1", "rank5", "rank10", "mINP")},
+        **{k: metrics[k] for k in METRICS},
         "cmc": metrics["cmc"],
         "train_images": len(training.paths),
         "train_ids": training.num_classes,
@@ -194,7 +189,7 @@ def run_trial(params: dict[str, Any], context: TrialContext) -> None:
                             method=context.methods.get(cell.method), device=device, restored=restored,
                             report=_report_epoch, images=context.images.get(cell.dataset))
     result["digest"] = digest
-    _write_json(cell_dir / RESULT_FILE, result)
+    (cell_dir / RESULT_FILE).write_bytes(json.dumps(result, indent=2).encode())
     tune.report({k: result[k] for k in ("mAP", "rank1", "mINP", "train_seconds")})
 
 
