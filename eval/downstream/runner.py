@@ -33,7 +33,7 @@ from core.config import ConfigError, config_to_yaml
 from core.datasets.base import DatasetError, ReidDataset
 from core.datasets.images import read_images
 from core.datasets.registry import load_source
-from core.storage import Location, local_folder, resolve, user_path
+from core.storage import local_folder, resolve, user_path
 from eval.downstream.cells import (
     CONFIG_FILE,
     Cell,
@@ -48,6 +48,7 @@ from eval.downstream.config import INIT_IMAGENET, INIT_OURS, DownstreamConfig
 from eval.downstream.inits import InitWeights, load_ours, random_init, resolve_imagenet
 from eval.downstream.methods import get_method
 from eval.downstream.tables import (
+    METRICS,
     STATUS_DONE,
     STATUS_ERROR,
     STATUS_MISSING,
@@ -57,10 +58,6 @@ from eval.downstream.tables import (
     write_results_csv,
 )
 from eval.downstream.trial import TrialContext, build_cell_model, run_trial, trial_dirname, trial_name
-
-
-# ------------------------------------------------------------------------------------------
-# Driver
 
 
 @dataclass(frozen=True)
@@ -105,33 +102,6 @@ def check_methods(config: DownstreamConfig) -> None:
                               f"{recipe.arch!r}: {err}") from err
 
 
-def _trial_resources(config: DownstreamConfig) -> dict[str, float]:
-    gpus = config.gpus_per_trial
-    if gpus == "auto":
-        gpus = 1.0 if cluster_gpus() > 0 else 0.0
-    return {"cpu": config.cpus_per_trial, "gpu": float(gpus)}
-
-
-def _tuner(cells: Sequence[Cell], trainable: Any, config: DownstreamConfig, storage: Location, name: str) -> tune.Tuner:
-    return tune.Tuner(
-        trainable,
-        param_space={"cell": tune.grid_search([cell.params() for cell in cells])},
-        tune_config=tune.TuneConfig(
-            max_concurrent_trials=config.max_concurrent_trials,
-            reuse_actors=True,  # one process per concurrent slot: torch imports once, not per cell
-            trial_name_creator=trial_name,
-            trial_dirname_creator=trial_dirname,
-        ),
-        run_config=tune.RunConfig(
-            name=name,
-            storage_path=storage.uri,
-            failure_config=tune.FailureConfig(max_failures=config.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            verbose=1,
-        ),
-    )
-
-
 def _fit(tuner: tune.Tuner, errors: dict[str, str]) -> None:
     for result in tuner.fit():
         key = Cell.from_params(result.config["cell"]).key
@@ -150,7 +120,9 @@ def _run_tune(cells: Sequence[Cell], context: TrialContext, name: str) -> dict[s
     never scheduled them, or a result file was deleted) then run in a fresh experiment.
     """
     config = context.config
-    trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), _trial_resources(config))
+    gpus = config.gpus_per_trial if config.gpus_per_trial != "auto" else 1.0 if cluster_gpus() > 0 else 0.0
+    trainable = tune.with_resources(tune.with_parameters(run_trial, context=context),
+                                    {"cpu": config.cpus_per_trial, "gpu": float(gpus)})
     storage = context.out_dir / "tune"
     path = storage / name
     errors: dict[str, str] = {}
@@ -161,7 +133,23 @@ def _run_tune(cells: Sequence[Cell], context: TrialContext, name: str) -> dict[s
             and read_cell_result(context.out_dir, c, context.digests[c.key]) is None]
     if left:
         path.delete_dir()  # its finished work lives on in cells/
-        _fit(_tuner(left, trainable, config, storage, name), errors)
+        _fit(tune.Tuner(
+            trainable,
+            param_space={"cell": tune.grid_search([cell.params() for cell in left])},
+            tune_config=tune.TuneConfig(
+                max_concurrent_trials=config.max_concurrent_trials,
+                reuse_actors=True,  # one process per concurrent slot: torch imports once, not per cell
+                trial_name_creator=trial_name,
+                trial_dirname_creator=trial_dirname,
+            ),
+            run_config=tune.RunConfig(
+                name=name,
+                storage_path=storage.uri,
+                failure_config=tune.FailureConfig(max_failures=config.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                verbose=1,
+            ),
+        ), errors)
     return errors
 
 
@@ -175,10 +163,8 @@ def collect_rows(
         result = read_cell_result(context.out_dir, cell, context.digests[cell.key])
         base = {**cell.params(), "kind": cell.setting.kind, "percent": cell.setting.percent}
         if result is not None:
-            row = {**base, **{k: v for k, v in result.items() if k not in ("cmc", "history", "digest")}}
-            for metric in ("mAP", "rank1", "rank5", "rank10", "mINP"):
-                row[metric] = 100.0 * float(result[metric])
-            row["cmc"] = result["cmc"]
+            row = {**base, **{k: v for k, v in result.items() if k not in ("cmc", "history", "digest")},
+                   **{metric: 100.0 * float(result[metric]) for metric in METRICS}, "cmc": result["cmc"]}
         elif not init.available:
             row = {**base, "status": STATUS_UNAVAILABLE, "reason": init.reason}
         elif errors and cell.key in errors:
