@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -46,14 +47,6 @@ class InitWeights:
     reason: str = ""  # why unavailable
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def load_ours(path: str | Path, arch: str) -> InitWeights:
     """The evaluated backbone; raises `WeightsMismatchError` (naming keys) if it does not fit
     `timm.create_model(arch, num_classes=0)`, `WeightsUnavailableError` if the file is missing."""
@@ -64,7 +57,9 @@ def load_ours(path: str | Path, arch: str) -> InitWeights:
     model = build_backbone(arch, INIT_RANDOM, last_stride=2)
     load_backbone_safetensors(model, path)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return InitWeights(INIT_OURS, True, state, digest=f"sha256:{file_sha256(path)}", source=location.uri)
+    with open(path, "rb") as handle:
+        digest = hashlib.file_digest(handle, "sha256").hexdigest()
+    return InitWeights(INIT_OURS, True, state, digest=f"sha256:{digest}", source=location.uri)
 
 
 def resolve_imagenet(arch: str, mode: str = "download", hf_cache_dir: str | Path | None = None) -> InitWeights:
@@ -72,17 +67,14 @@ def resolve_imagenet(arch: str, mode: str = "download", hf_cache_dir: str | Path
     (mode `download`) downloaded where the hub rule allows it (`core.hub`: HF_HUB_OFFLINE=0),
     else unavailable with the reason."""
     tag, cached = cached_timm_weights(arch, hf_cache_dir)
+    unavailable = partial(InitWeights, INIT_IMAGENET, False, digest=f"pretrained:{tag}", source=tag)
     if cached is None and mode != "download":
-        return InitWeights(
-            INIT_IMAGENET, False, digest=f"pretrained:{tag}", source=tag,
-            reason=f"ImageNet weights for {arch!r} ({tag}) are not in the local Hugging Face / "
-            "torch-hub cache and downstream.imagenet_weights is 'cache'",
-        )
+        return unavailable(reason=f"ImageNet weights for {arch!r} ({tag}) are not in the local Hugging Face / "
+                           "torch-hub cache and downstream.imagenet_weights is 'cache'")
     try:
         model = create_pretrained(arch, hf_cache_dir)
     except (WeightsUnavailableError, OSError, RuntimeError) as err:
-        return InitWeights(INIT_IMAGENET, False, digest=f"pretrained:{tag}", source=tag,
-                           reason=str(err).splitlines()[0])
+        return unavailable(reason=str(err).splitlines()[0])
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return InitWeights(INIT_IMAGENET, True, state, digest=f"pretrained:{tag}", source=str(cached or tag))
 
