@@ -109,11 +109,9 @@ class DownstreamConfig(StrictModel):
     def _check_settings(cls, names: list[str]) -> list[str]:
         for name in names:
             Setting.parse(name)  # raises ValueError naming the bad entry
-        if len(set(names)) != len(names):
-            raise ValueError(f"settings repeat an entry: {names}")
         return names
 
-    @field_validator("methods", "inits", "seeds")
+    @field_validator("settings", "methods", "inits", "seeds")
     @classmethod
     def _unique(cls, values: list[Any]) -> list[Any]:
         if len(set(values)) != len(values):

@@ -19,10 +19,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from torch import nn
 
-from core.config import ConfigError, StrictModel
+from core.config import ConfigError, StrictModel, validate_config
 from trainers.config import ReidTrainConfig
 from trainers.reid.losses import BotLoss
 from trainers.reid.model import ReidBaseline
@@ -59,13 +59,7 @@ class ReidMethod:
 
     def options(self, raw: dict[str, Any] | None) -> BaseModel:
         """Validated options from `downstream.method_options.<name>`."""
-        try:
-            return self.options_model.model_validate(raw or {})
-        except ValidationError as err:
-            details = "; ".join(
-                f"'{'.'.join(str(p) for p in e['loc'])}': {e['msg']}" for e in err.errors()
-            )
-            raise ConfigError(f"downstream.method_options.{self.name}: {details}") from None
+        return validate_config(self.options_model, raw or {}, f"downstream.method_options.{self.name}")
 
 
 METHODS: dict[str, ReidMethod] = {}
