@@ -49,11 +49,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(resolve(report.results_md).read_text())
     print(f"wrote {report.results_csv}, {report.results_md} and {len(report.plots)} plots in "
           f"{report.seconds:.0f} s ({len(report.trained)} cells trained now)")
-    if report.errors:
-        for key, error in report.errors.items():
-            print(f"error in {key}: {error}", file=sys.stderr)
-        return 1
-    return 0
+    for key, error in report.errors.items():
+        print(f"error in {key}: {error}", file=sys.stderr)
+    return 1 if report.errors else 0
 
 
 if __name__ == "__main__":
