@@ -59,8 +59,7 @@ class NonLocalBlock(nn.Module):
 
     def __init__(self, channels: int, reduction: int = 2) -> None:
         super().__init__()
-        inner = max(1, channels // reduction)
-        self.inner = inner
+        self.inner = inner = max(1, channels // reduction)
         self.theta = nn.Conv2d(channels, inner, kernel_size=1)
         self.phi = nn.Conv2d(channels, inner, kernel_size=1)
         self.g = nn.Conv2d(channels, inner, kernel_size=1)
@@ -184,12 +183,10 @@ class AgwLoss(nn.Module):
         self.center = CenterLoss(num_classes, feature_dim, options.center_alpha) if self.center_weight > 0 else None
 
     def forward(self, output: ReidOutput, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        id_loss = self.cross_entropy(output.logits, labels)
-        triplet = weighted_regularized_triplet_loss(output.features, labels)
-        losses = {"id_loss": id_loss, "triplet_loss": triplet}
-        total = id_loss + triplet
+        losses = {"id_loss": self.cross_entropy(output.logits, labels),
+                  "triplet_loss": weighted_regularized_triplet_loss(output.features, labels)}
+        total = losses["id_loss"] + losses["triplet_loss"]
         if self.center is not None:
-            center = self.center(output.features, labels)
-            losses["center_loss"] = center
-            total = total + self.center_weight * center
+            losses["center_loss"] = self.center(output.features, labels)
+            total = total + self.center_weight * losses["center_loss"]
         return {"loss": total, **losses}
