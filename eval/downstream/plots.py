@@ -33,7 +33,7 @@ def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text)
 
 
-def _save(figure: plt.Figure, path: Path) -> Path:
+def save_figure(figure: plt.Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
@@ -63,7 +63,7 @@ def plot_cmc(
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.grid(alpha=0.3)
         axis.legend(loc="lower right", fontsize=8)
-        paths.append(_save(figure, out_dir / f"cmc_{_safe(dataset)}_{_safe(method)}_{_safe(setting)}.png"))
+        paths.append(save_figure(figure, out_dir / f"cmc_{_safe(dataset)}_{_safe(method)}_{_safe(setting)}.png"))
     return paths
 
 
@@ -89,7 +89,7 @@ def plot_fraction_curves(frame: pd.DataFrame, out_dir: Path) -> list[Path]:
                 axis.grid(alpha=0.3)
                 axis.legend(fontsize=8)
             figure.suptitle(f"{dataset}, {method.upper()}: {_KIND_NAMES[kind]}", fontsize=10)
-            paths.append(_save(figure, out_dir / f"fraction_{_safe(dataset)}_{_safe(method)}_{kind}.png"))
+            paths.append(save_figure(figure, out_dir / f"fraction_{_safe(dataset)}_{_safe(method)}_{kind}.png"))
     return paths
 
 

@@ -42,12 +42,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_run_config(args.config, args.overrides)
         report = run_experiment(config, args.out, origin=config_origin(args.config or DEFAULT_PRESET, args.overrides))
-    except REFUSED as err:
+    except REFUSED + FAILED as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
-    except FAILED as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(err, REFUSED) else 1
     print(resolve(report.results_md).read_text())
     print(f"wrote {report.results_md}, {report.results_csv} in {report.seconds:.0f} s "
           f"({len(report.trained)} chains run now)")

@@ -64,10 +64,7 @@ def results_markdown(summary: pd.DataFrame, baseline: str, meta: Mapping[str, st
 
 def write_plots(summary: pd.DataFrame, folder: Path) -> list[Path]:
     """Bar chart of mAP (mean ± std over seeds) per arm, one panel per setting."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from eval.downstream.plots import plt, save_figure  # matplotlib (Agg: files only) just when plotting
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -81,9 +78,5 @@ def write_plots(summary: pd.DataFrame, folder: Path) -> list[Path]:
             axis.set_xticks(range(len(rows)), rows["arm"], rotation=45, ha="right", fontsize=8)
             axis.set_title(f"{method.upper()} {dataset}, {Setting.parse(setting).label}", fontsize=9)
             axis.set_ylabel("mAP (%)")
-        figure.tight_layout()
-        path = folder / f"map_{dataset}_{method}.png"
-        figure.savefig(path, dpi=110)
-        plt.close(figure)
-        paths.append(path)
+        paths.append(save_figure(figure, folder / f"map_{dataset}_{method}.png"))
     return paths
