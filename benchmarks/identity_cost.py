@@ -513,6 +513,13 @@ def run(args, config: RunConfig, meter: PhaseMeter) -> tuple[list[Identity], dic
     identities = [Identity(f"{SOURCE}/{i}") for i in range(n)]
     info: dict = {"setup": {}}
 
+    def process(phase: str, stage, batch: pa.Table, identity: Identity) -> pa.Table:
+        meter.begin(phase)
+        out = stage.process_batch(batch)
+        identity.stats.update(meter.take())
+        identity.seconds[phase] = out.column(f"{phase}_seconds")[0].as_py()
+        return out
+
     # caption
     start = time.perf_counter()
     caption = CaptionStage(config.caption, num_gpus)
@@ -523,13 +530,7 @@ def run(args, config: RunConfig, meter: PhaseMeter) -> tuple[list[Identity], dic
         caption.setup()
     info["setup"]["caption"] = time.perf_counter() - start
     table = sequence_rows(n, config.sequences.max_images)
-    captioned = []
-    for i, identity in enumerate(identities):
-        meter.begin("caption")
-        row = caption.process_batch(table.slice(i, 1))
-        identity.stats.update(meter.take())
-        identity.seconds["caption"] = row.column("caption_seconds")[0].as_py()
-        captioned.append(row)
+    captioned = [process("caption", caption, table.slice(i, 1), identity) for i, identity in enumerate(identities)]
     info["caption"] = captioned[0].column("caption")[0].as_py()
     caption.model = caption.processor = None
     del caption
@@ -585,10 +586,7 @@ def run(args, config: RunConfig, meter: PhaseMeter) -> tuple[list[Identity], dic
         filtering.setup()
         info["setup"]["filter"] = time.perf_counter() - start
         for identity, row in zip(identities, generated):
-            meter.begin("filter")
-            out = filtering.process_batch(row)
-            identity.stats.update(meter.take())
-            identity.seconds["filter"] = out.column("filter_seconds")[0].as_py()
+            process("filter", filtering, row, identity)
         del filtering
         _release()
     return identities, info
