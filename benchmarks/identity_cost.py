@@ -249,9 +249,9 @@ class DiffusersBaseline:
     """The generation work written as plain diffusers code would: pipeline calls for the
     reference set and the samples, the DreamBooth example's prior-preservation loop for the
     fine-tune. Same pipeline object (so the same weights, dtypes, sampler and gradient
-    checkpointing setting as ours), same sizes, steps and batches. Prompts are encoded and autocast
-    entered by the generator's own building blocks (one tokenizer + text encoder call, a plain
-    `torch.autocast`), as the example does: only the loops are plain diffusers code."""
+    checkpointing setting as ours), same sizes, steps and batches. Prompt encoding and autocast are
+    the generator's own helpers (one tokenizer + text encoder call; a plain `torch.autocast`), the
+    same calls the example makes."""
 
     def __init__(self, generator) -> None:
         from diffusers import DDPMScheduler
