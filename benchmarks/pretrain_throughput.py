@@ -23,7 +23,8 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
+from itertools import islice
 from pathlib import Path
 
 import core  # noqa: F401  (before Ray: keeps the local cluster off `uv run` env rebuilds)
@@ -47,13 +48,6 @@ def make_shards(out: Path, ids: int, image_size: tuple[int, int]) -> Path:
                                                                       images_per_camera=4))
     write_shards(load_market1501(source).train, out / "data", image_size=image_size, rows_per_shard=64)
     return out / "data"
-
-
-def take(batches: Iterable[dict[str, torch.Tensor]], steps: int) -> Iterator[dict[str, torch.Tensor]]:
-    for index, batch in enumerate(batches):
-        if index >= steps:
-            return
-        yield batch
 
 
 def measure_pipeline(files: Sequence[Path], config: PretrainConfig, batch: int, device: torch.device) -> float:
@@ -82,10 +76,10 @@ def measure_step(config: PretrainConfig, num_classes: int, batch: int, steps: in
                  LABEL_KEY: torch.randint(0, num_classes, (batch,), device=device)}
         batches = (fixed for _ in range(steps + 1))
     iterator = iter(batches)
-    train_one_epoch(model, take(iterator, 1), augment, loss_fn, optimizer, plan, device)  # warm-up
+    train_one_epoch(model, islice(iterator, 1), augment, loss_fn, optimizer, plan, device)  # warm-up
     if device.type == "cuda":
         torch.cuda.synchronize()
-    metrics = train_one_epoch(model, take(iterator, steps), augment, loss_fn, optimizer, plan, device)
+    metrics = train_one_epoch(model, islice(iterator, steps), augment, loss_fn, optimizer, plan, device)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return metrics["images"] / metrics["epoch_seconds"]
