@@ -12,7 +12,6 @@ import fcntl
 import shutil
 import tempfile
 from pathlib import Path
-from typing import IO
 
 import torch
 
@@ -44,8 +43,13 @@ class BaseWeightCopy:
         for folder in remove_abandoned_copies(Path(tempfile.gettempdir())):
             print(f"[generate] removed {folder}, a base-weight copy left by a killed actor", flush=True)
         self._folder = tempfile.TemporaryDirectory(prefix=_FOLDER_PREFIX)
-        self._owner_lock = _hold_owner_lock(Path(self._folder.name))
-        self._file = Path(self._folder.name) / "unet.safetensors"
+        folder = Path(self._folder.name)
+        # Lock first, then give the lock its name: a sweeper never sees an unlocked live folder.
+        pending = folder / (_OWNER_LOCK + ".pending")
+        self._owner_lock = pending.open("wb")
+        fcntl.flock(self._owner_lock, fcntl.LOCK_EX)
+        pending.rename(folder / _OWNER_LOCK)
+        self._file = folder / "unet.safetensors"
         save_file({name: tensor.contiguous() for name, tensor in state.items()}, str(self._file))
         self._groups = _groups_by_bytes(state, mapped_bytes_per_open)
 
@@ -67,15 +71,6 @@ class BaseWeightCopy:
             with safe_open(str(self._file), framework="pt", device="cpu") as stored:
                 for name in group:
                     live[name].copy_(stored.get_tensor(name))
-
-
-def _hold_owner_lock(folder: Path) -> IO[bytes]:
-    """Lock first, then give the lock its name: a sweeper never sees an unlocked live folder."""
-    pending = folder / (_OWNER_LOCK + ".pending")
-    handle = pending.open("wb")
-    fcntl.flock(handle, fcntl.LOCK_EX)
-    pending.rename(folder / _OWNER_LOCK)
-    return handle
 
 
 def remove_abandoned_copies(parent: Path) -> list[Path]:
