@@ -19,21 +19,13 @@ def staged_rows(row: dict) -> pa.Table:
     """Explode one filtered identity row into one staged row per generated image."""
     n = len(row["generated"])
     stem = safe_file_stem(row["identity"])
-    return pa.table(
-        {
-            "image": [{"bytes": b, "path": f"{stem}_{i:04d}.jpg"} for i, b in enumerate(row["generated"])],
-            "source": [row["source"]] * n,
-            "source_pid": [row["source_pid"]] * n,
-            "identity": [row["identity"]] * n,
-            "prompt": row["sample_prompts"],
-            "seed": row["sample_seeds"],
-            "score": row["scores"],
-            "index": list(range(n)),
-            "kept": row["kept"],
-            "reason": row["reasons"],
-        },
-        schema=STAGED_SCHEMA,
-    )
+    columns = {
+        "image": [{"bytes": b, "path": f"{stem}_{i:04d}.jpg"} for i, b in enumerate(row["generated"])],
+        **{name: [row[name]] * n for name in ("source", "source_pid", "identity")},
+        "prompt": row["sample_prompts"], "seed": row["sample_seeds"], "score": row["scores"], "index": list(range(n)),
+        "kept": row["kept"], "reason": row["reasons"],
+    }
+    return pa.table(columns, schema=STAGED_SCHEMA)
 
 
 def status_row(row: dict, staged_file: str, seconds: float) -> dict:
@@ -79,13 +71,10 @@ class WriteStage(Stage):
             if row["status"] == "ok":
                 staged = write_staged_identity(self.root, row["identity"], staged_rows(row))
                 if row["identity"] in self.previews:
-                    self._write_preview(row)
+                    from factory.report import identity_strip
+
+                    buffer = io.BytesIO()
+                    identity_strip(row).save(buffer, format="PNG")
+                    (self.root / "previews" / f"{safe_file_stem(row['identity'])}.png").write_bytes(buffer.getvalue())
             statuses.append(status_row(row, staged, time.perf_counter() - start))
         return pa.Table.from_pylist(statuses, schema=STATUS_SCHEMA)
-
-    def _write_preview(self, row: dict) -> None:
-        from factory.report import identity_strip
-
-        buffer = io.BytesIO()
-        identity_strip(row).save(buffer, format="PNG")
-        (self.root / "previews" / f"{safe_file_stem(row['identity'])}.png").write_bytes(buffer.getvalue())
