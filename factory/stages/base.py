@@ -3,19 +3,19 @@ Ray Data, and tests call them directly on in-memory `pyarrow.Table`s."""
 
 from __future__ import annotations
 
+import io
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import pyarrow as pa
+from PIL import Image
 
-from core.device import torch_device
 from factory.schema import append_columns, require_columns, with_fields
 
 
-def actor_device(num_gpus: float) -> str:
-    """The torch device of an actor that asked for `num_gpus`: its GPU when it holds one."""
-    return torch_device(num_gpus > 0)
+def decode_images(images: Sequence[bytes]) -> list[Image.Image]:
+    return [Image.open(io.BytesIO(b)).convert("RGB") for b in images]
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,6 @@ class Stage(ABC):
     def process_batch(self, batch: pa.Table) -> pa.Table: ...
 
     def output_schema(self, input_schema: pa.Schema) -> pa.Schema:
-        """The schema of this stage's output, given its input's."""
         return with_fields(input_schema, self.writes)
 
 
@@ -64,12 +63,8 @@ class RowStage(Stage):
 
     def process_batch(self, batch: pa.Table) -> pa.Table:
         require_columns(batch, self.reads, self.name)
-        values: dict[str, list] = {name: [] for name, _ in self.writes}
-        for row in batch.to_pylist():
-            written = self.process_row(row)
-            for name, column in values.items():
-                column.append(written[name])
-        return append_columns(batch, self.writes, values)
+        written = [self.process_row(row) for row in batch.to_pylist()]
+        return append_columns(batch, self.writes, {name: [row[name] for row in written] for name, _ in self.writes})
 
 
 def check_columns(schema: pa.Schema, stages: Sequence[Stage]) -> pa.Schema:

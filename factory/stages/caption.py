@@ -3,7 +3,6 @@ and build the enhanced prompt P_E with the Identity Information Representer (IIR
 
 from __future__ import annotations
 
-import io
 import re
 import time
 from collections import Counter
@@ -12,10 +11,11 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 
+from core.device import torch_device
 from factory.schema import CAPTION_FIELDS, SEQUENCE_SCHEMA
 from factory.stage_config import CaptionConfig
 from factory.models.shipping import ModelFolders
-from factory.stages.base import RowStage, StageResources, actor_device
+from factory.stages.base import RowStage, StageResources, decode_images
 
 _PHRASE_SPLIT = re.compile(r",|;|\band\b|\bwith\b")
 
@@ -72,8 +72,7 @@ class CaptionStage(RowStage):
         self.config = config
         self.num_gpus = num_gpus
         self.folders = folders or ModelFolders()
-        self.model = None
-        self.processor = None
+        self.model = self.processor = None
 
     def resources(self) -> StageResources:
         c = self.config
@@ -86,27 +85,24 @@ class CaptionStage(RowStage):
 
         if self.config.captions == "category":
             return  # no captioner: every identity's caption is empty, its prompt the category's
-        self.device = actor_device(self.num_gpus)
+        self.device = torch_device(self.num_gpus > 0)
         self.model, self.processor = load_captioner(self.folders.open(self.config.model), self.device, self.config.dtype)
 
     @torch.inference_mode()
     def caption_images(self, images: Sequence[Image.Image]) -> list[str]:
         assert self.model is not None and self.processor is not None, "call setup() first"
         prompts = [self.config.prompt] * len(images)
-        inputs = self.processor(images=list(images), text=prompts, return_tensors="pt", padding=True)
-        inputs = inputs.to(self.device)
+        inputs = self.processor(images=list(images), text=prompts, return_tensors="pt", padding=True).to(self.device)
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
-        output = self.model.generate(
-            **inputs, max_new_tokens=self.config.max_new_tokens, num_beams=self.config.num_beams, do_sample=False
-        )
+        output = self.model.generate(**inputs, max_new_tokens=self.config.max_new_tokens,
+                                     num_beams=self.config.num_beams, do_sample=False)
         texts = self.processor.batch_decode(output, skip_special_tokens=True)
         return [clean_caption(t, self.config.prompt) for t in texts]
 
     def process_row(self, row: dict) -> dict:
         start = time.perf_counter()
-        captions = ([] if self.config.captions == "category" else
-                    self.caption_images([Image.open(io.BytesIO(b)).convert("RGB") for b in row["image_bytes"]]))
+        captions = [] if self.config.captions == "category" else self.caption_images(decode_images(row["image_bytes"]))
         caption = merge_captions(captions)
         prompt, reference = build_prompts(caption, self.config)
         return {"captions": captions, "caption": caption, "prompt": prompt, "reference_prompt": reference,

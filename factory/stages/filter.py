@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import time
 from abc import ABC, abstractmethod
@@ -23,11 +22,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from core.device import torch_device
 from core.storage import Location, local_file, resolve
 from factory.schema import FILTER_FIELDS, GENERATED_SCHEMA
 from factory.stage_config import FilterConfig
 from factory.models.shipping import ModelFolders
-from factory.stages.base import RowStage, StageResources, actor_device
+from factory.stages.base import RowStage, StageResources, decode_images
 from trainers.config import ReidTrainConfig
 
 
@@ -45,22 +45,17 @@ class FilterModelSpec:
         location = resolve(directory)
         meta = (location / "filter_model.json").read_json()
         weights = location / meta["weights"]
-        return cls(
-            weights=weights.local_path if weights.is_local else weights.uri,
-            config=ReidTrainConfig.model_validate(meta["config"]),
-            labels={int(k): int(v) for k, v in meta["labels"].items()},
-        )
+        return cls(weights=weights.local_path if weights.is_local else weights.uri,
+                   config=ReidTrainConfig.model_validate(meta["config"]),
+                   labels={int(k): int(v) for k, v in meta["labels"].items()})
 
     def save(self, directory: Location | Path | str) -> None:
         location, weights = resolve(directory), resolve(self.weights)
         prefix = location.path.rstrip("/") + "/"
         if not weights.path.startswith(prefix):
             raise ValueError(f"filter model weights {weights} are not inside {location}")
-        meta = {
-            "weights": weights.path[len(prefix):],
-            "config": self.config.model_dump(mode="json"),
-            "labels": {str(k): v for k, v in self.labels.items()},
-        }
+        meta = {"weights": weights.path[len(prefix):], "config": self.config.model_dump(mode="json"),
+                "labels": {str(k): v for k, v in self.labels.items()}}
         (location / "filter_model.json").write_text(json.dumps(meta, indent=1))
 
 
@@ -79,10 +74,6 @@ class PendingFilterModel:
         return ray.get(self.result)
 
 
-def decode(images: Sequence[bytes]) -> list[Image.Image]:
-    return [Image.open(io.BytesIO(b)).convert("RGB") for b in images]
-
-
 class ImageFilter(ABC):
     """One filter: `score` a row's generated images; `keep` says whether a score passes."""
 
@@ -95,13 +86,14 @@ class ImageFilter(ABC):
     def prepare(self, source: str) -> None:  # noqa: B027 - optional hook
         """Make `source`'s rows scorable (wait for a model still training); not timed as filtering."""
 
+    def score(self, row: Mapping) -> list[float]:
+        return self.score_images(row) if row["generated"] else []
+
     @abstractmethod
-    def score(self, row: Mapping) -> list[float]: ...
+    def score_images(self, row: Mapping) -> list[float]: ...  # `score` of a row with generated images
 
     def keep(self, score: float) -> tuple[bool, str]:
-        if score >= self.threshold:
-            return True, ""
-        return False, f"score {score:.3f} < threshold {self.threshold}"
+        return (True, "") if score >= self.threshold else (False, f"score {score:.3f} < threshold {self.threshold}")
 
 
 class _ReidModelFilter(ImageFilter):
@@ -143,27 +135,23 @@ class _ReidModelFilter(ImageFilter):
 
 
 class ReidThresholdFilter(_ReidModelFilter):
-    def score(self, row: Mapping) -> list[float]:
-        if not row["generated"]:
-            return []
+    def score_images(self, row: Mapping) -> list[float]:
         source = row["source"]
-        reference = F.normalize(self.features(source, decode(row["image_bytes"])), dim=1)
+        reference = F.normalize(self.features(source, decode_images(row["image_bytes"])), dim=1)
         centroid = F.normalize(reference.mean(dim=0, keepdim=True), dim=1)
-        generated = F.normalize(self.features(source, decode(row["generated"])), dim=1)
+        generated = F.normalize(self.features(source, decode_images(row["generated"])), dim=1)
         return (generated @ centroid.T).squeeze(1).cpu().tolist()
 
 
 class ClassifierConfidenceFilter(_ReidModelFilter):
-    def score(self, row: Mapping) -> list[float]:
-        if not row["generated"]:
-            return []
+    def score_images(self, row: Mapping) -> list[float]:
         source, pid = row["source"], int(row["source_pid"])
         self.prepare(source)
         label = self.specs[source].labels.get(pid)
         if label is None:
             raise KeyError(f"{row['identity']}: the {source} filter model was not trained on pid {pid}")
         with torch.inference_mode():
-            logits = self.models[source].classifier(self.features(source, decode(row["generated"])))
+            logits = self.models[source].classifier(self.features(source, decode_images(row["generated"])))
         return logits.softmax(dim=1)[:, label].cpu().tolist()
 
 
@@ -181,10 +169,8 @@ class ClipFilter(ImageFilter):
         self.text_tokens = dict(self.processor(text=texts, return_tensors="pt", padding=True).to(device))
 
     @torch.inference_mode()
-    def score(self, row: Mapping) -> list[float]:
-        if not row["generated"]:
-            return []
-        pixels = self.processor(images=decode(row["generated"]), return_tensors="pt").to(self.device)
+    def score_images(self, row: Mapping) -> list[float]:
+        pixels = self.processor(images=decode_images(row["generated"]), return_tensors="pt").to(self.device)
         # Not transformers' zero-shot-image-classification pipeline: it tokenizes the prompts
         # again on every call and returns label dicts sorted by score; here they are tokenized
         # once per actor. The model's own forward gives image-text logits (scaled cosine): stable across
@@ -194,12 +180,9 @@ class ClipFilter(ImageFilter):
 
 
 def build_filter(config: FilterConfig, models: Mapping[str, FilterModelSpec | PendingFilterModel]) -> ImageFilter:
-    builders = {
-        "reid": lambda: ReidThresholdFilter(config.threshold, models),
-        "cctf": lambda: ClassifierConfidenceFilter(config.threshold, models),
-        "clip": lambda: ClipFilter(config.threshold, config),
-    }
-    return builders[config.kind]()
+    if config.kind == "clip":
+        return ClipFilter(config.threshold, config)
+    return {"reid": ReidThresholdFilter, "cctf": ClassifierConfidenceFilter}[config.kind](config.threshold, models)
 
 
 class FilterStage(RowStage):
@@ -220,7 +203,7 @@ class FilterStage(RowStage):
         return StageResources(1, c.min, c.max, 1.0, self.num_gpus)
 
     def setup(self) -> None:
-        device = actor_device(self.num_gpus)
+        device = torch_device(self.num_gpus > 0)
         config = self.config
         if config.kind == "clip":  # the CLIP model as this node opens it
             config = config.model_copy(update={"clip_model": self.folders.open(config.clip_model)})

@@ -13,12 +13,11 @@ One actor holds the base text-to-image pipeline once. For each identity it
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import random
 import time
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,14 +25,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from core.device import return_freed_host_memory
+from core.device import return_freed_host_memory, torch_device
 from core.storage import resolve
 from factory.schema import CAPTIONED_SCHEMA, GENERATION_FIELDS
 from factory.sequences import stable_seed
 from factory.stage_config import GenerationConfig, OutputConfig, VariationConfig, fault_target
 from core.shards import encode_image
 from factory.models.shipping import ModelFolders
-from factory.stages.base import RowStage, StageResources, actor_device
+from factory.stages.base import RowStage, StageResources, decode_images
 from factory.stages.base_weights import BaseWeightCopy
 
 
@@ -60,18 +59,12 @@ class PriorPreservationLoss(torch.nn.Module):
             raise ValueError(f"prior_weight must be >= 0, got {prior_weight}")
         self.prior_weight = prior_weight
 
-    def forward(
-        self,
-        instance_pred: torch.Tensor,
-        instance_target: torch.Tensor,
-        prior_pred: torch.Tensor | None = None,
-        prior_target: torch.Tensor | None = None,
-    ) -> PriorPreservationTerms:
+    def forward(self, instance_pred: torch.Tensor, instance_target: torch.Tensor,
+                prior_pred: torch.Tensor | None = None, prior_target: torch.Tensor | None = None
+                ) -> PriorPreservationTerms:
         instance = F.mse_loss(instance_pred.float(), instance_target.float())
-        if prior_pred is None or prior_target is None:
-            prior = instance.new_zeros(())
-        else:
-            prior = F.mse_loss(prior_pred.float(), prior_target.float())
+        no_prior = prior_pred is None or prior_target is None
+        prior = instance.new_zeros(()) if no_prior else F.mse_loss(prior_pred.float(), prior_target.float())
         return PriorPreservationTerms(instance + self.prior_weight * prior, instance, prior)
 
 
@@ -117,6 +110,7 @@ SCHEDULERS: dict[str, tuple[str, dict]] = {
 MIXED_PRECISION_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 LORA_ADAPTER = "identity"
 REFERENCE_PREVIEWS = 4  # reference images decoded for the contact sheet; the rest stay latents
+_LARGE_UNET_BYTES = 2**30  # SD v1.4's UNet: 3.4 GB in fp32; the demo's: a few MB
 
 
 def sampling_scheduler(model_scheduler, name: str):
@@ -174,9 +168,6 @@ def _make_optimizer(params, config: GenerationConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=lr)
 
 
-_LARGE_UNET_BYTES = 2**30  # SD v1.4's UNet: 3.4 GB in fp32; the demo's: a few MB
-
-
 class DiversityInjectionGenerator:
     """Per-identity fine-tune-and-sample around one loaded `StableDiffusionPipeline`.
 
@@ -188,9 +179,8 @@ class DiversityInjectionGenerator:
     state are freed before sampling, and on a CPU handed back to the OS.
     """
 
-    def __init__(
-        self, pipeline, config: GenerationConfig, device: str = "cpu", references: ReferenceSetStore | None = None
-    ) -> None:
+    def __init__(self, pipeline, config: GenerationConfig, device: str = "cpu",
+                 references: ReferenceSetStore | None = None) -> None:
         from diffusers import DDPMScheduler
 
         self.references = references
@@ -228,16 +218,14 @@ class DiversityInjectionGenerator:
 
     # -- building blocks -------------------------------------------------------------------
     def _autocast(self):
-        if self.config.mixed_precision == "no":
-            return nullcontext()
-        dtype = MIXED_PRECISION_DTYPES[self.config.mixed_precision]
-        return torch.autocast(device_type="cuda" if self.device.startswith("cuda") else "cpu", dtype=dtype)
+        dtype = MIXED_PRECISION_DTYPES.get(self.config.mixed_precision)  # None: "no"
+        device_type = "cuda" if self.device.startswith("cuda") else "cpu"
+        return nullcontext() if dtype is None else torch.autocast(device_type=device_type, dtype=dtype)
 
     @torch.no_grad()
     def encode_prompt(self, prompt: str) -> torch.Tensor:
-        tokens = self.tokenizer(
-            prompt, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
-        )
+        tokens = self.tokenizer(prompt, padding="max_length", max_length=self.tokenizer.model_max_length,
+                                truncation=True, return_tensors="pt")
         return self.text_encoder(tokens.input_ids.to(self.device))[0]
 
     @torch.no_grad()
@@ -250,10 +238,8 @@ class DiversityInjectionGenerator:
             chunk = images[start : start + self.config.vae_batch_size]
             # Not VaeImageProcessor.preprocess: it resizes with Lanczos, and bicubic is what every
             # earlier build was trained on (the same rows from the same config).
-            arrays = [
-                np.asarray(img.convert("RGB").resize((width, height), Image.Resampling.BICUBIC), dtype=np.float32)
-                for img in chunk
-            ]
+            arrays = [np.asarray(img.convert("RGB").resize((width, height), Image.Resampling.BICUBIC), dtype=np.float32)
+                      for img in chunk]
             pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1.0
             dist = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist
             means.append(dist.mean.float())
@@ -282,20 +268,12 @@ class DiversityInjectionGenerator:
         for start in range(0, len(prompts), batch):
             generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds[start : start + batch]]
             with torch.inference_mode(), self._autocast():
-                result = self.pipe(
-                    prompt=list(prompts[start : start + batch]),
-                    height=height,
-                    width=width,
-                    num_inference_steps=steps,
-                    guidance_scale=self.config.guidance_scale,
-                    generator=generators,
-                    output_type="latent",
-                )
+                result = self.pipe(prompt=list(prompts[start : start + batch]), height=height, width=width,
+                                   num_inference_steps=steps, guidance_scale=self.config.guidance_scale,
+                                   generator=generators, output_type="latent")
             chunks.append(result.images.float().clone())  # a normal tensor, usable by the fine-tune's autograd
         self._return_freed_host_memory(collect_cycles=self._collect_after_sampling)  # before the VAE decodes
-        if not chunks:
-            return torch.empty(0)
-        return torch.cat(chunks)
+        return torch.cat(chunks) if chunks else torch.empty(0)
 
     def _return_freed_host_memory(self, collect_cycles: bool = True) -> None:
         """On a CPU, hand what the last phase freed back to the OS: glibc keeps freed blocks in
@@ -306,35 +284,24 @@ class DiversityInjectionGenerator:
             return_freed_host_memory(collect_cycles)
 
     def generate_images(self, prompts: Sequence[str], seeds: Sequence[int], steps: int) -> list[Image.Image]:
-        """Sample and decode one image per (prompt, seed)."""
         latents = self.sample_latents(prompts, seeds, steps)
         return self.decode_latents(latents) if latents.numel() else []
 
     def _trainable_parameters(self) -> list[torch.nn.Parameter]:
         """Full: the whole UNet. LoRA: a fresh adapter on the attention projections (peft),
         the base weights frozen so they stay bit-identical."""
-        if self.config.finetune == "full":
-            self.unet.requires_grad_(True)
-            return [p for p in self.unet.parameters() if p.requires_grad]
-        from peft import LoraConfig
+        self.unet.requires_grad_(self.config.finetune == "full")
+        if self.config.finetune == "lora":
+            from peft import LoraConfig
 
-        lora = self.config.lora
-        self.unet.requires_grad_(False)
-        self.unet.add_adapter(
-            LoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=list(lora.target_modules),
-                       init_lora_weights="gaussian"),
-            adapter_name=LORA_ADAPTER,
-        )
+            lora = self.config.lora
+            adapter = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=list(lora.target_modules),
+                                 init_lora_weights="gaussian")
+            self.unet.add_adapter(adapter, adapter_name=LORA_ADAPTER)
         return [p for p in self.unet.parameters() if p.requires_grad]
 
-    def fine_tune(
-        self,
-        instance_images: Sequence[Image.Image],
-        instance_prompt: str,
-        reference_latents: torch.Tensor,
-        reference_prompt: str,
-        seed: int,
-    ) -> list[float]:
+    def fine_tune(self, instance_images: Sequence[Image.Image], instance_prompt: str, reference_latents: torch.Tensor,
+                  reference_prompt: str, seed: int) -> list[float]:
         """DreamBooth-style fine-tuning of the UNet with the prior-preservation loss (Eq. 1).
         The Attribute Reference Set comes as the sampler's own (scaled) latents. With
         `reference_latents: reencoded` they are decoded and encoded again (DreamBooth's way: the
@@ -347,11 +314,9 @@ class DiversityInjectionGenerator:
         inst_text = self.encode_prompt(instance_prompt)
         use_prior = cfg.prior_loss_weight > 0 and reference_latents.shape[0] > 0
         if use_prior:
-            ref_latents = reference_latents.to(self.device)
-            ref_std = None
+            ref_latents, ref_std = reference_latents.to(self.device), None
             if cfg.reference_latents == "reencoded":
-                ref_mean, ref_std = self.encode_images(self.decode_latents(ref_latents))
-                ref_latents = ref_mean
+                ref_latents, ref_std = self.encode_images(self.decode_latents(ref_latents))
             ref_text = self.encode_prompt(reference_prompt)
         scaling = self.vae.config.scaling_factor
         num_timesteps = self.train_scheduler.config.num_train_timesteps
@@ -384,12 +349,10 @@ class DiversityInjectionGenerator:
             target = noise if prediction_type == "epsilon" else self.train_scheduler.get_velocity(latents, noise, timesteps)
             with self._autocast():
                 pred = self.unet(noisy, timesteps, text).sample
-            if use_prior:
-                pred_inst, pred_prior = pred.chunk(2)
-                target_inst, target_prior = target.chunk(2)
-                terms = self.loss_fn(pred_inst, target_inst, pred_prior, target_prior)
-            else:
-                terms = self.loss_fn(pred, target)
+            pred_prior = target_prior = None
+            if use_prior:  # the instance half, then the reference half (the order of `parts`)
+                (pred, pred_prior), (target, target_prior) = pred.chunk(2), target.chunk(2)
+            terms = self.loss_fn(pred, target, pred_prior, target_prior)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(terms.total).backward()
             scaler.unscale_(optimizer)
@@ -409,14 +372,12 @@ class DiversityInjectionGenerator:
     @torch.no_grad()
     def restore_base_weights(self) -> None:
         """Back to the base model: drop the LoRA adapter, or copy the base weights back."""
-        if self.config.finetune == "lora":
-            if getattr(self.unet, "peft_config", None):
-                # Removes the peft layers themselves (not only the adapter's weights), so the
-                # UNet is again the base module tree with its untouched base weights.
-                self.unet.unload_lora()
-            return
-        assert self._base_copy is not None
-        self._base_copy.restore(self.unet)
+        if self._base_copy is not None:  # a full fine-tune
+            self._base_copy.restore(self.unet)
+        elif getattr(self.unet, "peft_config", None):
+            # Removes the peft layers themselves (not only the adapter's weights), so the
+            # UNet is again the base module tree with its untouched base weights.
+            self.unet.unload_lora()
 
     # -- one identity ------------------------------------------------------------------------
     def reference_set(self, reference_prompt: str) -> tuple[torch.Tensor, bool]:
@@ -434,47 +395,37 @@ class DiversityInjectionGenerator:
             self.references.put(key, latents)
         return latents, False
 
-    def _enter(self, phase: str) -> None:
+    @contextmanager
+    def _phase(self, phase: str, timings: dict[str, float]) -> Iterator[None]:
+        """Enter `phase` (tell the listeners, raise its injected fault) and time it into `timings`."""
         self.phase = phase
         for listener in self.phase_listeners:
             listener(phase)
         if self.fault is not None:
             self.fault(phase)
+        start = time.perf_counter()
+        yield
+        timings[phase] = time.perf_counter() - start
 
-    def process_identity(
-        self,
-        instance_images: Sequence[Image.Image],
-        prompt: str,
-        reference_prompt: str,
-        identity_seed: int,
-    ) -> IdentityOutput:
+    def process_identity(self, instance_images: Sequence[Image.Image], prompt: str, reference_prompt: str,
+                         identity_seed: int) -> IdentityOutput:
         cfg = self.config
         timings: dict[str, float] = {}
         try:
-            self._enter("reference_set")
-            start = time.perf_counter()
-            reference, reused = self.reference_set(reference_prompt)
-            previews = self.decode_latents(reference[:REFERENCE_PREVIEWS]) if reference.numel() else []
-            timings["reference_set"] = time.perf_counter() - start
-
-            self._enter("fine_tune")
-            start = time.perf_counter()
-            losses = self.fine_tune(instance_images, prompt, reference, reference_prompt, stable_seed(identity_seed, "train"))
-            timings["fine_tune"] = time.perf_counter() - start
-
-            self._enter("sample")
-            start = time.perf_counter()
-            seeds = [stable_seed(identity_seed, "sample", i) for i in range(cfg.samples_per_identity)]
-            prompts = [sample_prompt(prompt, cfg.variations, random.Random(s)) for s in seeds]
-            images = self.generate_images(prompts, seeds, cfg.num_inference_steps)
-            timings["sample"] = time.perf_counter() - start
+            with self._phase("reference_set", timings):
+                reference, reused = self.reference_set(reference_prompt)
+                previews = self.decode_latents(reference[:REFERENCE_PREVIEWS]) if reference.numel() else []
+            with self._phase("fine_tune", timings):
+                train_seed = stable_seed(identity_seed, "train")
+                losses = self.fine_tune(instance_images, prompt, reference, reference_prompt, train_seed)
+            with self._phase("sample", timings):
+                seeds = [stable_seed(identity_seed, "sample", i) for i in range(cfg.samples_per_identity)]
+                prompts = [sample_prompt(prompt, cfg.variations, random.Random(s)) for s in seeds]
+                images = self.generate_images(prompts, seeds, cfg.num_inference_steps)
         finally:
             # Whatever happened, the next identity starts from the base model.
             self.restore_base_weights()
         return IdentityOutput(images, seeds, prompts, previews, timings, losses, reused)
-
-
-PipelineLoader = Callable[[str, str], object]
 
 
 def memory_figures(device: str) -> str:
@@ -501,17 +452,10 @@ class GenerationStage(RowStage):
     reads = CAPTIONED_SCHEMA
     writes = GENERATION_FIELDS
 
-    def __init__(
-        self,
-        config: GenerationConfig,
-        output: OutputConfig,
-        num_gpus: float = 0.0,
-        num_threads: int | None = None,
-        fail_identities: Sequence[str] = (),
-        loader: PipelineLoader | None = None,
-        reference_dir: str | None = None,
-        folders: ModelFolders | None = None,
-    ) -> None:
+    def __init__(self, config: GenerationConfig, output: OutputConfig, num_gpus: float = 0.0,
+                 num_threads: int | None = None, fail_identities: Sequence[str] = (),
+                 loader: Callable[[str, str], object] | None = None, reference_dir: str | None = None,
+                 folders: ModelFolders | None = None) -> None:
         self.config = config
         self.folders = folders or ModelFolders()
         self.reference_dir = reference_dir if config.reuse_reference_sets else None
@@ -533,7 +477,7 @@ class GenerationStage(RowStage):
         if self.num_threads:
             # Same thread count on every actor keeps CPU results bit-reproducible across reruns.
             torch.set_num_threads(self.num_threads)
-        device = actor_device(self.num_gpus)
+        device = torch_device(self.num_gpus > 0)
         pipeline = self.loader(self.folders.open(self.config.base_model), device)
         self.model_loads += 1
         references = ReferenceSetStore(self.reference_dir) if self.reference_dir else None
@@ -552,17 +496,14 @@ class GenerationStage(RowStage):
 
         return fail
 
-    def _run_identity(self, row: dict) -> IdentityOutput:
-        assert self.generator is not None, "call setup() first"
-        self.generator.fault = self._fault(row["identity"])
-        images = [Image.open(io.BytesIO(b)).convert("RGB") for b in row["image_bytes"]]
-        return self.generator.process_identity(images, row["prompt"], row["reference_prompt"], row["seed"])
-
     def process_row(self, row: dict) -> dict:
         result, error, attempts = None, "", 0
         for attempts in range(1, self.config.max_retries + 2):
             try:
-                result = self._run_identity(row)
+                assert self.generator is not None, "call setup() first"
+                self.generator.fault = self._fault(row["identity"])
+                images = decode_images(row["image_bytes"])
+                result = self.generator.process_identity(images, row["prompt"], row["reference_prompt"], row["seed"])
                 break
             except torch.cuda.OutOfMemoryError as err:
                 error = f"OutOfMemoryError: {err} (phase {self.generator.phase}; {memory_figures(self.generator.device)})"
@@ -570,13 +511,11 @@ class GenerationStage(RowStage):
                     torch.cuda.empty_cache()
             except Exception as err:  # one identity's failure must not end the run
                 error = f"{type(err).__name__}: {err}"
-        out = self.output
-        common = {"model_loads": self.model_loads, "attempts": attempts, "generated_at": time.time()}
-        if result is None:
-            return {**common, "status": "failed", "error": error, "generated": [], "sample_seeds": [],
-                    "sample_prompts": [], "reference_preview": [], "timings": {}, "reference_reused": False}
+        out, ok = self.output, result is not None
+        result = result or IdentityOutput([], [], [], [])  # a failed identity: nothing generated
         return {
-            **common, "status": "ok", "error": "",
+            "model_loads": self.model_loads, "attempts": attempts, "generated_at": time.time(),
+            "status": "ok" if ok else "failed", "error": "" if ok else error,
             "generated": [encode_image(i, out.image_size, out.image_format, out.jpeg_quality) for i in result.images],
             "sample_seeds": result.seeds, "sample_prompts": result.prompts,
             "reference_preview": [encode_image(i, out.image_size, "jpeg", 90) for i in result.reference_images],
