@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
@@ -19,6 +20,7 @@ from torch import nn
 
 from core.hub import cached_timm_weights, downloads_allowed, hub_cache_dir
 from core.storage import atomic_local_path
+from trainers.checkpoint import cpu_state
 
 
 INIT_RANDOM = "random"
@@ -51,7 +53,7 @@ def build_backbone(arch: str, init: str = INIT_RANDOM, last_stride: int = 2) -> 
     if init == INIT_IMAGENET:
         model = create_pretrained(arch)
     else:
-        model = _create(arch, pretrained=False)
+        model = create_model(arch, pretrained=False, num_classes=0, global_pool="")
         if init != INIT_RANDOM:
             load_backbone_safetensors(model, init)
     if last_stride == 1:
@@ -59,13 +61,14 @@ def build_backbone(arch: str, init: str = INIT_RANDOM, last_stride: int = 2) -> 
     return model
 
 
-def _create(arch: str, pretrained: bool) -> nn.Module:
+def create_model(arch: str, setting: str = "arch", **kwargs: Any) -> nn.Module:
+    """`timm.create_model(arch, **kwargs)`; a misspelt `arch` is a ValueError naming `setting`."""
     try:
-        return timm.create_model(arch, pretrained=pretrained, num_classes=0, global_pool="")
+        return timm.create_model(arch, **kwargs)
     except RuntimeError as err:
         # timm raises RuntimeError("Unknown model ...") for a misspelt arch; say which setting.
         if "Unknown model" in str(err):
-            raise ValueError(f"arch {arch!r} is not a timm model ({err})") from None
+            raise ValueError(f"{setting} {arch!r} is not a timm model ({err})") from None
         raise
 
 
@@ -84,7 +87,7 @@ def create_pretrained(arch: str, hub_cache: str | Path | None = None) -> nn.Modu
         if cached is not None:
             return timm.create_model(arch, pretrained=True, num_classes=0, global_pool="",
                                      pretrained_cfg_overlay={"file": str(cached)})
-        return _create(arch, pretrained=True)
+        return create_model(arch, pretrained=True, num_classes=0, global_pool="")
     except ValueError:
         raise
     except Exception as err:  # hub/network/cache errors come in many types; all mean "no weights"
@@ -157,9 +160,8 @@ def save_backbone_safetensors(model: nn.Module, path: str | Path) -> Path:
 
 def save_state_safetensors(module: nn.Module, path: str | Path) -> Path:
     """Write `module.state_dict()` atomically as safetensors (contiguous CPU copies)."""
-    state = {k: v.detach().to("cpu").contiguous() for k, v in unwrap_model(module).state_dict().items()}
     with atomic_local_path(path) as tmp:
-        save_file(state, str(tmp))
+        save_file(cpu_state(unwrap_model(module)), str(tmp))
     return Path(path)
 
 
@@ -239,14 +241,10 @@ def _set_stride_one(parent: nn.Module, child_name: str) -> Callable[[], None]:
     for stride-1 blocks; other pools get stride 1.
     """
     module = getattr(parent, child_name)
-    if isinstance(module, nn.Conv2d):
-        old_stride = module.stride
-        module.stride = (1, 1)
-        return lambda: setattr(module, "stride", old_stride)
-    kernel = module.kernel_size
-    if kernel in (2, (2, 2)):
+    is_conv = isinstance(module, nn.Conv2d)
+    if not is_conv and module.kernel_size in (2, (2, 2)):
         setattr(parent, child_name, nn.Identity())
         return lambda: setattr(parent, child_name, module)
     old_stride = module.stride
-    module.stride = 1
+    module.stride = (1, 1) if is_conv else 1
     return lambda: setattr(module, "stride", old_stride)

@@ -12,12 +12,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from safetensors.torch import load_file
+import timm
 from torch import nn
 
 from trainers.pretrain.config import PretrainConfig
-from trainers.pretrain.recipe import build_backbone_model
-from trainers.weights import check_state_dict_matches, save_state_safetensors
+from trainers.weights import load_backbone_safetensors, save_state_safetensors
 
 BACKBONE_INFO_FILE = "backbone.json"
 
@@ -25,11 +24,7 @@ BACKBONE_INFO_FILE = "backbone.json"
 def verify_backbone(path: str | Path, config: PretrainConfig) -> nn.Module:
     """`timm.create_model(arch, num_classes=0, **model_kwargs)` with the weights of `path` loaded;
     `trainers.weights.WeightsMismatchError` (naming the keys) on any missing or unexpected key."""
-    model = build_backbone_model(config)
-    state = load_file(str(path))
-    check_state_dict_matches(model, state, what=str(path))
-    model.load_state_dict(state, strict=True)
-    return model
+    return load_backbone_safetensors(timm.create_model(config.arch, num_classes=0, **config.model_kwargs), path)
 
 
 def export_backbone(source: str | Path, destination: str | Path, config: PretrainConfig,

@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-import timm
 import torch
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
@@ -16,22 +15,12 @@ from timm.scheduler.scheduler import Scheduler
 from torch import nn
 
 from trainers.pretrain.config import PretrainConfig
-from trainers.weights import unwrap_model
+from trainers.weights import create_model, unwrap_model
 
 
 def build_model(config: PretrainConfig, num_classes: int) -> nn.Module:
     """`timm.create_model(arch, num_classes=num_classes, **model_kwargs)`, randomly initialised."""
-    try:
-        return timm.create_model(config.arch, pretrained=False, num_classes=num_classes, **config.model_kwargs)
-    except RuntimeError as err:
-        if "Unknown model" in str(err):  # timm's message for a misspelt name; say which setting
-            raise ValueError(f"pretrain.arch {config.arch!r} is not a timm model ({err})") from None
-        raise
-
-
-def build_backbone_model(config: PretrainConfig) -> nn.Module:
-    """The classifier-free model the export must load into: `create_model(arch, num_classes=0)`."""
-    return timm.create_model(config.arch, pretrained=False, num_classes=0, **config.model_kwargs)
+    return create_model(config.arch, "pretrain.arch", pretrained=False, num_classes=num_classes, **config.model_kwargs)
 
 
 def backbone_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

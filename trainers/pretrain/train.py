@@ -3,15 +3,10 @@
 `pretrain` is the driver side. It checks the shards (before Ray starts anything), builds the
 Ray Data stream (`data.build_train_dataset`), runs `train_loop_per_worker` on `num_workers`
 workers and exports the result. Each epoch every rank calls `ray.train.report` with a checkpoint
-folder; Ray merges the ranks' files into one folder holding
-
-    model.safetensors     the whole classifier (backbone + head)
-    backbone.safetensors  the backbone, keys of `timm.create_model(arch, num_classes=0)`
-    optimizer.pt          optimizer state  } tensors and plain values only:
-    scheduler.pt          scheduler state  } read back with `torch.load(weights_only=True)`
-    rng_rank<R>.pt        rank R's torch / CUDA / numpy / python RNG states
-    state.json            epochs done, arch, classes, the per-epoch history, the epochs the loop
-                          (re)started at
+folder; Ray merges the ranks' files into one `trainers.checkpoint` folder: `model.safetensors`
+(the whole classifier), `backbone.safetensors`, `optimizer.pt`, `scheduler.pt`, `rng_rank<R>.pt`
+(rank R's torch / CUDA / numpy / python RNG states) and `state.json`, which also records the arch,
+the classes and the epochs the loop (re)started at.
 
 Ray restarts a failed worker group from the latest of these (`FailureConfig`), and a rerun into
 the same output folder resumes from it (Ray's run snapshot, or failing that the latest complete
@@ -43,7 +38,7 @@ from ray.train.torch import TorchTrainer
 from safetensors.torch import save_file
 from torch import nn
 
-from core.storage import Location, resolve, user_path
+from core.storage import Location, local_folder, resolve, user_path
 from core.config import config_to_yaml
 from core.cluster import RayConfig, init_ray, resolve_use_gpu
 from trainers.checkpoint import (BACKBONE_FILE, CONFIG_FILE, MODEL_FILE, OPTIMIZER_FILE, RNG_FILE, SCHEDULER_FILE,
@@ -156,19 +151,14 @@ def pretrain(
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"Ray Train run {out / run_name} ended without a checkpoint")
-    with result.checkpoint.as_directory() as checkpoint_dir, tempfile.TemporaryDirectory() as staging:
-        # Exports are written locally, then copied when the output is an object store.
-        target = out.local_path if out.is_local else Path(staging)
-        target.mkdir(parents=True, exist_ok=True)
+    # Exports are written locally, then copied when the output is an object store.
+    with result.checkpoint.as_directory() as checkpoint_dir, local_folder(out) as target:
         checkpoint_dir = Path(checkpoint_dir)
         shutil.copy2(checkpoint_dir / MODEL_FILE, target / MODEL_FILE)
         export_backbone(checkpoint_dir / BACKBONE_FILE, target / BACKBONE_FILE, config, num_classes=summary.num_classes)
         state = json.loads((checkpoint_dir / STATE_FILE).read_text())
         history = state["history"]
         write_curves(history, target)
-        if not out.is_local:
-            for path in Path(staging).iterdir():
-                (out / path.name).write_bytes(path.read_bytes())
     return PretrainResult(
         backbone_path=user_path(out / BACKBONE_FILE), model_path=user_path(out / MODEL_FILE),
         curves_csv=user_path(out / CURVES_CSV), curves_png=user_path(out / CURVES_PNG),
@@ -191,7 +181,7 @@ def find_latest_checkpoint(run_dir: str | Path | Location) -> Location | None:
         if not {STATE_FILE, MODEL_FILE, OPTIMIZER_FILE, SCHEDULER_FILE} <= names:
             continue
         try:
-            epoch = int((run_dir / folder / STATE_FILE).read_json()["epoch"])
+            epoch = _epochs_done(run_dir / folder)
         except (ValueError, KeyError, TypeError):
             continue
         if best is None or (epoch, folder) > best:
@@ -214,34 +204,31 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank = context.get_world_rank()
     device = ray.train.torch.get_device()
-    on_gpu = device.type == "cuda"
 
     torch.manual_seed(config.seed)  # same initial weights on every rank (DDP broadcasts rank 0's anyway)
     model = build_model(config, num_classes)
-    restored = _read_checkpoint(_resume_checkpoint(resolve(loop_config["run_dir"])), rank)
+    restored, rng = _read_checkpoint(_resume_checkpoint(resolve(loop_config["run_dir"])), rank)
     if restored is not None:
-        model.load_state_dict(restored["model"])
-    if on_gpu:
+        model.load_state_dict(restored.model)
+    if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config)
     start_epoch, history, starts = 0, [], [0]
     if restored is not None:
-        optimizer.load_state_dict(restored["optimizer"])
-        if scheduler_matches(scheduler, restored["scheduler"]):
-            scheduler.load_state_dict({k: v for k, v in restored["scheduler"].items() if k != "__class__"})
+        optimizer.load_state_dict(restored.optimizer)
+        if scheduler_matches(scheduler, restored.scheduler):
+            scheduler.load_state_dict({k: v for k, v in restored.scheduler.items() if k != "__class__"})
         elif rank == 0:
             logger.info("pretrain: the schedule changed since the checkpoint (epochs=%d now); "
                         "continuing on the new schedule", config.epochs)
-        start_epoch, history = restored["epoch"], restored["history"]
-        starts = restored["starts"] + [start_epoch]
-        if restored["rng"] is not None:
-            _set_rng_state(restored["rng"])
-        else:  # e.g. resumed with more workers than saved their RNG
-            _seed_everything(config.seed + 1000 * rank + start_epoch)
-    else:
-        _seed_everything(config.seed + 1000 * rank)  # augmentation draws differ per rank
+        start_epoch, history = restored.epoch, restored.history
+        starts = restored.extra["starts"] + [start_epoch]
+    if rng is not None:
+        _set_rng_state(rng)
+    else:  # augmentation draws differ per rank (also when resumed with more workers than saved their RNG)
+        _seed_everything(config.seed + 1000 * rank + start_epoch)
 
     if start_epoch >= config.epochs:  # nothing left to do: hand the restored result back
         _report(model, optimizer, scheduler, start_epoch, history, starts, rank, num_classes, config)
@@ -364,7 +351,7 @@ def _resume_checkpoint(run_dir: Location) -> Checkpoint | None:
         return registered
     if registered is not None:
         with registered.as_directory() as directory:
-            if json.loads((Path(directory) / STATE_FILE).read_text())["epoch"] >= _epochs_done(on_disk):
+            if _epochs_done(resolve(directory)) >= _epochs_done(on_disk):
                 return registered
     return Checkpoint(path=on_disk.path, filesystem=on_disk.filesystem)
 
@@ -373,13 +360,12 @@ def _epochs_done(checkpoint_dir: Location) -> int:
     return int((checkpoint_dir / STATE_FILE).read_json()["epoch"])
 
 
-def _read_checkpoint(checkpoint: Checkpoint | None, rank: int) -> dict[str, Any] | None:
+def _read_checkpoint(checkpoint: Checkpoint | None, rank: int) -> tuple[TrainingState | None, Any]:
+    """The state to resume from and `rank`'s RNG states (None, None: start fresh)."""
     if checkpoint is None:
-        return None
+        return None, None
     with checkpoint.as_directory() as directory:
-        state, rng = load_training_state(directory), load_rng_state(directory, rank)
-    return {"model": state.model, "optimizer": state.optimizer, "scheduler": state.scheduler, "rng": rng,
-            "epoch": state.epoch, "history": state.history, "starts": list(state.extra["starts"])}
+        return load_training_state(directory), load_rng_state(directory, rank)
 
 
 def _seed_everything(seed: int) -> None:
