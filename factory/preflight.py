@@ -191,13 +191,9 @@ def vae_scale_factor(model_id: str) -> tuple[int, Path] | None:
 def tokenizer_vocabulary(model_id: str, subfolder: str = "") -> tuple[Mapping[str, int], Path] | None:
     """A tokenizer's vocabulary from `vocab.json` (slow tokenizers) or `tokenizer.json` (fast)."""
     prefix = f"{subfolder}/" if subfolder else ""
-    found = read_model_json(model_id, f"{prefix}vocab.json")
-    if found is not None:
+    if found := read_model_json(model_id, f"{prefix}vocab.json"):
         return found
-    found = read_model_json(model_id, f"{prefix}tokenizer.json")
-    if found is None:
-        return None
-    data, path = found
+    data, path = read_model_json(model_id, f"{prefix}tokenizer.json") or ({}, None)
     vocab = data.get("model", {}).get("vocab")
     return (vocab, path) if isinstance(vocab, dict) else None
 
@@ -211,8 +207,7 @@ def known_word_forms(vocabulary: Mapping[str, int], word: str) -> list[str]:
 
 def resolution_fits_the_vae(config: RunConfig) -> Iterable[Problem]:
     g = config.generation
-    found = vae_scale_factor(g.base_model)
-    scale, path = found if found is not None else (1, None)
+    scale, path = vae_scale_factor(g.base_model) or (1, None)
     multiple = math.lcm(PIPELINE_SIZE_MULTIPLE, scale)
     bad = [side for side in g.resolution if side % multiple]
     if bad:
