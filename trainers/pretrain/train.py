@@ -33,18 +33,14 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
+from ray.train import Checkpoint, ScalingConfig
 from safetensors.torch import save_file
 from torch import nn
 
 from core.storage import Location, local_folder, resolve, user_path
-from core.config import config_to_yaml
-from core.cluster import RayConfig, init_ray, resolve_use_gpu
-from trainers.checkpoint import (BACKBONE_FILE, CONFIG_FILE, MODEL_FILE, OPTIMIZER_FILE, RNG_FILE, SCHEDULER_FILE,
-                                 STATE_FILE, TrainingState, cpu_state, load_rng_state, load_training_state,
-                                 save_training_state)
-from trainers.ray_logging import quiet_ray_train_reports
+from trainers.checkpoint import (BACKBONE_FILE, MODEL_FILE, OPTIMIZER_FILE, RNG_FILE, SCHEDULER_FILE, STATE_FILE,
+                                 TrainingState, cpu_state, load_rng_state, load_training_state, save_training_state)
+from trainers.ray_train import fit, quiet_ray_train_reports, start_run
 from trainers.pretrain.config import BatchPlan, PretrainConfig, plan_batches
 from trainers.pretrain.data import IMAGE_KEY, LABEL_KEY, BatchAugment, build_train_dataset, train_batches
 from trainers.pretrain.export import export_backbone
@@ -124,35 +120,15 @@ def pretrain(
     """
     out = resolve(out_dir)  # a local folder or any URI (s3://, gs://): Ray Train's storage_path
     summary, plan, latest = prepare_run(data_dir, out, config, run_name)
-    (out / CONFIG_FILE).write_text(config_to_yaml(config))
-    init_ray(RayConfig(), progress_bars=False)  # RAY_ADDRESS (e.g. inside `ray job submit`), else local
-    use_gpu = resolve_use_gpu(config.use_gpu)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "config": config.model_dump(mode="json"),
-            "plan": plan.model_dump(),
-            "num_classes": summary.num_classes,
-            "out_dir": out.uri,
-            "run_dir": (out / run_name).uri,
-        },
-        scaling_config=ScalingConfig(
-            num_workers=config.num_workers, use_gpu=bool(use_gpu),
-            resources_per_worker={"CPU": config.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
-        ),
-        run_config=RunConfig(
-            storage_path=out.uri,
-            name=run_name,
-            checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoints_to_keep),
-            failure_config=FailureConfig(max_failures=config.max_failures),
-        ),
-        datasets={"train": build_train_dataset(summary.files, config)},
-    )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"Ray Train run {out / run_name} ended without a checkpoint")
+    use_gpu = start_run(out, config)
+    loop_config = {"config": config.model_dump(mode="json"), "plan": plan.model_dump(),
+                   "num_classes": summary.num_classes, "out_dir": out.uri, "run_dir": (out / run_name).uri}
+    scaling = ScalingConfig(num_workers=config.num_workers, use_gpu=bool(use_gpu),
+                            resources_per_worker={"CPU": config.cpus_per_worker, **({"GPU": 1} if use_gpu else {})})
+    checkpoint = fit(train_loop_per_worker, loop_config, scaling, out, run_name, keep=config.checkpoints_to_keep,
+                     max_failures=config.max_failures, datasets={"train": build_train_dataset(summary.files, config)})
     # Exports are written locally, then copied when the output is an object store.
-    with result.checkpoint.as_directory() as checkpoint_dir, local_folder(out) as target:
+    with checkpoint.as_directory() as checkpoint_dir, local_folder(out) as target:
         checkpoint_dir = Path(checkpoint_dir)
         shutil.copy2(checkpoint_dir / MODEL_FILE, target / MODEL_FILE)
         export_backbone(checkpoint_dir / BACKBONE_FILE, target / BACKBONE_FILE, config, num_classes=summary.num_classes)

@@ -29,18 +29,15 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
+from ray.train import Checkpoint, ScalingConfig
 from torch import nn
 
 from core.storage import local_folder, resolve, user_path
-from core.config import config_to_yaml
 from core.datasets.base import ReidDataset
-from core.cluster import RayConfig, init_ray, resolve_use_gpu
-from trainers.checkpoint import (BACKBONE_FILE, CONFIG_FILE, MODEL_FILE, STATE_FILE, TrainingState, cpu_state,
-                                 load_training_state, save_training_state)
+from trainers.checkpoint import (BACKBONE_FILE, MODEL_FILE, STATE_FILE, TrainingState, cpu_state, load_training_state,
+                                 save_training_state)
 from trainers.config import ReidTrainConfig
-from trainers.ray_logging import quiet_ray_train_reports
+from trainers.ray_train import fit, quiet_ray_train_reports, start_run
 from trainers.reid.data import TrainingSet, make_train_loader
 from trainers.reid.losses import BotLoss
 from trainers.reid.model import ReidOutput, build_reid_model
@@ -86,32 +83,13 @@ def train_reid(
             f"{dataset.name}: {training.num_classes} training identities, fewer than "
             f"ids_per_batch={config.ids_per_batch}"
         )
-    (out / CONFIG_FILE).write_text(config_to_yaml(config))
-    init_ray(RayConfig(), progress_bars=False)  # RAY_ADDRESS (e.g. inside `ray job submit`), else local
-    use_gpu = resolve_use_gpu(config.use_gpu)
+    use_gpu = start_run(out, config)
     cpus = resolve_cpus_per_worker(config)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "config": config.model_dump(mode="json"),
-            "training": training.to_dict(),
-            "threads": max(1, int(cpus)),
-            "on_start": on_start,
-        },
-        scaling_config=ScalingConfig(
-            num_workers=config.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus}
-        ),
-        run_config=RunConfig(
-            storage_path=out.uri,
-            name=run_name,
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-            failure_config=FailureConfig(max_failures=1),
-        ),
-    )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"Ray Train run {out / run_name} ended without a checkpoint")
-    with result.checkpoint.as_directory() as checkpoint_dir, local_folder(out) as folder:
+    loop_config = {"config": config.model_dump(mode="json"), "training": training.to_dict(),
+                   "threads": max(1, int(cpus)), "on_start": on_start}
+    scaling = ScalingConfig(num_workers=config.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus})
+    checkpoint = fit(train_loop_per_worker, loop_config, scaling, out, run_name, keep=2, max_failures=1)
+    with checkpoint.as_directory() as checkpoint_dir, local_folder(out) as folder:
         shutil.copy2(Path(checkpoint_dir) / MODEL_FILE, folder / MODEL_FILE)
         shutil.copy2(Path(checkpoint_dir) / BACKBONE_FILE, folder / BACKBONE_FILE)
         history = json.loads((Path(checkpoint_dir) / STATE_FILE).read_text())["history"]

@@ -1,0 +1,51 @@
+"""What the Ray Train loops (`trainers.reid`, `trainers.pretrain`) share: the driver's run, and
+the workers' logging."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from core.cluster import RayConfig, init_ray, resolve_use_gpu
+from core.config import config_to_yaml
+from core.storage import Location
+from trainers.checkpoint import CONFIG_FILE
+
+
+def start_run(out: Location, config: Any) -> bool:
+    """Write the resolved `config.yaml` into `out`, then join the Ray cluster of `RAY_ADDRESS` (e.g.
+    inside `ray job submit`) or the one already initialised, else start a local one. Returns
+    whether the workers get a GPU (`config.use_gpu`)."""
+    (out / CONFIG_FILE).write_text(config_to_yaml(config))
+    init_ray(RayConfig(), progress_bars=False)
+    return resolve_use_gpu(config.use_gpu)
+
+
+def fit(loop: Callable[[dict[str, Any]], None], loop_config: dict[str, Any], scaling: ScalingConfig,
+        out: Location, run_name: str, keep: int, max_failures: int, **trainer_kwargs: Any) -> Checkpoint:
+    """`loop` on the workers under `TorchTrainer`, checkpoints under `out/run_name` (the last
+    `keep`; up to `max_failures` worker failures recovered); returns the final checkpoint."""
+    run_config = RunConfig(storage_path=out.uri, name=run_name, checkpoint_config=CheckpointConfig(num_to_keep=keep),
+                           failure_config=FailureConfig(max_failures=max_failures))
+    result = TorchTrainer(loop, train_loop_config=loop_config, scaling_config=scaling, run_config=run_config,
+                          **trainer_kwargs).fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"Ray Train run {out / run_name} ended without a checkpoint")
+    return result.checkpoint
+
+
+def quiet_ray_train_reports() -> None:
+    """Drop Ray Train's two INFO lines per `ray.train.report` (the checkpoint path, then the whole
+    metrics dict) in this worker: the loops log one line per epoch from rank 0 instead, which
+    keeps a build's or a pre-training run's output readable. Warnings and errors still show."""
+    try:  # Ray-internal module paths; if they move, the lines simply come back
+        from ray.train.v2._internal.execution import context, storage
+    except ImportError:
+        return
+    # `context` logs under its file path (logging.getLogger(__file__)), `storage` under its name.
+    for name in (context.__file__, storage.__name__):
+        logging.getLogger(name).setLevel(logging.WARNING)
