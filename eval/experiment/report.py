@@ -54,8 +54,8 @@ def results_markdown(summary: pd.DataFrame, baseline: str, meta: Mapping[str, st
                   "| identities measured |",
                   "|---|---|---|---|---|---|"]
         for name, entry in consistency.items():
-            fine, base = entry.get("fine_tuned"), entry.get("base_model")
-            rates = (f"{100 * fine:.1f} %" if fine is not None else "-", f"{100 * base:.1f} %" if base is not None else "-")
+            rates = [f"{100 * rate:.1f} %" if rate is not None else "-"
+                     for rate in (entry.get("fine_tuned"), entry.get("base_model"))]
             name += f" ({entry['consistency_source']}'s samples)" if entry.get("consistency_source") else ""
             lines.append(f"| {name} | {entry['kept']} / {entry['generated']} | {entry['identities']} | {rates[0]} | "
                          f"{rates[1]} | {entry.get('consistency_identities', '-')} |")
