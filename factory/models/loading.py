@@ -42,13 +42,6 @@ def resolve_dtype(dtype: DTypeLike, device: str | torch.device) -> torch.dtype:
         raise ValueError(f"unknown dtype {dtype!r}; choose from {['auto', *_DTYPES]}") from None
 
 
-def _load_kwargs(model_id: str) -> dict:
-    kwargs: dict = {"local_files_only": not downloads_allowed()}
-    if not _looks_like_path(model_id):
-        kwargs["cache_dir"] = str(hub_cache_dir())
-    return kwargs
-
-
 def load_text_to_image(model_id: str, device: str | torch.device = "cpu", dtype: DTypeLike = None,
                        config_key: str = "generation.base_model") -> StableDiffusionPipeline:
     """A `StableDiffusionPipeline` from a hub id or `save_pretrained` folder, on `device`.
@@ -88,7 +81,10 @@ def _from_pretrained(model_id: str, config_key: str, load: Callable[[str, dict],
     every loader here."""
     model_id = local_model(model_id, config_key)  # a URI: this node's copy
     check_model_available(model_id, config_key)
+    kwargs: dict = {"local_files_only": not downloads_allowed()}
+    if not _looks_like_path(model_id):
+        kwargs["cache_dir"] = str(hub_cache_dir())
     try:
-        return load(model_id, _load_kwargs(model_id))
+        return load(model_id, kwargs)
     except OSError as err:  # partial cache or folder: some component file is missing
         raise _not_available(model_id, f"loading failed ({err})", config_key) from err
