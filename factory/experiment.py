@@ -402,11 +402,7 @@ def _runs_frame(chains: Sequence[Chain], results: Mapping[str, Any], sizes: Mapp
         for key, error in result["errors"].items():
             errors[f"{chain.key}: {key}"] = error
         rows += [{**common, **{k: v for k, v in row.items() if k != "seed"}} for row in result["rows"]]
-    frame = pd.DataFrame(rows)
-    for column in RUN_COLUMNS:
-        if column not in frame:
-            frame[column] = None
-    return frame[list(RUN_COLUMNS)], errors
+    return pd.DataFrame(rows, columns=list(RUN_COLUMNS)), errors
 
 
 def _write_report(config: RunConfig, out: Location, runs: pd.DataFrame,
