@@ -103,19 +103,6 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     return data
 
 
-def _format_validation_error(err: ValidationError, origin: str) -> str:
-    lines = []
-    for item in err.errors():
-        key = ".".join(str(p) for p in item["loc"]) or "<root>"
-        if item["type"] == "extra_forbidden":
-            lines.append(f"  unknown key '{key}'")
-        elif item["type"] == "missing":
-            lines.append(f"  missing required key '{key}'")
-        else:
-            lines.append(f"  '{key}': {item['msg']} (got {item.get('input')!r})")
-    return f"invalid config ({origin}):\n" + "\n".join(lines)
-
-
 def config_origin(path: str | Path | None, overrides: Sequence[str] = ()) -> str:
     """Where a config came from, as error messages name it: `configs/demo.yaml with --set a=1`."""
     origin = str(path) if path is not None else "defaults"
@@ -138,7 +125,16 @@ def validate_config(model: type[M], data: Mapping[str, Any], origin: str) -> M:
     try:
         return model.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(err, origin)) from None
+        lines = []
+        for item in err.errors():
+            key = ".".join(str(p) for p in item["loc"]) or "<root>"
+            if item["type"] == "extra_forbidden":
+                lines.append(f"  unknown key '{key}'")
+            elif item["type"] == "missing":
+                lines.append(f"  missing required key '{key}'")
+            else:
+                lines.append(f"  '{key}': {item['msg']} (got {item.get('input')!r})")
+        raise ConfigError(f"invalid config ({origin}):\n" + "\n".join(lines)) from None
 
 
 def config_to_yaml(config: BaseModel) -> str:

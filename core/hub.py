@@ -10,12 +10,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-_ALLOW_VALUES = {"0", "false", "no", "off"}
-
-
 def downloads_allowed() -> bool:
     """True only when `HF_HUB_OFFLINE` is explicitly set to a false value (`0`, `false`, ...)."""
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _ALLOW_VALUES
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"0", "false", "no", "off"}
 
 
 def hub_cache_dir() -> Path:

@@ -1,11 +1,7 @@
 """Re-ID retrieval metrics under the Market-1501 protocol (CMC, mAP, mINP).
 
-The two public entry points are:
-
-* :func:`compute_distance_matrix` -- query x gallery distances from feature
-  matrices (numpy arrays or torch tensors), computed in chunks of query rows.
-* :func:`evaluate_rank` -- ``(cmc, mAP, mINP)`` from a distance matrix and the
-  identity / camera labels, fully vectorised (no per-query Python loop).
+:func:`compute_distance_matrix` works in chunks of query rows; :func:`evaluate_rank` is fully
+vectorised (no per-query Python loop).
 
 Protocol (as in Zheng et al., Market-1501, and the torchreid / AGW code):
 
@@ -37,20 +33,16 @@ __all__ = ["compute_distance_matrix", "evaluate_rank"]
 _DEFAULT_QUERY_CHUNK = 512
 
 
-def _as_numpy(x: Any, name: str) -> np.ndarray:
-    """Convert a numpy array / torch tensor / sequence to a numpy array."""
+def _as_numpy(x: Any, name: str, labels: bool = False) -> np.ndarray:
+    """Convert a numpy array / torch tensor / sequence to a numpy array (1-D for `labels`)."""
     # Avoid importing torch here: duck-type on the tensor API instead.
     if hasattr(x, "detach") and hasattr(x, "cpu"):
         x = x.detach().cpu().numpy()
     try:
-        return np.asarray(x)
+        arr = np.asarray(x)
     except Exception as exc:  # pragma: no cover - defensive
         raise ValueError(f"{name}: cannot convert to a numpy array ({exc})") from exc
-
-
-def _labels_1d(x: Any, name: str) -> np.ndarray:
-    arr = _as_numpy(x, name)
-    if arr.ndim != 1:
+    if labels and arr.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
     return arr
 
@@ -118,10 +110,10 @@ def evaluate_rank(
     if dist.ndim != 2:
         raise ValueError(f"distmat must be 2-D (num_q, num_g), got shape {dist.shape}")
     num_q, num_g = dist.shape
-    qp = _labels_1d(q_pids, "q_pids")
-    gp = _labels_1d(g_pids, "g_pids")
-    qc = _labels_1d(q_camids, "q_camids")
-    gc = _labels_1d(g_camids, "g_camids")
+    qp = _as_numpy(q_pids, "q_pids", labels=True)
+    gp = _as_numpy(g_pids, "g_pids", labels=True)
+    qc = _as_numpy(q_camids, "q_camids", labels=True)
+    gc = _as_numpy(g_camids, "g_camids", labels=True)
     for name, arr, want, axis in (
         ("q_pids", qp, num_q, "rows"),
         ("q_camids", qc, num_q, "rows"),
@@ -191,9 +183,7 @@ def evaluate_rank(
         hardest_rank = kept_rank[rows, last_idx]
         inp_sum += float((num_pos / hardest_rank).sum())
 
-        first_hit_hist += np.bincount(
-            np.minimum(first_rank, max_rank + 1) - 1, minlength=max_rank + 1
-        )
+        first_hit_hist += np.bincount(np.minimum(first_rank, max_rank + 1) - 1, minlength=max_rank + 1)
         num_valid += int(valid.sum())
 
     if num_valid == 0:

@@ -24,13 +24,7 @@ from pathlib import Path
 
 from core.datasets.base import DatasetError, ImageRecord, ReidDataset, require_dir
 from core.datasets.generic import (
-    ProblemCollector,
-    assemble,
-    iter_list_lines,
-    located,
-    make_record,
-    parse_int,
-    parse_split,
+    ProblemCollector, assemble, iter_list_lines, located, make_record, parse_int, parse_split,
     resolve_list_file,
 )
 
@@ -39,9 +33,7 @@ DEFAULT_AIRPORT_LIST = "list.txt"
 
 def _airport_record(root: Path, fields: list[str], source: str, where: str) -> ImageRecord | None:
     if not 3 <= len(fields) <= 5:
-        raise DatasetError(
-            f"{where}: expected 'RELPATH PID CAMID [SPLIT] [FRAME]', got {' '.join(fields)!r}"
-        )
+        raise DatasetError(f"{where}: expected 'RELPATH PID CAMID [SPLIT] [FRAME]', got {' '.join(fields)!r}")
     relpath, pid, camid = fields[:3]
     split = parse_split(fields[3], where) if len(fields) > 3 else "train"
     frame = parse_int(fields[4], "frame", where) if len(fields) > 4 else -1

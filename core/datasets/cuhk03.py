@@ -23,8 +23,6 @@ def load_cuhk03(root: Path, variant: str | None = None, source: str = "cuhk03") 
     """Read CUHK03-NP `variant` (`labeled` when None) from `root`."""
     chosen = variant or "labeled"
     if chosen not in CUHK03_VARIANTS:
-        raise DatasetError(
-            f"{root}: CUHK03 variant must be one of {list(CUHK03_VARIANTS)}, got {variant!r}"
-        )
+        raise DatasetError(f"{root}: CUHK03 variant must be one of {list(CUHK03_VARIANTS)}, got {variant!r}")
     root = Path(root)
     return read_market_layout(root, source, layout_dir=root / chosen)

@@ -38,14 +38,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import ParamSpec, TypeVar, get_args
 
-from core.datasets.base import (
-    DatasetError,
-    ImageRecord,
-    ReidDataset,
-    Split,
-    confined_path,
-    require_dir,
-)
+from core.datasets.base import DatasetError, ImageRecord, ReidDataset, Split, confined_path, require_dir
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
 SPLITS: tuple[Split, ...] = get_args(Split)
@@ -54,9 +47,7 @@ DISTRACTOR_PID = 0
 
 # Market-style name: `0002_c1s1_000451_03` or CUHK03-NP's `0001_c1_1`. The optional trailing
 # index is the frame when the name has no `s<seq>_<frame>` part.
-MARKET_NAME = re.compile(
-    r"^(?P<pid>-?\d+)_c(?P<cam>\d)(?:s(?P<seq>\d+)_(?P<frame>\d+))?(?:_(?P<index>\d+))?"
-)
+MARKET_NAME = re.compile(r"^(?P<pid>-?\d+)_c(?P<cam>\d)(?:s(?P<seq>\d+)_(?P<frame>\d+))?(?:_(?P<index>\d+))?")
 CAMERA_TAG = re.compile(r"_c(?P<cam>\d)")  # the camera part alone, for free-form names
 DEFAULT_CSV_NAME = "list.csv"
 CSV_REQUIRED = ("path", "pid", "camid")
@@ -110,9 +101,7 @@ class ProblemCollector:
 def list_images(directory: Path) -> list[Path]:
     """Image files directly inside `directory`, sorted by name (Market folders also hold
     `Thumbs.db` and the like, which are skipped)."""
-    return sorted(
-        p for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir()
-    )
+    return sorted(p for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
 
 
 def make_record(
@@ -283,9 +272,7 @@ def load_folder(root: Path, source: str = "folder") -> ReidDataset:
     return assemble(problems, root, records, root)
 
 
-def _csv_record(
-    root: Path, row: dict[str, str], columns: int, source: str, where: str
-) -> ImageRecord | None:
+def _csv_record(root: Path, row: dict[str, str], columns: int, source: str, where: str) -> ImageRecord | None:
     # DictReader puts surplus fields under the key None and fills missing ones with None
     if None in row or any(row.get(c) is None for c in CSV_REQUIRED):
         raise DatasetError(f"{where}: expected {columns} columns")

@@ -27,8 +27,7 @@ def _try_read(path: str) -> bytes | str:
 
 
 def read_images(paths: Sequence[str], threads: int = 8) -> dict[str, bytes | str]:
-    """Each path's encoded bytes, proven to decode, or the reason it cannot be read. Read here
-    once: the bytes travel to the workers, which then need no access to the source's files."""
+    """Each path's encoded bytes, proven to decode, or the reason it cannot be read."""
     unique = list(dict.fromkeys(paths))
     with ThreadPoolExecutor(max_workers=threads) as pool:
         return dict(zip(unique, pool.map(_try_read, unique)))

@@ -37,21 +37,19 @@ MSMT17_LAYOUTS: dict[str, Msmt17Layout] = {
     "v1": Msmt17Layout(train_dir="train", test_dir="test", top_dir="MSMT17_V1"),
     "v2": Msmt17Layout(train_dir="mask_train_v2", test_dir="mask_test_v2", top_dir="MSMT17_V2"),
 }
-# (list file, which image folder it indexes, split)
+# (list file, the `Msmt17Layout` field naming the image folder it indexes, split)
 MSMT17_LISTS: tuple[tuple[str, str, Split], ...] = (
-    ("list_train.txt", "train", "train"),
-    ("list_val.txt", "train", "train"),
-    ("list_query.txt", "test", "query"),
-    ("list_gallery.txt", "test", "gallery"),
+    ("list_train.txt", "train_dir", "train"),
+    ("list_val.txt", "train_dir", "train"),
+    ("list_query.txt", "test_dir", "query"),
+    ("list_gallery.txt", "test_dir", "gallery"),
 )
 
 
 def detect_msmt17(root: Path, variant: str | None) -> tuple[Path, Msmt17Layout]:
     """Find the dataset folder and its layout: `variant` when given, else whichever exists."""
     if variant is not None and variant not in MSMT17_LAYOUTS:
-        raise DatasetError(
-            f"{root}: MSMT17 variant must be one of {list(MSMT17_LAYOUTS)}, got {variant!r}"
-        )
+        raise DatasetError(f"{root}: MSMT17 variant must be one of {list(MSMT17_LAYOUTS)}, got {variant!r}")
     names = [variant] if variant is not None else list(MSMT17_LAYOUTS)
     for name in names:
         layout = MSMT17_LAYOUTS[name]
@@ -80,22 +78,19 @@ def _msmt17_record(
     relative = relpath if Path(relpath).parts[0] == folder else f"{folder}/{relpath}"
     with located(where):
         path = confined_path(base, relative)
-    return ImageRecord(
-        path=str(path), source=source, pid=pid, camid=camid, split=split, frame=frame
-    )
+    return ImageRecord(path=str(path), source=source, pid=pid, camid=camid, split=split, frame=frame)
 
 
 def _msmt17_records(
     base: Path, layout: Msmt17Layout, source: str, problems: ProblemCollector
 ) -> Iterator[ImageRecord | None]:
-    folders = {"train": layout.train_dir, "test": layout.test_dir}
-    for list_name, folder_key, split in MSMT17_LISTS:
+    for list_name, folder_field, split in MSMT17_LISTS:
         list_path = base / list_name
         if not list_path.is_file():
             raise DatasetError(f"MSMT17 list file not found: {list_path}")
         for lineno, fields in iter_list_lines(list_path):
             where = f"{list_path}:{lineno}"
-            yield problems.check(_msmt17_record, base, folders[folder_key], fields, split, source, where)
+            yield problems.check(_msmt17_record, base, getattr(layout, folder_field), fields, split, source, where)
 
 
 def load_msmt17(root: Path, variant: str | None = None, source: str = "msmt17") -> ReidDataset:

@@ -23,11 +23,6 @@ Modules: `attributes` (identities and cameras), `render` (drawing), `dataset` (p
 CLI: `python -m core.datasets.synthetic --out DIR --ids N --cameras C --seed S`.
 """
 
-from core.datasets.synthetic.attributes import (  # noqa: F401
-    ATTRIBUTES_FILE,
-    PALETTE,
-    CameraStyle,
-    sequence_shots,
-)
+from core.datasets.synthetic.attributes import ATTRIBUTES_FILE, PALETTE, CameraStyle, sequence_shots  # noqa: F401
 from core.datasets.synthetic.dataset import ensure_synthetic_dataset, generate_synthetic_dataset  # noqa: F401
 from core.datasets.synthetic.render import render_image  # noqa: F401

@@ -21,9 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m core.datasets.synthetic",
         description="Generate a procedural person Re-ID dataset in the Market-1501 layout.",
     )
-    parser.add_argument(
-        "--out", type=Path, required=True, help="output folder (must be absent or empty)"
-    )
+    parser.add_argument("--out", type=Path, required=True, help="output folder (must be absent or empty)")
     for field, help_text in (
         ("ids", "train identities (test gets as many)"),
         ("cameras", "number of cameras (2-9)"),
@@ -42,9 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         spec = SyntheticSpec(**{k: v for k, v in vars(args).items() if k != "out"})
     except ValidationError as err:
-        problems = [
-            f"--{str(e['loc'][0]).replace('_', '-')}: {e['msg']}" for e in err.errors()
-        ]
+        problems = [f"--{str(e['loc'][0]).replace('_', '-')}: {e['msg']}" for e in err.errors()]
         parser.error("; ".join(problems))
     try:
         out = generate_synthetic_dataset(args.out, spec)

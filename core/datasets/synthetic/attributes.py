@@ -70,9 +70,7 @@ def _rng(seed: int, stream: int, *keys: int) -> np.random.Generator:
     return np.random.default_rng([seed % 2**64, stream, *keys])
 
 
-def _choice(
-    rng: np.random.Generator, options: Sequence[str], weights: Sequence[float] | None = None
-) -> str:
+def _choice(rng: np.random.Generator, options: Sequence[str], weights: Sequence[float] | None = None) -> str:
     p = None if weights is None else np.asarray(weights) / sum(weights)
     index = rng.choice(len(options), p=p)
     return options[int(index)]
@@ -126,13 +124,7 @@ class PersonAttributes:
     @property
     def signature(self) -> tuple[str | None, ...]:
         """The clothing that tells identities apart at a glance; kept unique per dataset."""
-        return (
-            self.upper_color,
-            self.upper_pattern,
-            self.upper_color2,
-            self.lower_color,
-            self.lower_type,
-        )
+        return (self.upper_color, self.upper_pattern, self.upper_color2, self.lower_color, self.lower_type)
 
     def describe(self) -> str:
         """Plain English naming the colour of every visible attribute (training text for the

@@ -14,20 +14,8 @@ from core.datasets.base import DatasetError
 from core.datasets.config import SyntheticSpec
 from core.datasets.market import MARKET_SPLIT_DIRS
 from core.datasets.synthetic.attributes import (
-    ATTRIBUTES_FILE,
-    CameraStyle,
-    MAX_PID,
-    PersonAttributes,
-    SPEC_FILE,
-    Shot,
-    _ATTRIBUTES,
-    _CAMERA,
-    _EXTRA,
-    _IMAGE,
-    _SEQUENCE,
-    _SPLIT,
-    _rng,
-    sequence_shots,
+    ATTRIBUTES_FILE, CameraStyle, MAX_PID, PersonAttributes, SPEC_FILE, Shot, _ATTRIBUTES, _CAMERA, _EXTRA,
+    _IMAGE, _SEQUENCE, _SPLIT, _rng, sequence_shots,
 )
 from core.datasets.synthetic.render import render_image
 

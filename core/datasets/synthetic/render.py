@@ -10,17 +10,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from core.datasets.synthetic.attributes import (
-    CameraStyle,
-    HAIR_COLORS,
-    IMAGE_HEIGHT,
-    IMAGE_WIDTH,
-    PALETTE,
-    PersonAttributes,
-    Point,
-    RGB,
-    SKIN_TONES,
-    SUPERSAMPLE,
-    Shot,
+    CameraStyle, HAIR_COLORS, IMAGE_HEIGHT, IMAGE_WIDTH, PALETTE, PersonAttributes, Point, RGB, SKIN_TONES,
+    SUPERSAMPLE, Shot,
 )
 
 
@@ -79,10 +70,6 @@ class _Pen:
         self.polygon(corners, fill)
 
 
-def _lerp(a: Point, b: Point, t: float) -> Point:
-    return a[0] + (b[0] - a[0]) * t, a[1] + (b[1] - a[1]) * t
-
-
 def _draw_top(pen: _Pen, person: PersonAttributes, half_width: float) -> None:
     """The torso with its pattern, clipped to the torso box."""
     x0, x1, y0, y1 = -half_width, half_width, 0.15, 0.52
@@ -110,9 +97,7 @@ def _draw_legs(pen: _Pen, person: PersonAttributes, shot: Shot, half_width: floa
     swing = math.sin(shot.phase)
     if shot.view == "side":
         angle = 0.38 * swing
-        legs = [
-            ((0.0, 0.5), (0.465 * math.sin(a), 0.5 + 0.465 * math.cos(a))) for a in (angle, -angle)
-        ]
+        legs = [((0.0, 0.5), (0.465 * math.sin(a), 0.5 + 0.465 * math.cos(a))) for a in (angle, -angle)]
     else:  # front/back: the stepping foot lifts a little
         spread = 0.055 * person.width
         legs = [
@@ -125,7 +110,8 @@ def _draw_legs(pen: _Pen, person: PersonAttributes, shot: Shot, half_width: floa
         else:
             pen.limb(hip, foot, width * 0.85, skin)
             if person.lower_type == "shorts":
-                pen.limb(hip, _lerp(hip, foot, 0.42), width * 1.05, lower)
+                knee = hip[0] + (foot[0] - hip[0]) * 0.42, hip[1] + (foot[1] - hip[1]) * 0.42
+                pen.limb(hip, knee, width * 1.05, lower)
         toe = 0.05 if shot.view == "side" else 0.0  # shoes point where the person walks
         pen.rect(foot[0] - 0.04, foot[1] - 0.012, foot[0] + 0.04 + toe, foot[1] + 0.03, shoes)
     if person.lower_type == "skirt":
@@ -159,10 +145,7 @@ def _draw_arms(pen: _Pen, person: PersonAttributes, shot: Shot, half_width: floa
         hands = [(0.30 * math.sin(angle), 0.17 + 0.30 * math.cos(angle))]
     else:
         shoulders = [(-(half_width + 0.025), 0.17), (half_width + 0.025, 0.17)]
-        hands = [
-            (-(half_width + 0.04), 0.46 - 0.015 * swing),
-            (half_width + 0.04, 0.46 + 0.015 * swing),
-        ]
+        hands = [(-(half_width + 0.04), 0.46 - 0.015 * swing), (half_width + 0.04, 0.46 + 0.015 * swing)]
     for shoulder, hand in zip(shoulders, hands):
         pen.limb(shoulder, hand, 0.055 * person.width, sleeve)
         pen.ellipse(hand[0], hand[1], 0.022, 0.022, skin)
