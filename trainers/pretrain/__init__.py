@@ -17,29 +17,8 @@ from typing import Any
 
 from trainers.pretrain.config import BatchPlan, FaultInjection, PretrainConfig, plan_batches
 
-_LAZY = {
-    "PretrainResult": "trainers.pretrain.train",
-    "ResumeMismatchError": "trainers.pretrain.train",
-    "find_latest_checkpoint": "trainers.pretrain.train",
-    "prepare_run": "trainers.pretrain.train",
-    "pretrain": "trainers.pretrain.train",
-    "BatchAugment": "trainers.pretrain.data",
-    "DecodeAugment": "trainers.pretrain.data",
-    "build_train_dataset": "trainers.pretrain.data",
-    "build_train_transform": "trainers.pretrain.data",
-    "backbone_state_dict": "trainers.pretrain.recipe",
-    "build_loss": "trainers.pretrain.recipe",
-    "build_model": "trainers.pretrain.recipe",
-    "build_optimizer": "trainers.pretrain.recipe",
-    "build_scheduler": "trainers.pretrain.recipe",
-    "ShardError": "trainers.pretrain.shards",
-    "ShardSummary": "trainers.pretrain.shards",
-    "inspect_shards": "trainers.pretrain.shards",
-    "write_shards": "trainers.pretrain.shards",
-    "export_backbone": "trainers.pretrain.export",
-    "verify_backbone": "trainers.pretrain.export",
-    "write_curves": "trainers.pretrain.plots",
-}
+# The driver's API (the rest is imported from its submodule: `trainers.pretrain.shards`, ...).
+_LAZY = {"PretrainResult": "trainers.pretrain.train", "pretrain": "trainers.pretrain.train"}
 
 __all__ = ["BatchPlan", "FaultInjection", "PretrainConfig", "plan_batches", *sorted(_LAZY)]
 

@@ -78,7 +78,7 @@ def _check_schema(path: Location, schema: pa.Schema) -> None:
         raise ShardError(f"{path}: column 'pid' must be an integer, got {schema.field('pid').type}")
 
 
-def _dense_error(shards_dir: Location, pids: np.ndarray) -> str | None:
+def _dense_error(pids: np.ndarray) -> str | None:
     """Why `pids` are not dense over 0..max (None when they are)."""
     if pids.min() < 0:
         return f"negative pid {int(pids.min())}"
@@ -114,7 +114,7 @@ def inspect_shards(data_dir: str | Path | Location) -> ShardSummary:
     pids = np.concatenate(pid_chunks) if pid_chunks else np.empty(0, np.int64)
     if pids.size == 0:
         raise ShardError(f"the shards in {shards_dir} hold no rows")
-    problem = _dense_error(shards_dir, pids)
+    problem = _dense_error(pids)
     if problem:
         raise ShardError(f"pid column of {shards_dir} is not dense: {problem}")
     return ShardSummary(shards_dir=shards_dir.uri, files=tuple(f.uri for f in files), num_rows=int(pids.size),
@@ -126,23 +126,17 @@ def records_table(records: Sequence[ImageRecord], image_size: tuple[int, int] | 
     as JPEG (resized to `image_size` if given), distractors dropped, `pid` still the source's
     (`write_table_shards` makes it dense)."""
     kept = sorted((r for r in records if not r.distractor), key=lambda r: (r.source, r.pid, r.path))
-    rows: dict[str, list] = {name: [] for name in SHARD_SCHEMA.names}
+    rows = []
     index_of: dict[tuple[str, int], int] = {}
     for record in kept:
         with Image.open(record.path) as image:
             data = encode_image(image, image_size)
-        identity = (record.source, record.pid)
-        rows["image"].append({"bytes": data, "path": Path(record.path).name})
-        rows["pid"].append(record.pid)
-        rows["source"].append(record.source)
-        rows["source_pid"].append(record.pid)
-        rows["identity"].append(f"{record.source}/{record.pid}")
-        rows["prompt"].append("")  # a real image: no prompt, seed or filter score
-        rows["seed"].append(0)
-        rows["score"].append(1.0)
-        rows["index"].append(index_of.get(identity, 0))
-        index_of[identity] = index_of.get(identity, 0) + 1
-    return pa.Table.from_pydict(rows, schema=SHARD_SCHEMA)
+        index = index_of[record.source, record.pid] = index_of.get((record.source, record.pid), -1) + 1
+        rows.append({"image": {"bytes": data, "path": Path(record.path).name}, "pid": record.pid,
+                     "source": record.source, "source_pid": record.pid, "identity": f"{record.source}/{record.pid}",
+                     "prompt": "", "seed": 0, "score": 1.0,  # a real image: no prompt, seed or filter score
+                     "index": index})
+    return pa.Table.from_pylist(rows, schema=SHARD_SCHEMA)
 
 
 def read_shard_table(data_dir: str | Path | Location) -> pa.Table:
@@ -178,8 +172,7 @@ def write_shards(
     rows_per_shard: int = 4096,
 ) -> ShardSummary:
     """Write `records` (e.g. a Re-ID dataset's training split) as `DIR/shards/part-*.parquet` in
-    the factory's `SHARD_SCHEMA`: images re-encoded as JPEG (resized to `image_size` if given),
-    `pid` dense over the sorted identities, distractors dropped."""
+    the factory's `SHARD_SCHEMA` (see `records_table`), `pid` dense over the sorted identities."""
     table = records_table(records, image_size)
     if table.num_rows == 0:
         raise ShardError("no records to write (after dropping distractors)")

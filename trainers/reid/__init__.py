@@ -1,5 +1,6 @@
 """The BoT baseline (Luo et al., "Bag of Tricks and A Strong Baseline for Deep Person Re-ID"),
-as a library: model, losses, PK sampler, transforms, schedule, Ray Train loop, evaluation.
+as a library: model, losses, PK sampler, transforms, schedule, Ray Train loop, evaluation
+(`run_bot_baseline`, train-and-evaluate in one call, is `trainers.reid.baseline`'s).
 
 Typical use::
 
@@ -8,22 +9,18 @@ Typical use::
     metrics = evaluate_reid(model, dataset, config)                   # mAP, rank1, ...
 """
 
-from trainers.reid.baseline import BaselineReport, run_bot_baseline
 from trainers.reid.evaluate import evaluate_reid, extract_features
 from trainers.reid.losses import BotLoss, batch_hard_triplet_loss
-from trainers.reid.model import ReidBaseline, ReidOutput, build_reid_model, load_reid_model
+from trainers.reid.model import ReidOutput, build_reid_model, load_reid_model
 from trainers.reid.sampler import PKBatchSampler
 from trainers.reid.schedule import build_lr_scheduler, build_optimizer
-from trainers.reid.train import ReidTrainResult, train_reid
+from trainers.reid.train import train_reid
 from trainers.reid.transforms import build_eval_transform, build_train_transform
 
 __all__ = [
-    "BaselineReport",
     "BotLoss",
     "PKBatchSampler",
-    "ReidBaseline",
     "ReidOutput",
-    "ReidTrainResult",
     "batch_hard_triplet_loss",
     "build_eval_transform",
     "build_lr_scheduler",
@@ -33,6 +30,5 @@ __all__ = [
     "evaluate_reid",
     "extract_features",
     "load_reid_model",
-    "run_bot_baseline",
     "train_reid",
 ]

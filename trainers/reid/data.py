@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from PIL import Image
@@ -55,9 +54,6 @@ class TrainingSet:
     @property
     def num_classes(self) -> int:
         return len(self.pids)
-
-    def to_dict(self) -> dict[str, list[Any]]:
-        return asdict(self)
 
 
 class ImageListDataset(Dataset[tuple[torch.Tensor, int, int]]):

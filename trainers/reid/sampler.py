@@ -34,10 +34,8 @@ class PKBatchSampler(Sampler[list[int]]):
             raise ValueError(f"need P >= 2 and K >= 1, got P={ids_per_batch}, K={images_per_id}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
-        self.indices_by_label: dict[int, np.ndarray] = {}
         label_array = np.asarray(labels)
-        for label in np.unique(label_array):
-            self.indices_by_label[int(label)] = np.flatnonzero(label_array == label)
+        self.indices_by_label = {int(label): np.flatnonzero(label_array == label) for label in np.unique(label_array)}
         if len(self.indices_by_label) < ids_per_batch:
             raise ValueError(
                 f"ids_per_batch (P) = {ids_per_batch} but the data has only "

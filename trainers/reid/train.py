@@ -2,15 +2,10 @@
 
 `train_reid` is the driver side: it turns the dataset into plain lists, starts (or joins) Ray,
 runs `train_loop_per_worker` on `config.num_workers` workers and collects the final weights.
-Each epoch rank 0 reports a checkpoint directory holding
-
-    model.safetensors      the whole Re-ID model (backbone + BNNeck + classifier)
-    backbone.safetensors   the backbone alone, loadable by `timm.create_model(arch, num_classes=0)`
-    optimizer.pt           Adam's state (tensors only: read back with `weights_only=True`)
-    state.json             epochs done and the metrics history
-
-and a worker that finds a checkpoint (Ray restarting it after a failure, or a rerun into the same
-output folder) resumes from it.
+Each epoch rank 0 reports a `trainers.checkpoint` folder (`model.safetensors`: the whole Re-ID
+model with BNNeck and classifier; `backbone.safetensors`, `optimizer.pt`, `state.json`), and a
+worker that finds a checkpoint (Ray restarting it after a failure, or a rerun into the same output
+folder) resumes from it.
 """
 
 from __future__ import annotations
@@ -21,7 +16,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +80,7 @@ def train_reid(
         )
     use_gpu = start_run(out, config)
     cpus = resolve_cpus_per_worker(config)
-    loop_config = {"config": config.model_dump(mode="json"), "training": training.to_dict(),
+    loop_config = {"config": config.model_dump(mode="json"), "training": asdict(training),
                    "threads": max(1, int(cpus)), "on_start": on_start}
     scaling = ScalingConfig(num_workers=config.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus})
     checkpoint = fit(train_loop_per_worker, loop_config, scaling, out, run_name, keep=2, max_failures=1)
