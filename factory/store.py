@@ -78,7 +78,6 @@ class OutputStore:
     def __init__(self, root: Location | str) -> None:
         self.root = resolve(root)
         self.staging = self.root / "staging"
-        self.shards = self.root / SHARDS_DIR
         self.manifest_path = self.root / "manifest.json"
         if self.root.is_local:
             self.root.makedirs()
