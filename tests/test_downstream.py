@@ -349,6 +349,13 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"root": root, "backbone": root / "ours.safetensors", "wrong": root / "resnet34.safetensors"}
 
 
+def test_an_unknown_debug_fail_cell_is_refused_before_any_work(tmp_path: Path) -> None:
+    config = _tiny_grid(tmp_path, debug_fail_cells=["tiny/bot/random/ss50/seed0"])
+    with pytest.raises(ConfigError, match=r"debug_fail_cells: \['tiny/bot/random/ss50/seed0'\] are not cells"):
+        run_downstream(config, out_dir=tmp_path / "out")
+    assert not (tmp_path / "benchmark").exists() and not (tmp_path / "out").exists()
+
+
 def _tiny_grid(root: Path, **overrides: object) -> DownstreamConfig:
     data = {
         "datasets": [{"kind": "synthetic", "root": str(root / "benchmark"), "name": "tiny",
@@ -533,21 +540,15 @@ def test_errored_trial_is_reported_then_resumed_by_tuner_restore(
         "train": TINY_TRAIN, "max_failures": 0, "plots": False,
     })
     supervised, small = (Cell("tiny", "bot", "random", Setting.parse(s), 0) for s in ("supervised", "ss50"))
-    # Unreadable training images of the identities Ss 50 % leaves out: only the supervised cell fails.
-    dataset = load_source(SourceConfig.model_validate(config.datasets[0].model_dump()))
-    kept = {r.pid for r in training_subset(dataset.train, small.setting, seed=0)}
-    victims = {Path(r.path): Path(r.path).read_bytes() for r in dataset.train if r.pid not in kept}
-    for path in victims:
-        path.write_bytes(b"not an image")
+    # The supervised cell's trial fails (unreadable images no longer can: the driver reads every
+    # image before any trial starts and stops the run on one).
     out = tmp_path / "out"
-    first = run_downstream(config, out_dir=out)
+    first = run_downstream(config.model_copy(update={"debug_fail_cells": [supervised.key]}), out_dir=out)
     assert list(first.errors) == [supervised.key] and first.trained == [small.key]
     frame = pd.read_csv(out / "results.csv").set_index("setting")
     assert frame.loc["supervised", "status"] == "error" and frame.loc["ss50", "status"] == "done"
     assert "| tiny | BOT | supervised | Random | error |" in (out / "results.md").read_text()
 
-    for path, data in victims.items():
-        path.write_bytes(data)
     capsys.readouterr()
     second = run_downstream(config, out_dir=out)
     assert "resuming the Tune experiment" in capsys.readouterr().out

@@ -91,6 +91,9 @@ class DownstreamConfig(StrictModel):
     )
     max_failures: int = Field(1, ge=0, description="retries of a failed trial (node loss, OOM)")
     plots: bool = True
+    debug_fail_cells: list[str] = Field(
+        [], description="cell keys (dataset/method/init/setting/seedK) whose trials raise once their execution "
+        "is logged: exercises error reporting and resume, as generation.debug_fail_identities does")
 
     @field_validator("train", mode="before")
     @classmethod

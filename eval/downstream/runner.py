@@ -205,6 +205,9 @@ def run_downstream(
     chosen = backbone if backbone is not None else config.backbone
     config = config.model_copy(update={"backbone": resolve(chosen).uri if chosen else None, "out_dir": out.uri})
     check_methods(config)
+    unknown = sorted(set(config.debug_fail_cells) - {c.key for c in plan_cells(config)})
+    if unknown:
+        raise ConfigError(f"downstream.debug_fail_cells: {unknown} are not cells of this grid")
     inits = resolve_inits(config, config.backbone, hf_cache_dir)
     datasets = {source.source_name: load_source(source) for source in config.datasets}
     for name, dataset in datasets.items():

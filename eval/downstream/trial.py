@@ -185,6 +185,8 @@ def run_trial(params: dict[str, Any], context: TrialContext) -> None:
     earlier = executions.read_text() if executions.exists() else ""
     executions.write_text(f"{earlier}{stamp} pid={os.getpid()} device={device} "
                           f"from_epoch={restored.epoch if restored else 0}\n")
+    if cell.key in context.config.debug_fail_cells:
+        raise RuntimeError(f"injected failure of {cell.key} (downstream.debug_fail_cells)")
     result = fine_tune_cell(cell, context.datasets[cell.dataset], context.config, context.inits[cell.init],
                             method=context.methods.get(cell.method), device=device, restored=restored,
                             report=_report_epoch, images=context.images.get(cell.dataset))
