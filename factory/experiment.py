@@ -3,7 +3,8 @@
 
 Work is shared and resumable at every step:
 - one build per distinct build config (`main`, and one per ablation) into `OUT/builds/<name>`,
-  skipped when its `experiment.json` holds the same config digest (a build resumes by itself too);
+  skipped when its `experiment.json` holds the same config digest (a build resumes by itself too;
+  digests hash locations under OUT relative to it, so a moved experiment folder reuses its work);
 - the pre-training sets under `OUT/data/`: the source identities' real images (`source`) and real
   plus generated (`source+<build>`); the generated-only set is the build's own shards;
 - one chain per arm x seed, a Ray task (`num_cpus=0`: it coordinates; Ray Train's workers and
@@ -21,6 +22,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -51,8 +53,17 @@ class ExperimentFailed(RuntimeError):
 REFUSED, FAILED = BUILD_REFUSED, (*BUILD_FAILED, ExperimentFailed)
 
 
-def digest(payload: Any) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def digest(payload: Any, out: Location | None = None) -> str:
+    """With `out`, locations under it are hashed relative to it: an experiment folder moved or
+    copied elsewhere (another path, another bucket) keeps its digests and reuses its work."""
+    text = json.dumps(payload, sort_keys=True, default=str)
+    if out is not None:
+        text = re.sub(re.escape(out.uri.rstrip("/")) + r'(?=/|")', "$OUT", text)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _build_payload(config: RunConfig) -> dict[str, Any]:
+    return config.model_dump(mode="json", exclude={"experiment", "pretrain", "downstream"})
 
 
 @dataclass(frozen=True)
@@ -129,15 +140,21 @@ def place_build(name: str, config: RunConfig, out: Location) -> tuple[Location, 
     """Where build `name` goes, its config writing there, and the digest of what it makes."""
     location = out / "builds" / name
     config = config.model_copy(update={"output": config.output.model_copy(update={"dir": location.uri})})
-    return location, config, digest(config.model_dump(mode="json", exclude={"experiment", "pretrain", "downstream"}))
+    return location, config, digest(_build_payload(config), out)
 
 
 def refuse_changed_builds(placed: Mapping[str, tuple[Location, RunConfig, str]]) -> None:
     """A build folder started under another config would be resumed over (done identities are
-    not redone): refused before any work, naming the folder."""
-    for name, (location, _, wanted) in placed.items():
+    not redone): refused before any work, naming the folder. A marker of the same config under its
+    absolute locations (written before digests were relative to OUT) is rewritten, not refused."""
+    for name, (location, config, wanted) in placed.items():
         marker = location / MARKER
-        if marker.exists() and marker.read_json().get("digest") != wanted:
+        if not marker.exists():
+            continue
+        found = marker.read_json()
+        if found.get("digest") == digest(_build_payload(config)):
+            marker.write_json({**found, "digest": wanted})
+        elif found.get("digest") != wanted:
             raise ConfigError(
                 f"experiment build {name!r}: {location} holds a build of another config (its generation, "
                 "caption, filter, sequences or source settings changed); a build resumes rather than redoes "
@@ -208,7 +225,7 @@ def chain_spec(chain: Chain, config: RunConfig, out: Location, data_digest: str)
                                                       "backbone": None}).model_dump(mode="json")
     location = out / "chains" / chain.arm / f"seed-{chain.seed}"
     return {"key": chain.key, "data": chain.data, "out": location.uri, "pretrain": pretrain,
-            "downstream": downstream, "digest": digest([chain.data, data_digest, pretrain, downstream])}
+            "downstream": downstream, "digest": digest([chain.data, data_digest, pretrain, downstream], out)}
 
 
 def run_chain(spec: Mapping[str, Any]) -> dict[str, Any]:

@@ -160,3 +160,35 @@ def test_a_build_folder_of_another_config_is_refused_not_resumed_over(tmp_path: 
     after = place_build("main", load_run_config(None, ["filter.threshold=0.2"]), out)
     with pytest.raises(ConfigError, match="holds a build of another config"):
         refuse_changed_builds({"main": after})
+
+
+def test_a_moved_experiment_folder_keeps_its_digests(tmp_path: Path) -> None:
+    """Locations under OUT are hashed relative to it: an experiment copied to another path (or
+    bucket) reuses its builds and chains instead of being refused or retrained."""
+    from core.storage import resolve
+    from factory.experiment import (MAIN_BUILD, MARKER, _build_payload, chain_spec, digest, place_build,
+                                    refuse_changed_builds, share_filter_models, share_samples)
+
+    config = load_run_config(REPO_ROOT / "configs" / "evidence.yaml")
+    builds = build_configs(config, "evidence.yaml")
+
+    def digests(out_dir: Path) -> dict[str, str]:
+        out = resolve(out_dir)
+        placed = {name: place_build(name, share_samples(share_filter_models(b, builds[MAIN_BUILD], out),
+                                                        builds[MAIN_BUILD], out), out) for name, b in builds.items()}
+        data = {name: (out / "builds" / name).uri for name in builds} | {"source": (out / "data" / "source").uri,
+                                                                          "source+main": (out / "data" / "sm").uri}
+        chains = {c.key: chain_spec(c, config, out, "d")["digest"] for c in plan_chains(config, data)}
+        return {name: place[2] for name, place in placed.items()} | chains
+
+    first, moved = digests(tmp_path / "exp"), digests(tmp_path / "elsewhere" / "exp")
+    assert first == moved and len(set(first.values())) == len(first)
+    # Only locations under OUT: a sibling folder sharing its name as a prefix is not OUT.
+    a, b = resolve(tmp_path / "exp"), resolve(tmp_path / "other")
+    assert digest([f"{a.uri}/x"], a) == digest([f"{b.uri}/x"], b)
+    assert digest([f"{a.uri}2/x"], a) != digest([f"{b.uri}2/x"], b)
+    # A marker written before digests were relative (the absolute digest) is rewritten, not refused.
+    location, placed_config, wanted = place_build(MAIN_BUILD, builds[MAIN_BUILD], a)
+    (location / MARKER).write_json({"digest": digest(_build_payload(placed_config)), "finished": True})
+    refuse_changed_builds({MAIN_BUILD: (location, placed_config, wanted)})
+    assert (location / MARKER).read_json() == {"digest": wanted, "finished": True}
