@@ -95,10 +95,8 @@ def _dense_error(pids: np.ndarray) -> str | None:
 
 def inspect_shards(data_dir: str | Path | Location) -> ShardSummary:
     """Check `DIR/shards/*.parquet` for pre-training: files present, columns `image` (struct with
-    binary `bytes`) and integer `pid`, at least one row, no null pid, pids dense 0..N-1.
-
-    Raises `ShardError` naming the path and the problem.
-    """
+    binary `bytes`) and integer `pid`, at least one row, no null pid, pids dense 0..N-1; a
+    `ShardError` names the path and the problem."""
     shards_dir, files = find_shard_files(data_dir)
     pid_chunks = []
     for path in files:
