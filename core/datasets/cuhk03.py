@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from core.datasets.base import DatasetError, ReidDataset
-from core.datasets.market import read_market_layout
+from core.datasets.market import load_market1501
 
 CUHK03_VARIANTS = ("labeled", "detected")
 
@@ -25,4 +25,4 @@ def load_cuhk03(root: Path, variant: str | None = None, source: str = "cuhk03") 
     if chosen not in CUHK03_VARIANTS:
         raise DatasetError(f"{root}: CUHK03 variant must be one of {list(CUHK03_VARIANTS)}, got {variant!r}")
     root = Path(root)
-    return read_market_layout(root, source, layout_dir=root / chosen)
+    return load_market1501(root, source, layout_dir=root / chosen)

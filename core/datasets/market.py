@@ -42,14 +42,10 @@ def _market_records(
             yield problems.check(image_record, root, image, split, source)
 
 
-def read_market_layout(root: Path, source: str, layout_dir: Path | None = None) -> ReidDataset:
-    """Read the three Market folders found in `layout_dir` (default `root`)."""
+def load_market1501(root: Path, source: str = "market1501", layout_dir: Path | None = None) -> ReidDataset:
+    """Read Market-1501 (or any dataset in its layout, e.g. the synthetic one) from `root`: the
+    three Market folders found in `layout_dir` (default `root`)."""
     root = require_dir(Path(root), f"{source} dataset root")
     layout_dir = root if layout_dir is None else require_dir(layout_dir, f"{source} folder")
     problems = ProblemCollector(source)
     return assemble(problems, root, _market_records(root, layout_dir, source, problems), layout_dir)
-
-
-def load_market1501(root: Path, source: str = "market1501") -> ReidDataset:
-    """Read Market-1501 (or any dataset in its layout, e.g. the synthetic one) from `root`."""
-    return read_market_layout(Path(root), source)

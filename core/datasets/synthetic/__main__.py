@@ -34,7 +34,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse arguments, generate, print a one-line summary."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -72,8 +72,7 @@ def _rng(seed: int, stream: int, *keys: int) -> np.random.Generator:
 
 def _choice(rng: np.random.Generator, options: Sequence[str], weights: Sequence[float] | None = None) -> str:
     p = None if weights is None else np.asarray(weights) / sum(weights)
-    index = rng.choice(len(options), p=p)
-    return options[int(index)]
+    return options[int(rng.choice(len(options), p=p))]
 
 
 # --------------------------------------------------------------------------------------------
