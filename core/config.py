@@ -38,6 +38,13 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
 
+def require_unique(values: Sequence[Any], what: str = "entries", hint: str = "") -> None:
+    """Raise a ValueError naming the values that occur more than once (a validator's check)."""
+    repeated = sorted({v for v in values if values.count(v) > 1}, key=str)
+    if repeated:
+        raise ValueError(f"{what} repeat: {repeated}{hint}")
+
+
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     path = path.resolve()
     if path in seen:

@@ -14,7 +14,7 @@ from pydantic import Field, model_validator
 from eval.downstream.config import DownstreamConfig
 from eval.experiment.config import ExperimentConfig
 from core.cluster import RayConfig
-from core.config import StrictModel, load_config
+from core.config import StrictModel, load_config, require_unique
 from core.datasets.config import SourceConfig
 from factory.stage_config import CaptionConfig, FilterConfig, GenerationConfig, OutputConfig, SequenceConfig
 from trainers.pretrain.config import PretrainConfig
@@ -51,10 +51,7 @@ class RunConfig(StrictModel):
 
     @model_validator(mode="after")
     def _unique_source_names(self) -> RunConfig:
-        names = [s.source_name for s in self.sources]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
-            raise ValueError(f"source names must be unique; repeated: {duplicates} (set 'name')")
+        require_unique([s.source_name for s in self.sources], "source names", " (set 'name')")
         return self
 
 

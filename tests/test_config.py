@@ -100,3 +100,16 @@ def test_cli_fails_fast_on_unknown_key() -> None:
     assert "generation.no_such_key" in result.stderr and "demo.yaml" in result.stderr
     assert "Traceback" not in result.stderr
     assert elapsed < 20, elapsed  # generous for a loaded 2-core CI box; typically ~2 s
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("sources=[{kind: synthetic, root: /tmp/a}, {kind: synthetic, root: /tmp/b}]", r"source names repeat: \['synthetic'\] \(set 'name'\)"),
+        ("downstream.seeds=[3, 1, 3]", r"downstream.seeds.*entries repeat: \[3\]"),
+        ("experiment.arms=[random, source, random]", r"experiment.arms.*entries repeat: \['random'\]"),
+    ],
+)
+def test_repeated_names_and_entries_are_refused_naming_the_repeat(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_run_config(None, [override])

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from core.config import StrictModel, UriStr
+from core.config import StrictModel, UriStr, require_unique
 from core.datasets.config import SourceConfig, SyntheticSpec
 from trainers.config import ReidTrainConfig
 from eval.downstream.settings import Setting
@@ -117,8 +117,7 @@ class DownstreamConfig(StrictModel):
     @field_validator("settings", "methods", "inits", "seeds")
     @classmethod
     def _unique(cls, values: list[Any]) -> list[Any]:
-        if len(set(values)) != len(values):
-            raise ValueError(f"entries repeat: {values}")
+        require_unique(values)
         return values
 
     @field_validator("gpus_per_trial")
@@ -130,10 +129,7 @@ class DownstreamConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check_grid(self) -> DownstreamConfig:
-        names = [d.source_name for d in self.datasets]
-        repeated = sorted({n for n in names if names.count(n) > 1})
-        if repeated:
-            raise ValueError(f"dataset names must be unique; repeated: {repeated} (set 'name')")
+        require_unique([d.source_name for d in self.datasets], "dataset names", " (set 'name')")
         return self
 
     @property

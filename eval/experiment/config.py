@@ -17,7 +17,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from core.config import StrictModel, UriStr
+from core.config import StrictModel, UriStr, require_unique
 
 ARM_RANDOM, ARM_SOURCE, ARM_GENERATED, ARM_BOTH = "random", "source", "generated", "source+generated"
 MAIN_ARMS = (ARM_RANDOM, ARM_SOURCE, ARM_GENERATED, ARM_BOTH)
@@ -53,8 +53,7 @@ class ExperimentConfig(StrictModel):
     @field_validator("arms", "seeds", "ablation_seeds")
     @classmethod
     def _unique(cls, values: list) -> list:
-        if len(set(values)) != len(values):
-            raise ValueError(f"repeated entries in {values}")
+        require_unique(values)
         return values
 
     @field_validator("ablations")
