@@ -29,10 +29,9 @@ def readable_training_split(dataset: ReidDataset, threads: int = 8) -> tuple[Rei
     of the others (read here, once: they travel to the training workers, which then need no
     access to the source's filesystem). One corrupt file cannot crash the filter's training."""
     loaded = read_images([r.path for r in dataset.train], threads)  # the test the sequence reader quarantines with
-    dropped = [path for path, data in loaded.items() if not isinstance(data, bytes)]
-    kept = [r for r in dataset.train if isinstance(loaded[r.path], bytes)]
     images = {path: data for path, data in loaded.items() if isinstance(data, bytes)}
-    return dataclasses.replace(dataset, train=kept), dropped, images
+    dropped = [path for path in loaded if path not in images]
+    return dataclasses.replace(dataset, train=[r for r in dataset.train if r.path in images]), dropped, images
 
 
 @ray.remote(num_cpus=0)
@@ -122,9 +121,7 @@ def _wait_until_started(pending: Sequence[PendingFilterModel], signal: Any, poll
     while True:
         started = set(ray.get(signal.marked.remote()))
         ended = {p.source for p in pending if ray.wait([p.result], timeout=0)[0]}
-        for spec in pending:
-            if spec.source in ended:
-                ray.get(spec.result)  # raises the training run's error
+        ray.get([p.result for p in pending if p.source in ended])  # raises an ended run's error
         if all(p.source in started or p.source in ended for p in pending):
             return
         time.sleep(poll_seconds)

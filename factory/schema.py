@@ -90,11 +90,10 @@ def with_fields(schema: pa.Schema, fields: Sequence[tuple[str, pa.DataType]]) ->
 def append_columns(table: pa.Table, fields: Sequence[tuple[str, pa.DataType]], values: dict[str, list]) -> pa.Table:
     """Return `table` with `fields` appended (replacing same-named ones), typed as declared."""
     for name, dtype in fields:
+        field = pa.field(name, dtype)
         column = pa.array(values[name], type=dtype)
-        if name in table.column_names:
-            table = table.set_column(table.column_names.index(name), name, column)
-        else:
-            table = table.append_column(pa.field(name, dtype), column)
+        index = table.schema.get_field_index(name)
+        table = table.set_column(index, field, column) if index >= 0 else table.append_column(field, column)
     return table
 
 

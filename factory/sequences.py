@@ -52,7 +52,6 @@ def select_sequence(records: Sequence[ImageRecord], config: SequenceConfig) -> I
     the most images (lowest camid on ties), frames in order, the first `max_images`.
     `all_cameras` takes images of every camera in (camera, frame) order.
     """
-    first = records[0]
     if config.strategy == "longest_camera_run":
         by_camera: dict[int, list[ImageRecord]] = defaultdict(list)
         for record in records:
@@ -62,7 +61,7 @@ def select_sequence(records: Sequence[ImageRecord], config: SequenceConfig) -> I
     else:
         camid = -1
         chosen = sorted(records, key=lambda r: (r.camid, *_frame_order(r)))
-    return IdentitySequence(first.source, first.pid, camid, tuple(chosen[: config.max_images]))
+    return IdentitySequence(records[0].source, records[0].pid, camid, tuple(chosen[: config.max_images]))
 
 
 def plan_identities(datasets: Iterable[ReidDataset], config: SequenceConfig) -> list[IdentitySequence]:

@@ -77,7 +77,6 @@ class OutputStore:
 
     def __init__(self, root: Location | str) -> None:
         self.root = resolve(root)
-        self.staging = self.root / "staging"
         self.manifest_path = self.root / "manifest.json"
         if self.root.is_local:
             self.root.makedirs()
@@ -87,21 +86,18 @@ class OutputStore:
         if not self.manifest_path.exists():
             return {"version": MANIFEST_VERSION, "identities": {}, "failed": {}}
         try:
-            manifest = json.loads(self.manifest_path.read_bytes())
+            manifest = self.manifest_path.read_json()
         except json.JSONDecodeError as err:
             raise RuntimeError(f"{self.manifest_path} is not valid JSON ({err}); move it away to start over") from err
         if manifest.get("version") != MANIFEST_VERSION:
             raise RuntimeError(f"{self.manifest_path}: unsupported manifest version {manifest.get('version')}")
         # An identity counts as done only if its staging file is really there (one listing,
         # not a request per identity: object stores answer a listing of thousands at once).
-        present = {location.path for location in self.staging.files(".parquet")}
+        present = {location.path for location in (self.root / "staging").files(".parquet")}
         manifest["identities"] = {
             key: entry for key, entry in manifest["identities"].items() if (self.root / entry["file"]).path in present
         }
         return manifest
-
-    def _save_manifest(self) -> None:
-        self.manifest_path.write_json(self.manifest)
 
     @property
     def done(self) -> set[str]:
@@ -113,11 +109,11 @@ class OutputStore:
         relative = write_staged_identity(self.root, identity, rows) if rows is not None else staging_file(identity)
         self.manifest["identities"][identity] = {"file": relative, **summary}
         self.manifest["failed"].pop(identity, None)
-        self._save_manifest()
+        self.manifest_path.write_json(self.manifest)
 
     def record_failure(self, identity: str, error: str, attempts: int) -> None:
         self.manifest["failed"][identity] = {"error": error, "attempts": attempts}
-        self._save_manifest()
+        self.manifest_path.write_json(self.manifest)
 
     def write_json(self, name: str, payload: Any) -> Location:
         location = self.root / name

@@ -7,10 +7,8 @@ One code path serves both: `CompVis/stable-diffusion-v1-4` (read from the Huggin
 Offline by default: every `from_pretrained` gets `local_files_only=True`, so a missing model fails
 in milliseconds with `ModelNotAvailableError` instead of hanging on a download inside a Ray
 actor. Downloads are allowed only when the environment says so explicitly with
-`HF_HUB_OFFLINE=0` (or `false`/`no`/`off`); an unset variable means offline.
-
-`check_model_available` does the same lookup without reading any weights, so a build can
-validate every model id before it starts Ray or loads anything.
+`HF_HUB_OFFLINE=0` (or `false`/`no`/`off`); an unset variable means offline. The lookup itself,
+without reading weights, is `factory.models.locate.check_model_available`.
 """
 
 from __future__ import annotations
@@ -69,7 +67,6 @@ def load_clip(model_id: str, device: str | torch.device = "cpu", dtype: DTypeLik
 
 def _load_model_and_processor(model_class, processor_class, model_id: str, device: str | torch.device,
                               dtype: DTypeLike, config_key: str):
-    """`model_class.from_pretrained` (eval mode, on `device`) and `processor_class.from_pretrained`."""
     model, processor = _from_pretrained(model_id, config_key, lambda path, kwargs: (
         model_class.from_pretrained(path, dtype=resolve_dtype(dtype, device), **kwargs),
         processor_class.from_pretrained(path, **kwargs)))

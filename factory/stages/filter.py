@@ -203,12 +203,11 @@ class FilterStage(RowStage):
         return StageResources(1, c.min, c.max, 1.0, self.num_gpus)
 
     def setup(self) -> None:
-        device = torch_device(self.num_gpus > 0)
         config = self.config
         if config.kind == "clip":  # the CLIP model as this node opens it
             config = config.model_copy(update={"clip_model": self.folders.open(config.clip_model)})
         self.filter = build_filter(config, self.models)
-        self.filter.setup(device)
+        self.filter.setup(torch_device(self.num_gpus > 0))
 
     def process_row(self, row: dict) -> dict:
         assert self.filter is not None, "call setup() first"
