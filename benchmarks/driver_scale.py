@@ -15,7 +15,6 @@ The location of each size is deleted before the next (20k identities are ~24 GB 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import subprocess
@@ -28,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
+from core.shards import encode_image
 from core.storage import resolve
 from factory.schema import STAGED_SCHEMA
 from factory.store import staging_file
@@ -40,9 +40,7 @@ def jpeg_pool(count: int, target_bytes: int, seed: int = 0) -> list[bytes]:
     rng = np.random.default_rng(seed)
 
     def encode(pixels: np.ndarray, quality: int) -> bytes:
-        buffer = io.BytesIO()
-        Image.fromarray(pixels).save(buffer, format="JPEG", quality=quality)
-        return buffer.getvalue()
+        return encode_image(Image.fromarray(pixels), quality=quality)
 
     sample = rng.integers(0, 256, (128, 64, 3), dtype=np.uint8)
     quality = min(range(5, 96, 5), key=lambda q: abs(len(encode(sample, q)) - target_bytes))

@@ -62,6 +62,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from core.shards import encode_image  # noqa: E402
 from factory.run_config import DEFAULT_PRESET, REPO_ROOT, RunConfig, load_run_config  # noqa: E402
 from factory.schema import SEQUENCE_SCHEMA  # noqa: E402
 
@@ -349,7 +350,6 @@ class DiffusersBaseline:
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             loss.detach().item()  # the example logs the loss every step
-        optimizer.zero_grad(set_to_none=True)
         del optimizer, params
         unet.requires_grad_(False)
         unet.eval()
@@ -412,9 +412,7 @@ def _source_images(identity: int, count: int) -> list[bytes]:
         image = Image.new("RGB", (64, 128), (90 + 10 * i, 90, 90))
         image.paste(((60 * identity) % 256, 30 + 5 * i, 200 - (40 * identity) % 200), (16, 20, 48, 64))
         image.paste((30, 30, 120), (18, 64, 46, 120))
-        buffer = io.BytesIO()
-        image.save(buffer, format="JPEG")
-        out.append(buffer.getvalue())
+        out.append(encode_image(image, quality=75))  # PIL's default JPEG quality
     return out
 
 

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from PIL import Image, ImageDraw
 
 from core.config import config_to_yaml
+from core.shards import encode_image
 from core.storage import Location
 from factory.run_config import RunConfig
 
@@ -256,7 +257,5 @@ def write_contact_sheet(location: Location, strips: Sequence[Location]) -> Locat
     sheet = Image.new("RGB", (max(i.width for i in images), sum(i.height for i in images)), "white")
     for image, y in zip(images, itertools.accumulate((i.height for i in images), initial=0)):
         sheet.paste(image, (0, y))
-    buffer = io.BytesIO()
-    sheet.save(buffer, format="PNG")
-    location.write_bytes(buffer.getvalue())
+    location.write_bytes(encode_image(sheet, fmt="png"))
     return location
