@@ -261,11 +261,11 @@ def train_one_epoch(
             seen += len(labels)
         optimizer.step()
         steps += 1
-    seconds = time.perf_counter() - start
     totals = torch.stack([loss_sum, correct.float(), torch.tensor(float(seen), device=device)])
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(totals)
     loss_total, correct_total, seen_total = totals.tolist()
+    seconds = time.perf_counter() - start  # after .tolist(), which waits for the GPU's queued work
     if seen_total == 0:
         raise RuntimeError("no training batch this epoch: fewer images than one global batch")
     return {
