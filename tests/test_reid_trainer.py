@@ -359,7 +359,8 @@ def test_extract_features_and_evaluate(tiny_dataset: ReidDataset) -> None:
 def test_checkpoint_roundtrip_restores_model_optimizer_and_history(tmp_path: Path) -> None:
     from ray.train import Checkpoint
 
-    from trainers.reid.train import _read_checkpoint, _write_checkpoint
+    from trainers.ray_train import read_checkpoint
+    from trainers.reid.train import write_checkpoint
 
     config = tiny_config()
     model = build_reid_model(config, num_classes=4)
@@ -367,15 +368,15 @@ def test_checkpoint_roundtrip_restores_model_optimizer_and_history(tmp_path: Pat
     model(torch.randn(4, 3, 64, 32)).logits.sum().backward()
     optimizer.step()  # gives Adam some state to save
     history = [{"epoch": 1, "loss": 1.5}, {"epoch": 2, "loss": 1.2}]
-    _write_checkpoint(tmp_path, model, optimizer, 2, history)
+    write_checkpoint(tmp_path, model, optimizer, 2, history)
 
-    restored = _read_checkpoint(Checkpoint.from_directory(tmp_path))
-    assert restored is not None and restored["epoch"] == 2 and restored["history"] == history
+    restored, _ = read_checkpoint(Checkpoint.from_directory(tmp_path))
+    assert restored is not None and restored.epoch == 2 and restored.history == history
     fresh = build_reid_model(config, num_classes=4)
-    fresh.load_state_dict(restored["model"])
+    fresh.load_state_dict(restored.model)
     assert torch.equal(fresh.classifier.weight, model.classifier.weight)
     fresh_optimizer = build_optimizer(fresh, config)
-    fresh_optimizer.load_state_dict(restored["optimizer"])
+    fresh_optimizer.load_state_dict(restored.optimizer)
     assert fresh_optimizer.state_dict()["state"][0]["step"] == 1
 
 
@@ -464,3 +465,21 @@ def test_training_set_with_image_bytes_never_opens_a_path(tiny_dataset: ReidData
 
     features, pids, _ = extract_features(build_reid_model(config, 8), records, config, device="cpu", images=images)
     assert features.shape[0] == len(records) and list(pids) == [r.pid for r in records]
+
+
+def test_report_checkpoint_hands_the_written_folder_to_the_reporter(tmp_path: Path) -> None:
+    from ray import tune
+
+    from trainers.ray_train import report_checkpoint
+
+    seen: list[tuple[dict, object, list[str]]] = []
+
+    def report(metrics: dict, checkpoint=None) -> None:  # what Ray sees while the folder exists
+        names = sorted(p.name for p in Path(checkpoint.path).iterdir()) if checkpoint is not None else []
+        seen.append((metrics, checkpoint, names))
+
+    report_checkpoint({"epoch": 1}, lambda folder: (folder / "state.json").write_text("{}"), report, tune.Checkpoint)
+    report_checkpoint({"epoch": 2}, None, report)
+    (first, checkpoint, names), (second, none, _) = seen
+    assert first == {"epoch": 1} and isinstance(checkpoint, tune.Checkpoint) and names == ["state.json"]
+    assert second == {"epoch": 2} and none is None

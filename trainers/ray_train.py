@@ -1,19 +1,22 @@
-"""What the Ray Train loops (`trainers.reid`, `trainers.pretrain`) share: the driver's run, and
-the workers' logging."""
+"""What the Ray Train loops (`trainers.reid`, `trainers.pretrain`) share: the driver's run, the
+workers' logging, and (with the downstream Tune trials) reporting and reading checkpoints."""
 
 from __future__ import annotations
 
 import logging
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import ray.train
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from core.cluster import RayConfig, init_ray, resolve_use_gpu
 from core.config import config_to_yaml
 from core.storage import Location
-from trainers.checkpoint import CONFIG_FILE
+from trainers.checkpoint import CONFIG_FILE, TrainingState, load_rng_state, load_training_state
 
 
 def start_run(out: Location, config: Any) -> bool:
@@ -49,3 +52,23 @@ def quiet_ray_train_reports() -> None:
     # `context` logs under its file path (logging.getLogger(__file__)), `storage` under its name.
     for name in (context.__file__, storage.__name__):
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def report_checkpoint(metrics: dict[str, Any], write: Callable[[Path], None] | None,
+                      report: Callable[..., None] = ray.train.report, checkpoint_class: type = Checkpoint) -> None:
+    """`report(metrics, checkpoint=...)` with a checkpoint of the files `write` puts into a fresh
+    temporary folder; no checkpoint when `write` is None. Tune trials pass `tune.report` and
+    `tune.Checkpoint` (Ray Train v2 and Tune each take only their own checkpoint class)."""
+    if write is None:
+        return report(metrics, checkpoint=None)
+    with tempfile.TemporaryDirectory() as tmp:
+        write(Path(tmp))
+        report(metrics, checkpoint=checkpoint_class.from_directory(tmp))
+
+
+def read_checkpoint(checkpoint: Checkpoint | None, rank: int = 0) -> tuple[TrainingState | None, Any]:
+    """The training state in `checkpoint` and `rank`'s RNG states (None where there are none)."""
+    if checkpoint is None:
+        return None, None
+    with checkpoint.as_directory() as directory:
+        return load_training_state(directory), load_rng_state(directory, rank)

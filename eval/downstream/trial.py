@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import partial
 from typing import Any
 
 import ray
@@ -26,8 +26,9 @@ from eval.downstream.inits import InitWeights, build_initialised_backbone
 from eval.downstream.methods import ReidMethod, get_method
 from eval.downstream.settings import training_subset
 from eval.downstream.tables import METRICS, STATUS_DONE
-from trainers.checkpoint import TrainingState, cpu_state, load_training_state, save_training_state
+from trainers.checkpoint import TrainingState, cpu_state, save_training_state
 from trainers.config import ReidTrainConfig
+from trainers.ray_train import read_checkpoint, report_checkpoint
 from trainers.reid.data import TrainingSet, make_train_loader
 from trainers.reid.evaluate import evaluate_reid
 from trainers.reid.schedule import build_lr_scheduler, build_optimizer
@@ -154,12 +155,8 @@ class TrialContext:
 
 
 def _report_epoch(metrics: dict[str, Any], state: TrainingState | None) -> None:
-    if state is None:
-        tune.report(metrics)
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        save_training_state(tmp, state)
-        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+    report_checkpoint(metrics, partial(save_training_state, state=state) if state is not None else None,
+                      tune.report, tune.Checkpoint)
 
 
 def run_trial(params: dict[str, Any], context: TrialContext) -> None:
@@ -173,11 +170,7 @@ def run_trial(params: dict[str, Any], context: TrialContext) -> None:
         return
     torch.set_num_threads(max(1, int(context.config.cpus_per_trial)))
     device = torch.device(torch_device(bool(ray.get_gpu_ids())))
-    restored = None
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            restored = load_training_state(directory)
+    restored, _ = read_checkpoint(tune.get_checkpoint())
     # One line per execution; read and rewritten whole, since object stores cannot append
     # (one trial per cell at a time, so there is no other writer).
     executions = cell_dir / EXECUTIONS_FILE

@@ -20,7 +20,6 @@ import logging
 import os
 import random
 import shutil
-import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -39,8 +38,8 @@ from torch import nn
 
 from core.storage import Location, local_folder, resolve, user_path
 from trainers.checkpoint import (BACKBONE_FILE, MODEL_FILE, OPTIMIZER_FILE, RNG_FILE, SCHEDULER_FILE, STATE_FILE,
-                                 TrainingState, cpu_state, load_rng_state, load_training_state, save_training_state)
-from trainers.ray_train import fit, quiet_ray_train_reports, start_run
+                                 TrainingState, cpu_state, save_training_state)
+from trainers.ray_train import fit, quiet_ray_train_reports, read_checkpoint, report_checkpoint, start_run
 from trainers.pretrain.config import BatchPlan, PretrainConfig, plan_batches
 from trainers.pretrain.data import IMAGE_KEY, LABEL_KEY, BatchAugment, build_train_dataset, train_batches
 from trainers.pretrain.export import export_backbone
@@ -183,7 +182,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     torch.manual_seed(config.seed)  # same initial weights on every rank (DDP broadcasts rank 0's anyway)
     model = build_model(config, num_classes)
-    restored, rng = _read_checkpoint(_resume_checkpoint(resolve(loop_config["run_dir"])), rank)
+    restored, rng = read_checkpoint(_resume_checkpoint(resolve(loop_config["run_dir"])), rank)
     if restored is not None:
         model.load_state_dict(restored.model)
     if device.type == "cuda":
@@ -301,9 +300,7 @@ def _report(
 ) -> None:
     """`ray.train.report` on every rank (a barrier). Each rank contributes its RNG states; rank 0
     also the weights, optimizer, scheduler and `state.json` (written last: marks a complete folder)."""
-    metrics = dict(history[-1]) if history else {"epoch": epochs_done}
-    with tempfile.TemporaryDirectory() as tmp:
-        directory = Path(tmp)
+    def write(directory: Path) -> None:
         torch.save(_get_rng_state(), directory / RNG_FILE.format(rank=rank))
         if rank == 0:
             module = unwrap_model(model)
@@ -312,7 +309,8 @@ def _report(
                 cpu_state(module), optimizer.state_dict(), epochs_done, history, scheduler=scheduler_state(scheduler),
                 extra={"arch": config.arch, "num_classes": num_classes, "model_kwargs": config.model_kwargs,
                        "starts": starts}))
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+
+    report_checkpoint(dict(history[-1]) if history else {"epoch": epochs_done}, write)
 
 
 def _resume_checkpoint(run_dir: Location) -> Checkpoint | None:
@@ -334,14 +332,6 @@ def _resume_checkpoint(run_dir: Location) -> Checkpoint | None:
 
 def _epochs_done(checkpoint_dir: Location) -> int:
     return int((checkpoint_dir / STATE_FILE).read_json()["epoch"])
-
-
-def _read_checkpoint(checkpoint: Checkpoint | None, rank: int) -> tuple[TrainingState | None, Any]:
-    """The state to resume from and `rank`'s RNG states (None, None: start fresh)."""
-    if checkpoint is None:
-        return None, None
-    with checkpoint.as_directory() as directory:
-        return load_training_state(directory), load_rng_state(directory, rank)
 
 
 def _seed_everything(seed: int) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -24,15 +23,14 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
-from ray.train import Checkpoint, ScalingConfig
+from ray.train import ScalingConfig
 from torch import nn
 
 from core.storage import local_folder, resolve, user_path
 from core.datasets.base import ReidDataset
-from trainers.checkpoint import (BACKBONE_FILE, MODEL_FILE, STATE_FILE, TrainingState, cpu_state, load_training_state,
-                                 save_training_state)
+from trainers.checkpoint import BACKBONE_FILE, MODEL_FILE, STATE_FILE, TrainingState, cpu_state, save_training_state
 from trainers.config import ReidTrainConfig
-from trainers.ray_train import fit, quiet_ray_train_reports, start_run
+from trainers.ray_train import fit, quiet_ray_train_reports, read_checkpoint, report_checkpoint, start_run
 from trainers.reid.data import TrainingSet, make_train_loader
 from trainers.reid.losses import BotLoss
 from trainers.reid.model import ReidOutput, build_reid_model
@@ -124,18 +122,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     torch.manual_seed(config.seed)  # same initial weights everywhere (DDP broadcasts rank 0's anyway)
     model = build_reid_model(config, training.num_classes)
-    restored = _read_checkpoint(ray.train.get_checkpoint())
+    restored, _ = read_checkpoint(ray.train.get_checkpoint())
     if restored is not None:
-        model.load_state_dict(restored["model"])
+        model.load_state_dict(restored.model)
     model = ray.train.torch.prepare_model(model)
     if rank == 0 and loop_config.get("on_start") is not None:
         signal, name = loop_config["on_start"]
         signal.mark.remote(name)
     optimizer = build_optimizer(model, config)
+    start_epoch, history = 0, []
     if restored is not None:
-        optimizer.load_state_dict(restored["optimizer"])
-    start_epoch = restored["epoch"] if restored is not None else 0
-    history: list[dict[str, float]] = restored["history"] if restored is not None else []
+        optimizer.load_state_dict(restored.optimizer)
+        start_epoch, history = restored.epoch, restored.history
     scheduler = build_lr_scheduler(optimizer, config, start_epoch)
 
     torch.manual_seed(config.seed + 1000 * rank + start_epoch)  # augmentations differ per rank
@@ -204,26 +202,15 @@ def _report(
     model: nn.Module, optimizer: torch.optim.Optimizer, epochs_done: int, history: list[dict[str, float]], rank: int
 ) -> None:
     """`ray.train.report` on every rank (it is a barrier); rank 0 attaches the checkpoint."""
-    metrics = dict(history[-1]) if history else {"epoch": epochs_done}
-    with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = None
-        if rank == 0:
-            _write_checkpoint(Path(tmp), unwrap_model(model), optimizer, epochs_done, history)
-            checkpoint = Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=checkpoint)
+    def write(directory: Path) -> None:
+        write_checkpoint(directory, model, optimizer, epochs_done, history)
+
+    report_checkpoint(dict(history[-1]) if history else {"epoch": epochs_done}, write if rank == 0 else None)
 
 
-def _write_checkpoint(
-    directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, epochs_done: int,
-    history: list[dict[str, float]],
-) -> None:
+def write_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, epochs_done: int,
+                     history: list[dict[str, float]]) -> None:
+    """The Re-ID trainer's checkpoint files (`trainers.checkpoint` plus the user's backbone) in `directory`."""
+    model = unwrap_model(model)
     save_backbone_safetensors(model, directory / BACKBONE_FILE)
     save_training_state(directory, TrainingState(cpu_state(model), optimizer.state_dict(), epochs_done, history))
-
-
-def _read_checkpoint(checkpoint: Checkpoint | None) -> dict[str, Any] | None:
-    if checkpoint is None:
-        return None
-    with checkpoint.as_directory() as directory:
-        state = load_training_state(directory)
-    return {"model": state.model, "optimizer": state.optimizer, "epoch": state.epoch, "history": state.history}
