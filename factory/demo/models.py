@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from core.datasets.config import SyntheticSpec
+from core.storage import resolve
 from factory.models.locate import MARKER_FILES
 from factory.run_config import DemoModelsConfig
 
@@ -263,9 +264,7 @@ def _staging(out: Path) -> Iterator[Path]:
                 target.unlink()
             os.replace(built, target)
         if _has_components(out):
-            temporary = out / f".{VERSION_FILE}.{uuid.uuid4().hex[:8]}"
-            temporary.write_text(DEMO_MODELS_VERSION + "\n")
-            os.replace(temporary, out / VERSION_FILE)
+            resolve(out / VERSION_FILE).write_text(DEMO_MODELS_VERSION + "\n")  # atomic, like every local write
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
