@@ -83,7 +83,7 @@ def read_cell_result(out_dir: Location | str, cell: Cell, digest: str) -> dict[s
     """The cell's finished result if it was computed under `digest`, else None."""
     location = cell.directory(out_dir) / RESULT_FILE
     try:
-        result = json.loads(location.read_bytes())
+        result = location.read_json()
     except (FileNotFoundError, json.JSONDecodeError):
         return None
     return result if result.get("digest") == digest else None
