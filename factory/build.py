@@ -19,6 +19,7 @@ from pathlib import Path
 
 from core.storage import Location, StorageError, has_scheme, resolve
 from core.config import ConfigError, config_origin, config_to_yaml
+from core.device import DeviceUnusable
 from core.datasets.base import DatasetError, ReidDataset
 from factory.models.locate import ModelNotAvailableError
 from factory.preflight import check_config, check_models, check_sources, raise_problems
@@ -51,8 +52,12 @@ class BuildFailed(RuntimeError):
     """More identities failed than `generation.max_failed_identities` tolerates."""
 
 
+class ClusterUnfit(RuntimeError):
+    """The cluster check found a node that cannot do its part: its GPUs, or the output location."""
+
+
 # What the command maps to exit 2 (refused before heavy work) and exit 1 (failed, resumable).
-REFUSED = (ConfigError, DatasetError, ModelNotAvailableError, StorageError)
+REFUSED = (ConfigError, DatasetError, ModelNotAvailableError, StorageError, ClusterUnfit)
 FAILED = (BuildAborted, BuildFailed)
 
 
@@ -162,7 +167,7 @@ def run(config: RunConfig, out_dir: str | os.PathLike[str] | None = None, log=pr
     raise_problems(check_sources(config, datasets, plan, out / "filter_models"), origin)
 
     # Ray, torch and the stages only now: the check phase above answers in a second or two.
-    from core.cluster import cluster_gpus, init_ray
+    from core.cluster import ClusterCheckFailed, check_cluster, cluster_gpus, init_ray
     from factory import ray_pipeline
     from factory.filter_models import ensure_filter_models, finish_filter_models
     from factory.models.shipping import ModelFolders
@@ -193,6 +198,10 @@ def run(config: RunConfig, out_dir: str | os.PathLike[str] | None = None, log=pr
     previews = out / "previews"
     if table.num_rows:
         init_ray(config.ray)  # before the filter model's Ray Train run: the build's settings win
+        try:  # every node's GPUs and its reach to `out`, in seconds, before any model trains or loads
+            check_cluster(out, log)
+        except ClusterCheckFailed as err:
+            raise ClusterUnfit(str(err)) from None
         t0 = time.perf_counter()
         filter_models = ensure_filter_models(datasets, config.filter, out / "filter_models", log=log)
         summary.add_seconds("filter_model", time.perf_counter() - t0)
@@ -219,13 +228,19 @@ def run(config: RunConfig, out_dir: str | os.PathLike[str] | None = None, log=pr
         clock = PlanClock(total=len(todo))
         summary.gpus = use_gpus
         rows = ray_pipeline.iter_rows(dataset)
-        for row in rows:
-            _record_row(row, store, summary, config, clock, use_gpus, log, source_images.get(row["identity"], 0))
-            summary.aborted = breaker.record(row["status"] == "ok", row["error"], row["attempts"])
-            if summary.aborted:
-                log(f"[stop] {summary.aborted}")
-                rows.close()  # ends the streaming execution: no more identities start
-                break
+        try:
+            for row in rows:
+                _record_row(row, store, summary, config, clock, use_gpus, log, source_images.get(row["identity"], 0))
+                summary.aborted = breaker.record(row["status"] == "ok", row["error"], row["attempts"])
+                if summary.aborted:
+                    log(f"[stop] {summary.aborted}")
+                    rows.close()  # ends the streaming execution: no more identities start
+                    break
+        except Exception as err:  # the pool itself failed: write what is finished, then say why
+            summary.aborted = actor_pool_failure(err)
+            if summary.aborted is None:
+                raise
+            log(f"[stop] {summary.aborted}")
         if not summary.aborted:  # a stopped build does not wait for models it never used
             finish_filter_models(filter_models, log)
 
@@ -244,6 +259,25 @@ def run(config: RunConfig, out_dir: str | os.PathLike[str] | None = None, log=pr
         raise BuildAborted(f"build stopped early: {summary.aborted}")
     raise_if_too_many_failed(summary, config.generation.max_failed_identities, out)
     return summary
+
+
+def actor_pool_failure(err: BaseException) -> str | None:
+    """Why the streaming execution failed, when an actor could not use its GPU (`DeviceUnusable`
+    at setup: a node the cluster check did not see, e.g. one the autoscaler added later) or kept
+    dying (a sticky CUDA error on every restart: `factory.ray_pipeline.ACTOR_RESTARTS`); None for
+    any other error, which the caller re-raises."""
+    chain, seen = [], err
+    while seen is not None and len(chain) < 10:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    text = " | ".join(f"{type(e).__name__}: {e}" for e in chain)
+    if any(isinstance(e, DeviceUnusable) for e in chain) or "DeviceUnusable" in text:
+        detail = next((str(e) for e in chain if isinstance(e, DeviceUnusable)), text)
+        return f"an actor could not use the GPU Ray gave it: {detail[:1200]}"
+    if "ActorDiedError" in text or "StickyCudaError" in text:
+        return (f"a stage actor died repeatedly (a sticky CUDA error ends an actor; after its restarts the node or "
+                f"image is taken as broken): {text[:1200]}; check the nodes' GPUs (`nvidia-smi`, dmesg for Xid)")
+    return None
 
 
 def raise_if_too_many_failed(summary: BuildSummary, tolerated: int, out: Location) -> None:
