@@ -3,15 +3,25 @@ pools (`map_batches` with an actor class and `ActorPoolStrategy(min_size, max_si
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
 
 import pyarrow as pa
 import ray
 from ray.data import ActorPoolStrategy, Dataset
 
+from core.device import StickyCudaError
 from factory.stages.base import Stage, check_columns
 
 StageFactory = Callable[[], Stage]
+
+# Restarts of one stage actor after its process ended (a sticky CUDA error ends it on purpose):
+# enough for an occasional Xid on a long run; a node or image that breaks every actor it starts
+# ends the build instead of cycling forever (the build then names the error).
+ACTOR_RESTARTS = 3
+# Exit status of an actor that ended itself on a sticky CUDA error (sysexits' EX_SOFTWARE).
+STICKY_CUDA_EXIT = 70
 
 
 class _StageActor:
@@ -22,7 +32,15 @@ class _StageActor:
         self.stage.setup()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return self.stage.process_batch(batch)
+        try:
+            return self.stage.process_batch(batch)
+        except StickyCudaError as err:
+            # The CUDA context is broken for good: every later identity on this actor would fail
+            # at once. Ending the process makes Ray start a fresh actor (up to ACTOR_RESTARTS) and
+            # run this identity again there; no row is written for it from here.
+            print(f"[{self.stage.name}] ending this actor (pid {os.getpid()}) on a sticky CUDA error, "
+                  f"Ray restarts it and retries the identity: {err}", file=sys.stderr, flush=True)
+            os._exit(STICKY_CUDA_EXIT)
 
 
 def _actor_class(stage: Stage) -> type[_StageActor]:
@@ -48,9 +66,11 @@ def stage_pipeline(table: pa.Table, factories: Sequence[StageFactory], use_gpus:
             fn_constructor_kwargs={"make_stage": make_stage},
             batch_size=resources.batch_size,
             batch_format="pyarrow",
-            compute=ActorPoolStrategy(min_size=resources.min_actors, max_size=resources.max_actors),
+            compute=ActorPoolStrategy(min_size=resources.min_actors, max_size=resources.max_actors,
+                                      max_tasks_in_flight_per_actor=resources.tasks_in_flight),
             num_cpus=resources.num_cpus,
             num_gpus=resources.num_gpus if use_gpus else 0,
+            max_restarts=ACTOR_RESTARTS,
         )
     return dataset
 

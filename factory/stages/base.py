@@ -27,6 +27,10 @@ class StageResources:
     max_actors: int = 1
     num_cpus: float = 1.0
     num_gpus: float = 0.0  # requested only when the cluster has GPUs (decided by the adapter)
+    # Identities queued on one actor at a time (None: Ray Data's default, 2). A stage whose one
+    # identity takes minutes wants 1, or an autoscaled-up actor finds the queue already taken
+    # by the busy ones and the run ends on a tail of idle GPUs.
+    tasks_in_flight: int | None = None
 
 
 class Stage(ABC):

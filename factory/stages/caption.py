@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 
-from core.device import torch_device
+from core.device import actor_device
 from factory.schema import CAPTION_FIELDS, SEQUENCE_SCHEMA
 from factory.stage_config import CaptionConfig
 from factory.models.shipping import ModelFolders
@@ -78,14 +78,16 @@ class CaptionStage(RowStage):
         c = self.config
         # One identity per call: each identity is captioned in its own generate() call, so its
         # captions (and everything seeded from them) never depend on which rows shared a batch.
-        return StageResources(1, c.concurrency.min, c.concurrency.max, 1.0, self.num_gpus)
+        # With no captioner loaded (`captions: category`) the actor asks for no GPU at all.
+        gpus = 0.0 if c.captions == "category" else self.num_gpus
+        return StageResources(1, c.concurrency.min, c.concurrency.max, 1.0, gpus)
 
     def setup(self) -> None:
         from factory.models.loading import load_captioner
 
         if self.config.captions == "category":
             return  # no captioner: every identity's caption is empty, its prompt the category's
-        self.device = torch_device(self.num_gpus > 0)
+        self.device = actor_device(self.num_gpus)
         self.model, self.processor = load_captioner(self.folders.open(self.config.model), self.device, self.config.dtype)
 
     @torch.inference_mode()

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from core.device import torch_device
+from core.device import actor_device
 from core.storage import Location, local_file, resolve
 from factory.schema import FILTER_FIELDS, GENERATED_SCHEMA
 from factory.stage_config import FilterConfig
@@ -207,7 +207,7 @@ class FilterStage(RowStage):
         if config.kind == "clip":  # the CLIP model as this node opens it
             config = config.model_copy(update={"clip_model": self.folders.open(config.clip_model)})
         self.filter = build_filter(config, self.models)
-        self.filter.setup(torch_device(self.num_gpus > 0))
+        self.filter.setup(actor_device(self.num_gpus))
 
     def process_row(self, row: dict) -> dict:
         assert self.filter is not None, "call setup() first"
