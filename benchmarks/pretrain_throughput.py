@@ -113,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = inspect_shards(data)
         if summary.num_rows < (args.steps + 1) * args.batch:
             parser.error(f"{data} holds {summary.num_rows} images, fewer than {args.steps + 1} batches")
-        ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
         print(f"{summary.describe()}; {args.arch} at {args.image_size[0]}x{args.image_size[1]}, batch {args.batch}, "
               f"{args.steps} timed steps, decode on {args.decode_on}{', cached shards' if args.cache else ''}, "

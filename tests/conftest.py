@@ -4,8 +4,22 @@ rebuild off for the local clusters tests start (see core/__init__.py)."""
 import core  # noqa: F401  (side effect: Ray environment flag, before any test imports Ray)
 
 import os  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
 
 import pytest  # noqa: E402
+
+# Ray's temporary directory, private to this test session: a bare `ray.init()` (Ray Data and
+# Ray Train call one when nothing is initialised) reads the address file there, so a cluster
+# that a `ray start` on this machine registered, live or stale, is never joined by accident.
+# Short and under /tmp: Ray's Unix sockets live inside it (107-byte path limit).
+_PRIVATE_RAY_TMPDIR = tempfile.mkdtemp(prefix="rt-", dir="/tmp")
+os.environ["RAY_TMPDIR"] = _PRIVATE_RAY_TMPDIR
+os.environ.pop("RAY_ADDRESS", None)
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(_PRIVATE_RAY_TMPDIR, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -84,7 +84,7 @@ def test_demo_shards_readable_by_ray_pandas_and_hf_datasets(demo_out: tuple[Path
 
     out, _ = demo_out
     frame = pd.read_parquet(out / "shards")
-    ray.init(num_cpus=1, include_dashboard=False)
+    ray.init(address="local", num_cpus=1, include_dashboard=False)
     try:
         assert ray.data.read_parquet(str(out / "shards")).count() == len(frame)
     finally:

@@ -335,7 +335,7 @@ def test_imagenet_weights_from_the_cache_only(tmp_path: Path) -> None:
 def ray_cluster(s3_env):
     # Started after the local S3-compatible server's AWS_* variables are set, so trial workers
     # reach it exactly as they would reach S3.
-    context = ray.init(num_cpus=2, include_dashboard=False)
+    context = ray.init(address="local", num_cpus=2, include_dashboard=False)
     yield context
     ray.shutdown()
 
