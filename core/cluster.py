@@ -9,6 +9,7 @@ import ray
 from pydantic import Field
 
 from core.config import StrictModel
+from core.device import ClusterCheckFailed
 
 
 class RayConfig(StrictModel):
@@ -65,10 +66,6 @@ def resolve_use_gpu(setting: bool | str) -> bool:
     import torch  # only the trainers ask; the factory's driver needs no torch for this
 
     return torch.cuda.is_available() or cluster_gpus() > 0
-
-
-class ClusterCheckFailed(RuntimeError):
-    """A node of the cluster cannot do its part (its GPUs, or the output location)."""
 
 
 # A node whose check has not answered by then is reported, not waited for: its GPUs may be held

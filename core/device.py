@@ -28,6 +28,11 @@ class DeviceUnusable(RuntimeError):
     """A GPU Ray assigned (or the caller asked for) that torch cannot use on this node."""
 
 
+class ClusterCheckFailed(RuntimeError):
+    """A node cannot do its part: its GPUs, or the run's output location (`core.cluster.check_cluster`).
+    Here, not in core.cluster, so commands can name it without importing Ray."""
+
+
 class StickyCudaError(RuntimeError):
     """This process's CUDA context is broken; only a new process can use the GPU again."""
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from core.storage import Location, StorageError, has_scheme, resolve
 from core.config import ConfigError, config_origin, config_to_yaml
-from core.device import DeviceUnusable
+from core.device import ClusterCheckFailed, DeviceUnusable
 from core.datasets.base import DatasetError, ReidDataset
 from factory.models.locate import ModelNotAvailableError
 from factory.preflight import check_config, check_models, check_sources, raise_problems
@@ -52,12 +52,8 @@ class BuildFailed(RuntimeError):
     """More identities failed than `generation.max_failed_identities` tolerates."""
 
 
-class ClusterUnfit(RuntimeError):
-    """The cluster check found a node that cannot do its part: its GPUs, or the output location."""
-
-
 # What the command maps to exit 2 (refused before heavy work) and exit 1 (failed, resumable).
-REFUSED = (ConfigError, DatasetError, ModelNotAvailableError, StorageError, ClusterUnfit)
+REFUSED = (ConfigError, DatasetError, ModelNotAvailableError, StorageError, ClusterCheckFailed)
 FAILED = (BuildAborted, BuildFailed)
 
 
@@ -167,7 +163,7 @@ def run(config: RunConfig, out_dir: str | os.PathLike[str] | None = None, log=pr
     raise_problems(check_sources(config, datasets, plan, out / "filter_models"), origin)
 
     # Ray, torch and the stages only now: the check phase above answers in a second or two.
-    from core.cluster import ClusterCheckFailed, check_cluster, cluster_gpus, init_ray
+    from core.cluster import check_cluster, cluster_gpus, init_ray
     from factory import ray_pipeline
     from factory.filter_models import ensure_filter_models, finish_filter_models
     from factory.models.shipping import ModelFolders
@@ -198,10 +194,7 @@ def run(config: RunConfig, out_dir: str | os.PathLike[str] | None = None, log=pr
     previews = out / "previews"
     if table.num_rows:
         init_ray(config.ray)  # before the filter model's Ray Train run: the build's settings win
-        try:  # every node's GPUs and its reach to `out`, in seconds, before any model trains or loads
-            check_cluster(out, log)
-        except ClusterCheckFailed as err:
-            raise ClusterUnfit(str(err)) from None
+        check_cluster(out, log)  # every node's GPUs and its reach to `out`, in seconds, before any model loads
         t0 = time.perf_counter()
         filter_models = ensure_filter_models(datasets, config.filter, out / "filter_models", log=log)
         summary.add_seconds("filter_model", time.perf_counter() - t0)

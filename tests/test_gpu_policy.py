@@ -154,7 +154,8 @@ def test_the_pool_asks_ray_for_the_stage_in_flight_limit_and_bounded_restarts(lo
 # -- the cluster check ----------------------------------------------------------------------------------
 CHECK = textwrap.dedent("""
     import sys, ray
-    from core.cluster import ClusterCheckFailed, check_cluster
+    from core.cluster import check_cluster
+    from core.device import ClusterCheckFailed
     from core.storage import resolve
     ray.init(address="local", num_cpus=1, num_gpus=int(sys.argv[2]), include_dashboard=False, log_to_driver=False)
     try:

@@ -7,7 +7,8 @@ filesystem: the user's path on `cluster.yaml` (no EFS), on one machine.
   the downstream benchmark, the driver's caches (Hugging Face, reid-factory, torch) and the
   repository's `.cache/` and `outputs/`. The worker sees an empty, writable folder at each of
   those paths: its own node-local disk.
-- Outputs go to an object store (a local S3-compatible server reached through AWS_* only).
+- Outputs go to an object store (a local S3-compatible server reached through AWS_* only); a local
+  `--out` that only the driver sees is refused by the cluster check within a minute.
 - Everything runs inside a private PID namespace (`unshare --pid --fork`): when the script
   ends, or the test times out, the kernel kills every process it started.
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -108,6 +110,13 @@ def _script(root: Path, ray_tmp: Path, port: int, preset: Path, bucket: str) -> 
             assert time.monotonic() < deadline, "the worker node did not join"
             time.sleep(1)
         EOF
+        echo "== local out"
+        # A local --out only the driver sees: the cluster check must refuse it within a minute.
+        start=$(date +%s)
+        rc=0
+        {python} -m factory.build --config {preset} --out {root}/local-out > {root}/local-out.log 2>&1 || rc=$?
+        echo "local-out rc=$rc seconds=$(( $(date +%s) - start ))"
+        tail -n 6 {root}/local-out.log
         echo "== build"
         {python} -m factory.build --config {preset} --out {bucket}/build
         echo "== pretrain"
@@ -136,6 +145,10 @@ def test_build_pretrain_downstream_on_nodes_sharing_no_filesystem(hidden_root: P
     output = run.stdout + run.stderr
     assert run.returncode == 0, f"{output[-6000:]}\n--- worker node:\n{worker_log[-2000:]}"
     assert "== done" in run.stdout
+    refused = re.search(r"local-out rc=(\d+) seconds=(\d+)", run.stdout)
+    assert refused and refused.group(1) == "2", run.stdout[-3000:]
+    assert int(refused.group(2)) <= 60, f"the unshared --out was refused only after {refused.group(2)} s"
+    assert "cannot read and write the output location" in run.stdout and "local-out" in run.stdout
 
     build = resolve(f"{bucket}/build")
     summary = json.loads((build / "summary.json").read_bytes())

@@ -9,11 +9,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import ray
 import ray.train
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from core.cluster import RayConfig, init_ray, resolve_use_gpu
+from core.cluster import RayConfig, check_cluster, init_ray, resolve_use_gpu
 from core.config import config_to_yaml
 from core.storage import Location
 from trainers.checkpoint import CONFIG_FILE, TrainingState, load_rng_state, load_training_state
@@ -22,9 +23,14 @@ from trainers.checkpoint import CONFIG_FILE, TrainingState, load_rng_state, load
 def start_run(out: Location, config: Any) -> bool:
     """Write the resolved `config.yaml` into `out`, then join the Ray cluster of `RAY_ADDRESS` (e.g.
     inside `ray job submit`) or the one already initialised, else start a local one. Returns
-    whether the workers get a GPU (`config.use_gpu`)."""
+    whether the workers get a GPU (`config.use_gpu`). A process that joins or starts Ray here
+    first checks every node (`core.cluster.check_cluster`: GPUs usable, `out` reachable); one that
+    already had Ray (the build, which checked its cluster) does not check again."""
     (out / CONFIG_FILE).write_text(config_to_yaml(config))
+    joining = not ray.is_initialized()
     init_ray(RayConfig(), progress_bars=False)
+    if joining:
+        check_cluster(out)
     return resolve_use_gpu(config.use_gpu)
 
 

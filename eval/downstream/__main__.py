@@ -14,6 +14,7 @@ from pathlib import Path
 
 from core.storage import resolve
 from core.config import ConfigError
+from core.device import ClusterCheckFailed
 from core.datasets.base import DatasetError
 from factory.run_config import DEFAULT_PRESET, load_run_config
 from trainers.weights import WeightsMismatchError, WeightsUnavailableError
@@ -43,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         report = run_downstream(run_config.downstream, backbone=args.backbone, out_dir=args.out,
                                 ray_config=run_config.ray)
-    except (ConfigError, DatasetError, WeightsMismatchError, WeightsUnavailableError) as err:
+    except (ConfigError, DatasetError, WeightsMismatchError, WeightsUnavailableError, ClusterCheckFailed) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(resolve(report.results_md).read_text())

@@ -28,7 +28,7 @@ from typing import Any
 import pandas as pd
 from ray import tune
 
-from core.cluster import RayConfig, cluster_gpus, init_ray
+from core.cluster import RayConfig, check_cluster, cluster_gpus, init_ray
 from core.config import ConfigError, config_to_yaml
 from core.datasets.base import DatasetError, ReidDataset
 from core.datasets.images import read_images
@@ -233,6 +233,7 @@ def run_downstream(
     if pending:
         context.images = read_dataset_images(datasets)
         init_ray(ray_config or RayConfig())
+        check_cluster(out)  # every node's GPUs and its reach to `out`, before any trial starts
         name = "grid-" + _digest(sorted(digests[c.key] for c in runnable))[:12]
         errors = _run_tune(pending, context, name)
     trained = [c.key for c in pending if read_cell_result(out, c, digests[c.key]) is not None]

@@ -55,12 +55,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     import ray.data
     import ray.train
 
+    from core.device import ClusterCheckFailed
+
     # One line per epoch (from rank 0) is the progress report; Ray Data's per-operator bars,
     # redrawn by every epoch's pass over the shards, would bury it.
     ray.data.DataContext.get_current().enable_progress_bars = False
     start = time.perf_counter()
     try:
         result = pretrain(args.data, args.out, config)
+    except ClusterCheckFailed as err:  # a node cannot use its GPUs or reach --out: nothing trained
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except ray.train.TrainingFailedError as err:
         # Workers failed more often than pretrain.max_failures allows: a non-zero exit, with the
         # last checkpoint left in --out for the same command to resume from.
