@@ -97,7 +97,7 @@ def local_ray():
     """A 2-CPU local Ray cluster for the module (or the caller's, if one is already running)."""
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
     yield
     if started:
@@ -512,3 +512,40 @@ def test_pretrain_reads_and_writes_an_object_store(small_shards: Path, bucket: s
     rerun = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, (rerun.stdout + rerun.stderr)[-4000:]
     assert f"resuming from {out.uri}/pretrain/checkpoint_" in rerun.stdout
+
+
+# ------------------------------------------------------------------------------------------
+# device policy and mixed precision (issue 26)
+
+
+def test_rng_state_of_a_cpu_worker_never_touches_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker Ray gave no GPU may still see the node's GPUs through torch; its checkpoint
+    neither reads nor restores a CUDA generator."""
+    def touched(*args: object, **kwargs: object) -> None:
+        raise AssertionError("torch.cuda was consulted")
+
+    for name in ("is_available", "get_rng_state", "set_rng_state"):
+        monkeypatch.setattr(torch.cuda, name, touched)
+    state = _get_rng_state(torch.device("cpu"))
+    assert "cuda" not in state
+    _set_rng_state({**state, "cuda": torch.zeros(16, dtype=torch.uint8)}, torch.device("cpu"))  # saved on a GPU
+
+
+def test_pretrain_step_runs_under_bf16_autocast_on_cpu() -> None:
+    from trainers.pretrain.recipe import build_loss
+    from trainers.pretrain.train import train_one_epoch
+    from trainers.device import Precision
+
+    config = load_run_config(DEMO, TINY).pretrain
+    plan = plan_batches(8, 1, 4, even=True)  # two micro-batches: accumulation under autocast too
+    torch.manual_seed(0)
+    model = build_model(config, num_classes=5)
+    optimizer = build_optimizer(model, config)
+    before = model.fc.weight.detach().clone()
+    batches = [{IMAGE_KEY: torch.randint(0, 256, (8, 3, 64, 32), dtype=torch.uint8),
+                LABEL_KEY: torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])} for _ in range(2)]
+    device = torch.device("cpu")
+    metrics = train_one_epoch(model, batches, BatchAugment(config, 5, device), build_loss(config), optimizer, plan,
+                              device, Precision("cpu", torch.bfloat16))
+    assert metrics["steps"] == 2 and metrics["images"] == 16 and math.isfinite(metrics["loss"])
+    assert not torch.equal(model.fc.weight, before)

@@ -102,7 +102,7 @@ def local_ray(s3_env):
     it exactly as they would reach S3."""
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     if started:
         ray.shutdown()
@@ -483,3 +483,123 @@ def test_report_checkpoint_hands_the_written_folder_to_the_reporter(tmp_path: Pa
     (first, checkpoint, names), (second, none, _) = seen
     assert first == {"epoch": 1} and isinstance(checkpoint, tune.Checkpoint) and names == ["state.json"]
     assert second == {"epoch": 2} and none is None
+
+
+# ------------------------------------------------------------------------------------------
+# device policy and mixed precision (issue 26)
+
+
+def test_autocast_dtype_follows_the_device_support() -> None:
+    from trainers.device import autocast_dtype
+
+    assert autocast_dtype("cuda", bf16_supported=True) == torch.bfloat16
+    assert autocast_dtype("cuda", bf16_supported=False) == torch.float16
+    assert autocast_dtype("cpu", bf16_supported=True) is None  # CPU results stay those of fp32
+
+
+def _no_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make any CUDA query fail: a process Ray gave no GPU must never ask."""
+    def touched(*args: object, **kwargs: object) -> None:
+        raise AssertionError("torch.cuda was consulted")
+
+    for name in ("is_available", "is_bf16_supported", "device_count", "get_rng_state", "set_rng_state"):
+        monkeypatch.setattr(torch.cuda, name, touched)
+
+
+def test_cpu_precision_and_loaders_never_touch_cuda(tiny_dataset: ReidDataset, monkeypatch: pytest.MonkeyPatch) -> None:
+    from trainers.reid.data import TrainingSet, make_eval_loader, make_train_loader, pins_memory
+    from trainers.device import Precision
+
+    _no_cuda(monkeypatch)
+    precision = Precision.for_device(torch.device("cpu"))
+    assert precision.dtype is None and precision.scaler is None and not precision.channels_last
+    config = tiny_config(ids_per_batch=4, images_per_id=2)
+    assert not make_train_loader(TrainingSet.from_records(tiny_dataset.train), config, device="cpu").pin_memory
+    assert not make_eval_loader(tiny_dataset.query, config, device=torch.device("cpu")).pin_memory
+    assert pins_memory("cuda:0") and not pins_memory("cpu")
+
+
+def test_train_worker_with_a_gpu_torch_cannot_use_stops_with_device_unusable(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ray.train.torch
+
+    from core.device import DeviceUnusable
+    from trainers.device import train_worker_device
+
+    monkeypatch.setattr(ray.train.torch, "get_device", lambda: torch.device("cpu"))  # Ray's pick, never reached
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: ["1"])
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")  # Ray Train shares a node's GPUs among its workers
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(DeviceUnusable, match=r"\['0', '1'\].*torch cannot use CUDA"):
+        train_worker_device()
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: [])
+    _no_cuda(monkeypatch)
+    assert train_worker_device() == torch.device("cpu")
+
+
+def test_bf16_autocast_step_on_cpu_syncs_with_the_host_once_per_epoch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 autocast runs on a CPU too; the loop keeps its sums on the device and reads them once,
+    however many steps (host reads made by the loop's own code are counted)."""
+    import sys
+
+    import trainers.reid.train as train_module
+    from trainers.device import Precision
+    from trainers.reid.train import train_one_epoch
+
+    config = tiny_config(ids_per_batch=2, images_per_id=2)
+    torch.manual_seed(0)
+    model = build_reid_model(config, num_classes=2)
+    optimizer = build_optimizer(model, config)
+    loss_fn = BotLoss(config.label_smoothing, config.triplet_margin)
+    batch = (torch.randn(4, 3, 64, 32), torch.tensor([0, 0, 1, 1]), torch.zeros(4, dtype=torch.int64))
+    reads: list[str] = []
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self: torch.Tensor, *args: object, _original=original, _name=name) -> object:
+            if sys._getframe(1).f_code.co_filename == train_module.__file__:
+                reads.append(_name)
+            return _original(self, *args)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    before = model.classifier.weight.detach().clone()
+    per_epoch = []
+    for steps in (1, 3):
+        reads.clear()
+        metrics = train_one_epoch(model, [batch] * steps, loss_fn, optimizer, torch.device("cpu"),
+                                  Precision("cpu", torch.bfloat16))
+        per_epoch.append(len(reads))
+        assert all(math.isfinite(metrics[k]) for k in ("loss", "id_loss", "triplet_loss"))
+        assert 0 <= metrics["train_accuracy"] <= 1
+    assert per_epoch == [1, 1]
+    assert not torch.equal(model.classifier.weight, before)  # the steps trained
+
+
+def test_cpu_training_loop_sums_as_the_per_step_floats_did() -> None:
+    """The device-side float64 sums give the very numbers the per-step Python floats gave (the
+    demo's rows must not move on a CPU)."""
+    from trainers.reid.train import train_one_epoch
+
+    config = tiny_config(ids_per_batch=2, images_per_id=2)
+    batches = [(torch.randn(4, 3, 64, 32), torch.tensor([0, 0, 1, 1]), torch.zeros(4, dtype=torch.int64))
+               for _ in range(3)]
+    loss_fn = BotLoss(config.label_smoothing, config.triplet_margin)
+    torch.manual_seed(0)
+    model = build_reid_model(config, num_classes=2)
+    reference = build_reid_model(config, num_classes=2)
+    reference.load_state_dict(model.state_dict())
+    metrics = train_one_epoch(model, batches, loss_fn, build_optimizer(model, config), torch.device("cpu"))
+    optimizer = build_optimizer(reference, config)
+    totals: dict[str, float] = {}
+    correct = 0
+    for images, labels, _ in batches:  # the loop as it was: a host read per value per step
+        output = reference(images)
+        losses = loss_fn(output, labels)
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        optimizer.step()
+        for name, value in losses.items():
+            totals[name] = totals.get(name, 0.0) + float(value.detach())
+        correct += int((output.logits.argmax(dim=1) == labels).sum())
+    assert {name: metrics[name] for name in totals} == {name: total / 3 for name, total in totals.items()}
+    assert metrics["train_accuracy"] == correct / 12
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))

@@ -12,13 +12,12 @@ from datetime import datetime, timezone
 from functools import partial
 from typing import Any
 
-import ray
 import torch
 from ray import tune
 from torch import nn
 
 from core.datasets.base import ReidDataset
-from core.device import torch_device
+from core.device import actor_device
 from core.storage import Location
 from eval.downstream.cells import EXECUTIONS_FILE, RESULT_FILE, Cell, read_cell_result
 from eval.downstream.config import INIT_RANDOM, DownstreamConfig
@@ -32,6 +31,7 @@ from trainers.ray_train import read_checkpoint, report_checkpoint
 from trainers.reid.data import TrainingSet, make_train_loader
 from trainers.reid.evaluate import evaluate_reid
 from trainers.reid.schedule import build_lr_scheduler, build_optimizer
+from trainers.device import Precision
 from trainers.reid.train import run_epoch
 
 
@@ -89,7 +89,8 @@ def fine_tune_cell(
         "seed": cell.seed, "init": INIT_RANDOM, "ids_per_batch": min(recipe.ids_per_batch, training.num_classes),
     })
     model, loss_fn = build_cell_model(method, options, recipe, init, training.num_classes, cell.seed)
-    model.to(device)
+    precision = Precision.for_device(device)  # one for the whole run: the fp16 scaler adapts over it
+    model.to(device, memory_format=precision.memory_format)
     loss_fn.to(device)
     optimizer = build_optimizer(model, recipe)
     start_epoch, history = 0, []
@@ -100,10 +101,10 @@ def fine_tune_cell(
         start_epoch, history = restored.epoch, list(restored.history)
     scheduler = build_lr_scheduler(optimizer, recipe, start_epoch)
     torch.manual_seed(cell.seed + 1000 + start_epoch)  # augmentation draws
-    loader = make_train_loader(training, recipe)
+    loader = make_train_loader(training, recipe, device=device)
     train_start = time.perf_counter()
     for epoch in range(start_epoch, recipe.epochs):
-        metrics = run_epoch(epoch, model, loader, loss_fn, optimizer, scheduler, device)
+        metrics = run_epoch(epoch, model, loader, loss_fn, optimizer, scheduler, device, precision)
         history.append(metrics)
         if report is not None:
             every = config.checkpoint_every
@@ -169,7 +170,10 @@ def run_trial(params: dict[str, Any], context: TrialContext) -> None:
         tune.report({"mAP": finished["mAP"], "rank1": finished["rank1"], "reused": True})
         return
     torch.set_num_threads(max(1, int(context.config.cpus_per_trial)))
-    device = torch.device(torch_device(bool(ray.get_gpu_ids())))
+    # From the GPU ids Ray assigned the trial: none = CPU without touching CUDA; ids torch cannot use
+    # stop the trial with DeviceUnusable. The request decides only outside Ray.
+    requested = context.config.gpus_per_trial
+    device = torch.device(actor_device(0.0 if requested == "auto" else requested))
     restored, _ = read_checkpoint(tune.get_checkpoint())
     # One line per execution; read and rewritten whole, since object stores cannot append
     # (one trial per cell at a time, so there is no other writer).

@@ -54,6 +54,7 @@ from trainers.pretrain.recipe import (
     scheduler_state,
 )
 from trainers.pretrain.shards import ShardError, ShardSummary, inspect_shards
+from trainers.device import Precision, train_worker_device
 from trainers.weights import unwrap_model
 
 RUN_NAME = "pretrain"
@@ -178,16 +179,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     quiet_ray_train_reports()
     context = ray.train.get_context()
     rank = context.get_world_rank()
-    device = ray.train.torch.get_device()
+    device = train_worker_device()  # DeviceUnusable when Ray's GPU cannot be used
+    precision = Precision.for_device(device)
 
     torch.manual_seed(config.seed)  # same initial weights on every rank (DDP broadcasts rank 0's anyway)
     model = build_model(config, num_classes)
     restored, rng = read_checkpoint(_resume_checkpoint(resolve(loop_config["run_dir"])), rank)
     if restored is not None:
         model.load_state_dict(restored.model)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    model = ray.train.torch.prepare_model(model)
+    model = ray.train.torch.prepare_model(model.to(memory_format=precision.memory_format))
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config)
     start_epoch, history, starts = 0, [], [0]
@@ -201,12 +201,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         start_epoch, history = restored.epoch, restored.history
         starts = restored.extra["starts"] + [start_epoch]
     if rng is not None:
-        _set_rng_state(rng)
+        _set_rng_state(rng, device)
     else:  # augmentation draws differ per rank (also when resumed with more workers than saved their RNG)
         _seed_everything(config.seed + 1000 * rank + start_epoch)
 
     if start_epoch >= config.epochs:  # nothing left to do: hand the restored result back
-        _report(model, optimizer, scheduler, start_epoch, history, starts, rank, num_classes, config)
+        _report(model, optimizer, scheduler, start_epoch, history, starts, rank, num_classes, config, device)
         return
     shard = ray.train.get_dataset_shard("train")
     augment = BatchAugment(config, num_classes, device)
@@ -216,12 +216,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         scheduler.step(epoch)  # timm: sets this epoch's lr from the schedule
         lr = optimizer.param_groups[0]["lr"]
         batches = train_batches(shard, config, plan.per_worker, device)
-        metrics = train_one_epoch(model, batches, augment, loss_fn, optimizer, plan, device)
+        metrics = train_one_epoch(model, batches, augment, loss_fn, optimizer, plan, device, precision)
         history.append({"epoch": epoch + 1, "lr": lr, **metrics})
         if rank == 0:
             logger.info("pretrain: epoch %d/%d loss %.4f acc %.3f lr %.2e %.1f img/s", epoch + 1, config.epochs,
                         metrics["loss"], metrics["train_accuracy"], lr, metrics["images_per_second"])
-        _report(model, optimizer, scheduler, epoch + 1, history, starts, rank, num_classes, config)
+        _report(model, optimizer, scheduler, epoch + 1, history, starts, rank, num_classes, config, device)
 
 
 def train_one_epoch(
@@ -232,12 +232,14 @@ def train_one_epoch(
     optimizer: torch.optim.Optimizer,
     plan: BatchPlan,
     device: torch.device,
+    precision: Precision | None = None,
 ) -> dict[str, float]:
     """One pass over this rank's batches: each batch of `plan.per_worker` images is one optimizer
     step, accumulated over `plan.accumulation_steps` micro-batches (DDP syncs gradients on the
-    last one only). Loss and accuracy (against the un-mixed labels) are averaged over all ranks."""
+    last one only). Loss and accuracy (against the un-mixed labels) are averaged over all ranks.
+    `precision`: the same one every epoch (None: `Precision.for_device(device)`)."""
+    precision = precision or Precision.for_device(device)
     model.train()
-    on_gpu = device.type == "cuda"
     ddp = isinstance(model, nn.parallel.DistributedDataParallel)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device)
@@ -251,14 +253,14 @@ def train_one_epoch(
             inputs, targets = augment(images, labels)
             last = index == len(micro_images) - 1
             with model.no_sync() if ddp and not last else nullcontext():
-                with torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else nullcontext():
+                with precision.autocast():
                     logits = model(inputs)
                     loss = loss_fn(logits, targets)
-                (loss / len(micro_images)).backward()
+                precision.backward(loss / len(micro_images))
             loss_sum += loss.detach() * len(labels)
             correct += (logits.detach().argmax(dim=1) == labels).sum()
             seen += len(labels)
-        optimizer.step()
+        precision.step(optimizer)
         steps += 1
     totals = torch.stack([loss_sum, correct.float(), torch.tensor(float(seen), device=device)])
     if dist.is_available() and dist.is_initialized():
@@ -297,11 +299,12 @@ def _maybe_inject_fault(config: PretrainConfig, epoch: int, rank: int, out_dir: 
 def _report(
     model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, epochs_done: int,
     history: list[dict[str, float]], starts: list[int], rank: int, num_classes: int, config: PretrainConfig,
+    device: torch.device,
 ) -> None:
     """`ray.train.report` on every rank (a barrier). Each rank contributes its RNG states; rank 0
     also the weights, optimizer, scheduler and `state.json` (written last: marks a complete folder)."""
     def write(directory: Path) -> None:
-        torch.save(_get_rng_state(), directory / RNG_FILE.format(rank=rank))
+        torch.save(_get_rng_state(device), directory / RNG_FILE.format(rank=rank))
         if rank == 0:
             module = unwrap_model(model)
             save_file(backbone_state_dict(module), str(directory / BACKBONE_FILE))
@@ -340,9 +343,10 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _get_rng_state() -> dict[str, Any]:
+def _get_rng_state(device: torch.device = torch.device("cpu")) -> dict[str, Any]:
     """The RNG states the training step draws from (torch for erasing noise, numpy for Mixup's
-    lambda, python's `random` for erasing boxes), as tensors and plain values."""
+    lambda, python's `random` for erasing boxes), as tensors and plain values; `device`'s CUDA
+    generator only when it is a GPU (a worker Ray gave none never touches CUDA)."""
     _, keys, position, has_gauss, gauss = np.random.get_state()
     version, python_state, gauss_next = random.getstate()
     state = {
@@ -352,16 +356,16 @@ def _get_rng_state() -> dict[str, Any]:
         "python_version": int(version), "python_state": torch.tensor(python_state, dtype=torch.int64),
         "python_gauss": gauss_next,
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def _set_rng_state(state: dict[str, Any], device: torch.device = torch.device("cpu")) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"],
                          state["numpy_has_gauss"], state["numpy_gauss"]))
     random.setstate((state["python_version"], tuple(int(x) for x in state["python_state"].tolist()),
                      state["python_gauss"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)

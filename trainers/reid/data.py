@@ -86,10 +86,18 @@ class ImageListDataset(Dataset[tuple[torch.Tensor, int, int]]):
         return self.transform(rgb), self.labels[index], self.camids[index]
 
 
+def pins_memory(device: torch.device | str) -> bool:
+    """Page-locked batches only for a CUDA device (its host-to-device copies then run async); a
+    process Ray gave no GPU must not touch CUDA, though `torch.cuda.is_available()` may see the
+    node's GPUs."""
+    return torch.device(device).type == "cuda"
+
+
 def make_train_loader(
-    training: TrainingSet, config: ReidTrainConfig, rank: int = 0, world_size: int = 1
+    training: TrainingSet, config: ReidTrainConfig, rank: int = 0, world_size: int = 1,
+    device: torch.device | str = "cpu",
 ) -> DataLoader:
-    """This rank's PK batches of augmented training images; call
+    """This rank's PK batches of augmented training images for `device`; call
     `loader.batch_sampler.set_epoch(epoch)` before each epoch."""
     dataset = ImageListDataset(training.paths, training.labels, training.camids, build_train_transform(config),
                                training.images)
@@ -101,17 +109,17 @@ def make_train_loader(
         dataset,
         batch_sampler=sampler,
         num_workers=config.loader_workers,
-        pin_memory=torch.cuda.is_available(),
+        pin_memory=pins_memory(device),
         persistent_workers=config.loader_workers > 0,
     )
 
 
 def make_eval_loader(
     records: Sequence[ImageRecord], config: ReidTrainConfig, batch_size: int | None = None,
-    images: Mapping[str, bytes] | None = None,
+    images: Mapping[str, bytes] | None = None, device: torch.device | str = "cpu",
 ) -> DataLoader:
-    """Records in order, resized and normalised; yields (images, pids, camids). `images` (path ->
-    encoded bytes) when the caller read them: the files are then never opened here."""
+    """Records in order, resized and normalised, for `device`; yields (images, pids, camids).
+    `images` (path -> encoded bytes) when the caller read them: the files are then never opened here."""
     dataset = ImageListDataset(
         [r.path for r in records], [r.pid for r in records], [r.camid for r in records],
         build_eval_transform(config), [images[r.path] for r in records] if images is not None else None,
@@ -121,5 +129,5 @@ def make_eval_loader(
         batch_size=batch_size or config.eval_batch_size,
         shuffle=False,
         num_workers=config.loader_workers,
-        pin_memory=torch.cuda.is_available(),
+        pin_memory=pins_memory(device),
     )

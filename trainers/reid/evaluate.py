@@ -45,7 +45,7 @@ def extract_features(
     module.to(device).eval()
     features, pids, camids = [], [], []
     try:
-        for images, batch_pids, batch_camids in make_eval_loader(records, config, batch_size, images):
+        for images, batch_pids, batch_camids in make_eval_loader(records, config, batch_size, images, device):
             features.append(module(images.to(device, non_blocking=True)).float().cpu())
             pids.append(batch_pids.numpy())
             camids.append(batch_camids.numpy())

@@ -28,6 +28,7 @@ from torch import nn
 
 from core.storage import local_folder, resolve, user_path
 from core.datasets.base import ReidDataset
+from trainers.device import Precision, train_worker_device
 from trainers.checkpoint import BACKBONE_FILE, MODEL_FILE, STATE_FILE, TrainingState, cpu_state, save_training_state
 from trainers.config import ReidTrainConfig
 from trainers.ray_train import fit, quiet_ray_train_reports, read_checkpoint, report_checkpoint, start_run
@@ -118,14 +119,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     quiet_ray_train_reports()
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
+    device = train_worker_device()
+    precision = Precision.for_device(device)
 
     torch.manual_seed(config.seed)  # same initial weights everywhere (DDP broadcasts rank 0's anyway)
     model = build_reid_model(config, training.num_classes)
     restored, _ = read_checkpoint(ray.train.get_checkpoint())
     if restored is not None:
         model.load_state_dict(restored.model)
-    model = ray.train.torch.prepare_model(model)
+    model = ray.train.torch.prepare_model(model.to(memory_format=precision.memory_format))
     if rank == 0 and loop_config.get("on_start") is not None:
         signal, name = loop_config["on_start"]
         signal.mark.remote(name)
@@ -137,13 +139,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     scheduler = build_lr_scheduler(optimizer, config, start_epoch)
 
     torch.manual_seed(config.seed + 1000 * rank + start_epoch)  # augmentations differ per rank
-    loader = make_train_loader(training, config, rank, world_size)
+    loader = make_train_loader(training, config, rank, world_size, device)
     loss_fn = BotLoss(config.label_smoothing, config.triplet_margin)
     if start_epoch >= config.epochs:  # nothing left to do: hand the restored result back
         _report(model, optimizer, start_epoch, history, rank)
         return
     for epoch in range(start_epoch, config.epochs):
-        metrics = run_epoch(epoch, model, loader, loss_fn, optimizer, scheduler, device)
+        metrics = run_epoch(epoch, model, loader, loss_fn, optimizer, scheduler, device, precision)
         history.append(metrics)
         if rank == 0:
             logger.info("reid: epoch %d/%d loss %.4f acc %.3f lr %.2e %.1f img/s", epoch + 1, config.epochs,
@@ -152,47 +154,62 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
 
 def run_epoch(epoch: int, model: nn.Module, loader: torch.utils.data.DataLoader, loss_fn: nn.Module,
-              optimizer: torch.optim.Optimizer, scheduler: Any, device: torch.device) -> dict[str, float]:
+              optimizer: torch.optim.Optimizer, scheduler: Any, device: torch.device,
+              precision: Precision | None = None) -> dict[str, float]:
     """One epoch of the BoT loop shared by the Re-ID trainer and the downstream trials: the
-    sampler's epoch, the pass over the data, the schedule's step; returns the epoch's metrics."""
+    sampler's epoch, the pass over the data, the schedule's step; returns the epoch's metrics.
+    `precision`: pass the same one every epoch (None: `Precision.for_device(device)`, whose fp16
+    scaler would start over each epoch); the model must already be in its memory format."""
     loader.batch_sampler.set_epoch(epoch)
     lr = optimizer.param_groups[0]["lr"]
-    metrics = {"epoch": epoch + 1, "lr": lr, **train_one_epoch(model, loader, loss_fn, optimizer, device)}
+    metrics = {"epoch": epoch + 1, "lr": lr,
+               **train_one_epoch(model, loader, loss_fn, optimizer, device, precision)}
     scheduler.step(epoch + 1)
     return metrics
 
 
 def train_one_epoch(
     model: nn.Module,
-    loader: torch.utils.data.DataLoader,
+    loader: Any,
     loss_fn: BotLoss,
     optimizer: torch.optim.Optimizer,
     device: torch.device,
+    precision: Precision | None = None,
 ) -> dict[str, float]:
-    """One pass over `loader`; returns mean losses, identity accuracy, time and throughput."""
+    """One pass over `loader` (batches of images, labels, camids); returns mean losses, identity
+    accuracy, time and throughput.
+
+    The sums stay on the device until the epoch ends, so the step never waits for the GPU: one host
+    sync per epoch. They are float64, added in the order the per-step Python floats were, so a CPU
+    run gives the same numbers to the last bit."""
+    precision = precision or Precision.for_device(device)
     model.train()
-    totals: dict[str, float] = {}
-    correct = seen = steps = 0
+    names: list[str] = []
+    totals: torch.Tensor | None = None  # per loss term, in `names` order
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    seen = steps = 0
     start = time.perf_counter()
     for images, labels, _ in loader:
-        images = images.to(device, non_blocking=True)
+        images = images.to(device, non_blocking=True, memory_format=precision.memory_format)
         labels = labels.to(device, non_blocking=True)
-        output: ReidOutput = model(images)
-        losses = loss_fn(output, labels)
+        with precision.autocast():
+            output: ReidOutput = model(images)
+            losses = loss_fn(output, labels)
         optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        optimizer.step()
-        for name, value in losses.items():
-            totals[name] = totals.get(name, 0.0) + float(value.detach())
-        correct += int((output.logits.argmax(dim=1) == labels).sum())
+        precision.backward(losses["loss"])
+        precision.step(optimizer)
+        step = torch.stack([value.detach().double() for value in losses.values()])
+        names, totals = (list(losses), step) if totals is None else (names, totals + step)
+        correct += (output.logits.detach().argmax(dim=1) == labels).sum()
         seen += len(labels)
         steps += 1
-    if steps == 0:
+    if totals is None:
         raise RuntimeError("the PK sampler produced no batch for this rank; lower ids_per_batch")
-    seconds = time.perf_counter() - start
+    *sums, correct_total = torch.cat([totals, correct.double().view(1)]).tolist()  # the epoch's one sync
+    seconds = time.perf_counter() - start  # after .tolist(), which waits for the GPU's queued work
     return {
-        **{name: total / steps for name, total in totals.items()},
-        "train_accuracy": correct / seen,
+        **{name: total / steps for name, total in zip(names, sums)},
+        "train_accuracy": correct_total / seen,
         "epoch_seconds": seconds,
         "images_per_second": seen / seconds,
     }
