@@ -161,9 +161,9 @@ def debug_failures_name_identities(config: RunConfig) -> Iterable[Problem]:
     for entry in config.generation.debug_fail_identities:
         identity, kind = fault_target(entry)
         source, _, pid = identity.rpartition("/")
-        if source not in names or not pid.lstrip("-").isdigit() or kind not in ("error", "oom"):
+        if source not in names or not pid.lstrip("-").isdigit() or kind not in ("error", "oom", "cuda"):
             yield Problem("generation.debug_fail_identities", entry,
-                          f"not an identity 'SOURCE/PID[:oom]' of the configured sources {sorted(names)}")
+                          f"not an identity 'SOURCE/PID[:oom|:cuda]' of the configured sources {sorted(names)}")
 
 
 CONFIG_RULES: tuple[ConfigRule, ...] = (

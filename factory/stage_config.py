@@ -127,7 +127,8 @@ class GenerationConfig(StrictModel):
         "loads). A filter-only variant of a build; eval.experiment uses it for the filter ablations")
     debug_fail_identities: list[str] = Field(
         [], description="fault injection: identities ('source/pid') whose generation always raises "
-        "(RuntimeError; 'source/pid:oom' raises CUDA's OutOfMemoryError)")
+        "(RuntimeError; 'source/pid:oom' raises CUDA's OutOfMemoryError; 'source/pid:cuda' a sticky CUDA error, "
+        "once per build output, which ends the actor and is retried by a fresh one)")
 
 
 def fault_target(entry: str) -> tuple[str, str]:

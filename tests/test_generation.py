@@ -345,3 +345,207 @@ def test_a_killed_actors_base_copy_is_removed_by_the_next_one_and_a_live_ones_ke
         for owner in owners:
             owner.kill()
             owner.wait()
+
+
+def _row(**changes) -> dict:
+    """Identity demo/0's captioned row, with `changes`."""
+    return {**_captioned_rows(1).to_pylist()[0], **changes}
+
+
+def test_stage_device_is_the_assigned_one_unless_given(tiny_sd_dir: Path) -> None:
+    """Outside Ray a stage asking for a GPU that torch cannot use stops (core.device's policy);
+    a caller driving the stage directly (a benchmark) names its device instead."""
+    from core.device import DeviceUnusable
+
+    config = _tiny_config(base_model=str(tiny_sd_dir))
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceUnusable):
+            GenerationStage(config, OutputConfig(), num_gpus=1, num_threads=1).setup()
+    stage = GenerationStage(config, OutputConfig(), num_gpus=1, num_threads=1, device="cpu")
+    stage.setup()
+    assert stage.generator.device == "cpu"
+
+
+def test_sticky_cuda_error_ends_the_actor_once_per_build_and_ordinary_errors_stay_per_identity(
+        tiny_sd_dir: Path, tmp_path: Path) -> None:
+    """`SOURCE/PID:cuda` raises a sticky CUDA error: not a failed row but `StickyCudaError`, which
+    ends the actor; it fires once per build output, so the fresh actor Ray starts succeeds."""
+    from core.device import StickyCudaError, is_sticky_cuda_error
+
+    output, reference_dir = OutputConfig(image_size=(32, 16)), str(tmp_path / "out" / "reference_sets")
+    config = _tiny_config(base_model=str(tiny_sd_dir), max_retries=1, samples_per_identity=1)
+    ordinary = GenerationStage(config.model_copy(update={"max_retries": 0}), output, num_threads=1,
+                               fail_identities=["demo/0"], reference_dir=reference_dir)
+    ordinary.setup()
+    failed = ordinary.process_row(_row())
+    assert failed["status"] == "failed" and failed["error"].startswith("RuntimeError: injected failure for demo/0")
+
+    broken = GenerationStage(config, output, num_threads=1, fail_identities=["demo/0:cuda"],
+                             reference_dir=reference_dir)
+    broken.setup()
+    before = module_fingerprint(broken.generator.unet)
+    sticky = r"identity demo/0, phase reference_set, node .*illegal memory access"
+    with pytest.raises(StickyCudaError, match=sticky) as info:
+        broken.process_row(_row())
+    assert is_sticky_cuda_error(info.value.__cause__), "raised from the CUDA error itself"
+    assert (tmp_path / "out" / "debug" / "injected_cuda_faults" / "demo" / "0").is_file()
+    assert module_fingerprint(broken.generator.unet) == before
+
+    restarted = GenerationStage(config, output, num_threads=1, fail_identities=["demo/0:cuda"],
+                                reference_dir=reference_dir)
+    restarted.setup()
+    retried = restarted.process_row(_row())
+    assert retried["status"] == "ok" and retried["attempts"] == 1 and len(retried["generated"]) == 1
+
+
+@pytest.mark.parametrize("finetune", ["full", "lora"])
+def test_retry_after_oom_mid_fine_tune_starts_without_the_failed_tries_gradients(
+        tiny_sd_dir: Path, finetune: str) -> None:
+    """An out-of-memory error after the first fine-tune steps: the retry starts with no
+    gradient, no `requires_grad` and no LoRA adapter left from the failed try."""
+    config = _tiny_config(base_model=str(tiny_sd_dir), max_retries=1, samples_per_identity=1, finetune=finetune,
+                          lora={"rank": 4, "alpha": 4, "learning_rate": 1e-2})
+    stage = GenerationStage(config, OutputConfig(image_size=(32, 16)), num_threads=1)
+    stage.setup()
+    generator = stage.generator
+    before = module_fingerprint(generator.unet)
+    loss_fn, calls = generator.loss_fn, []
+
+    def out_of_memory_at_the_second_step(*args):
+        calls.append(1)
+        if len(calls) == 2:  # the first step's backward and optimizer step have run
+            assert any(p.grad is not None for p in generator.unet.parameters())
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
+        return loss_fn(*args)
+
+    generator.loss_fn = out_of_memory_at_the_second_step
+    seen: list[tuple[int, int, bool]] = []
+
+    def at_phase_start(phase: str) -> None:
+        if phase == "reference_set":
+            params = list(generator.unet.parameters())
+            seen.append((sum(p.grad is not None for p in params), sum(p.requires_grad for p in params),
+                         bool(getattr(generator.unet, "peft_config", None))))
+
+    generator.phase_listeners.append(at_phase_start)
+    result = stage.process_row(_row())
+    assert result["status"] == "ok" and result["attempts"] == 2
+    assert seen == [(0, 0, False), (0, 0, False)]
+    assert module_fingerprint(generator.unet) == before
+
+
+def test_base_weight_packing_is_one_aligned_buffer_restored_bit_exactly() -> None:
+    """The pinned copy beside a GPU is one flat buffer (no per-tensor rounding of the pinned
+    allocator); packed here into an unpinned buffer, as CPUs cannot pin."""
+    from factory.stages.base_weights import _ALIGNMENT, pack_tensors
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.BatchNorm1d(5), torch.nn.Linear(5, 3))
+    module[2].to(torch.bfloat16)
+    module.register_buffer("fp16", torch.randn(3, 1, dtype=torch.float16))
+    module.register_buffer("flag", torch.tensor([True, False, True]))
+    module.register_buffer("scalar", torch.tensor(2.5, dtype=torch.float64))
+    module.register_buffer("empty", torch.empty(0, 4))
+    state = module.state_dict()
+    bits = lambda: {k: t.reshape(-1).view(torch.uint8).clone() for k, t in module.state_dict().items()}  # noqa: E731
+    before = bits()
+    sizes: list[int] = []
+    buffer, views = pack_tensors(state, lambda n: sizes.append(n) or torch.empty(n, dtype=torch.uint8))
+    assert sizes == [buffer.numel()] and buffer.dtype == torch.uint8
+    payload = sum(t.numel() * t.element_size() for t in state.values())
+    assert payload <= buffer.numel() < payload + _ALIGNMENT * len(state)
+    base = buffer.data_ptr()
+    for name, view in views.items():
+        assert view.dtype == state[name].dtype and view.shape == state[name].shape
+        assert base <= view.data_ptr() < base + max(buffer.numel(), 1) or view.numel() == 0
+        assert (view.data_ptr() - base) % _ALIGNMENT == 0 or view.numel() == 0
+    with torch.no_grad():
+        for tensor in module.state_dict().values():
+            tensor.fill_(1)
+    assert bits().keys() == before.keys() and any(not torch.equal(a, before[k]) for k, a in bits().items())
+    module.load_state_dict(views)
+    assert all(torch.equal(a, before[k]) for k, a in bits().items())
+
+
+def test_mixed_precision_samples_with_fp32_latents_and_scheduler(tiny_sd_dir: Path) -> None:
+    """`mixed_precision: bf16`: the UNet runs under autocast, but the latents, the guidance sum
+    and the scheduler's arithmetic stay fp32 (a bf16 text encoder made the pipeline integrate in
+    bf16); the fine-tune keeps fp32 master weights."""
+    from factory.models.loading import load_text_to_image
+
+    generator = DiversityInjectionGenerator(load_text_to_image(str(tiny_sd_dir), "cpu", torch.float32),
+                                            _tiny_config(mixed_precision="bf16"))
+    assert generator.vae.dtype == torch.bfloat16
+    assert generator.text_encoder.dtype == torch.float32 and generator.unet.dtype == torch.float32
+    scheduler, steps, autocast = generator.pipe.scheduler, [], []
+    step = scheduler.step
+
+    def recording_step(model_output, timestep, sample, *args, **kwargs):
+        steps.append((model_output.dtype, sample.dtype))
+        return step(model_output, timestep, sample, *args, **kwargs)
+
+    scheduler.step = recording_step
+    generator.unet.register_forward_pre_hook(lambda *_: autocast.append(torch.is_autocast_enabled("cpu")))
+    latents = generator.sample_latents(["a photo of a person"], [3], steps=2)
+    assert len(steps) >= 2 and set(steps) == {(torch.float32, torch.float32)} and set(autocast) == {True}
+    assert torch.isfinite(latents).all()
+    assert generator.encode_prompt("a photo of zwx person").dtype == torch.float32
+    losses = generator.fine_tune([_person((200, 30, 30))], "a photo of zwx person", latents, "a photo of a person", 1)
+    assert len(losses) == 3 and all(isinstance(x, float) for x in losses)
+    assert all(p.dtype == torch.float32 for p in generator.unet.parameters())
+
+
+def test_lora_with_mixed_precision_keeps_the_base_in_bf16_and_the_adapter_fp32(tiny_sd_dir: Path) -> None:
+    from factory.models.loading import load_text_to_image
+
+    config = _tiny_config(finetune="lora", mixed_precision="bf16", lora={"rank": 4, "alpha": 4, "learning_rate": 1e-2})
+    generator = DiversityInjectionGenerator(load_text_to_image(str(tiny_sd_dir), "cpu", torch.float32), config)
+    assert all(p.dtype == torch.bfloat16 for p in generator.unet.parameters())
+    before = module_fingerprint(generator.unet)
+    reference = generator.sample_latents(["a photo of a person"] * 2, [1, 2], steps=2)
+    losses = generator.fine_tune([_person((200, 30, 30))], "a photo of zwx person", reference, "a photo of a person", 1)
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    dtypes = {("lora" in name, p.dtype) for name, p in generator.unet.named_parameters()}
+    assert dtypes == {(True, torch.float32), (False, torch.bfloat16)}
+    assert len(generator.generate_images(["a photo of zwx person"], [5], steps=2)) == 1
+    generator.restore_base_weights()
+    assert module_fingerprint(generator.unet) == before
+
+
+def test_a_long_caption_is_shortened_so_the_variations_fit_and_the_used_prompt_is_recorded(tiny_sd_dir: Path) -> None:
+    """CLIP sees 77 tokens: words go from the end of the caption, never from the template's
+    head or the variation phrases, and `sample_prompts` records the prompt actually used."""
+    from transformers import CLIPTokenizer
+
+    from factory.stages.generate import fit_prompt
+
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_sd_dir / "tokenizer")
+    count = lambda text: len(tokenizer(text, truncation=False, verbose=False).input_ids)  # noqa: E731
+    caption = ", ".join(["short grey hair wearing a red striped shirt", "blue jeans", "white shoes",
+                         "carrying a black backpack", "holding a phone"] * 3)
+    prompt = f"a photo of zwx person, {caption}"
+    phrases = ["wearing a coat", "carrying a handbag", "walking", "seen from behind", "in a park"]
+    assert count(", ".join([prompt, *phrases])) >= 100
+    fitted = fit_prompt(prompt, caption, phrases, count, 77)
+    assert count(fitted) <= 77 and fitted.endswith(", ".join(phrases))
+    kept = fitted[len("a photo of zwx person, "):-len(", ".join(phrases)) - 2]
+    assert fitted.startswith("a photo of zwx person, ") and caption.startswith(kept) and kept
+    one_more = " ".join(caption.split()[: len(kept.split()) + 1]).rstrip(" ,")
+    assert count(", ".join([f"a photo of zwx person, {one_more}", *phrases])) > 77, "as many words as fit"
+    short = "a photo of zwx person, blue shirt"
+    assert fit_prompt(short, "blue shirt", phrases, count, 77) == ", ".join([short, *phrases])  # fits: as it was
+    assert fit_prompt(short, "blue shirt", [], count, 77) == short
+
+    config = _tiny_config(base_model=str(tiny_sd_dir), samples_per_identity=2, variations={"probability": 1.0})
+    stage = GenerationStage(config, OutputConfig(image_size=(32, 16)), num_threads=1)
+    stage.setup()
+    used: list[str] = []
+    generate_images = stage.generator.generate_images
+    stage.generator.generate_images = lambda prompts, *args: used.extend(prompts) or generate_images(prompts, *args)
+    result = stage.process_row(_row(caption=caption, prompt=prompt))
+    assert result["status"] == "ok"
+    for sampled in result["sample_prompts"]:
+        assert count(sampled) <= 77 and sampled.startswith("a photo of zwx person, short grey hair")
+        assert not sampled.startswith(prompt), "the caption was shortened"
+        assert sampled.count(",") >= 5 and any(sampled.endswith(p) for p in config.variations.scene)
+    assert used == result["sample_prompts"]

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from core.device import return_freed_host_memory, torch_device
+from core.device import StickyCudaError, actor_device, is_sticky_cuda_error, node_name, return_freed_host_memory
 from core.storage import resolve
 from factory.schema import CAPTIONED_SCHEMA, GENERATION_FIELDS
 from factory.sequences import stable_seed
@@ -68,14 +68,45 @@ class PriorPreservationLoss(torch.nn.Module):
         return PriorPreservationTerms(instance + self.prior_weight * prior, instance, prior)
 
 
-def sample_prompt(prompt: str, variations: VariationConfig, rng: random.Random) -> str:
-    """Append, per category and with probability `variations.probability`, one phrase."""
+def variation_phrases(variations: VariationConfig, rng: random.Random) -> list[str]:
+    """Per category and with probability `variations.probability`, one phrase."""
     phrases = []
     for category in ("clothing", "carried_items", "action", "camera_pose", "scene"):
         options: list[str] = getattr(variations, category)
         if options and rng.random() < variations.probability:
             phrases.append(rng.choice(options))
-    return ", ".join([prompt, *phrases]) if phrases else prompt
+    return phrases
+
+
+def fit_prompt(prompt: str, caption: str, phrases: Sequence[str], count_tokens: Callable[[str], int],
+               limit: int) -> str:
+    """`prompt` with `phrases` appended (", "-joined), within `limit` tokens.
+
+    The text encoder sees `limit` tokens (CLIP: 77); past them the tokenizer truncates, which
+    would drop the variation phrases, the part that makes the samples diverse. So words are
+    dropped from the end of the caption part of `prompt` instead (the text `caption` fills in the
+    prompt template), never from the template's head ("a photo of zwx person") or the phrases,
+    until the count fits. A prompt that fits is returned as it is, phrases appended. When even
+    the caption-less prompt does not fit, that is returned and the tokenizer truncates it."""
+    full = ", ".join([prompt, *phrases])
+    at = prompt.rfind(caption) if caption else -1
+    if at < 0 or count_tokens(full) <= limit:
+        return full
+    head, tail, words = prompt[:at], prompt[at + len(caption):], caption.split()
+
+    def with_words(n: int) -> str:
+        # As factory.stages.caption.build_prompts strips the formatted template.
+        kept = (head + " ".join(words[:n]).rstrip(" ,") + tail).strip(" ,")
+        return ", ".join([kept, *phrases])
+
+    fits, too_long = 0, len(words)  # the most caption words that fit lie in [fits, too_long)
+    while too_long - fits > 1:  # the count grows with the words kept: a binary search
+        middle = (fits + too_long) // 2
+        if count_tokens(with_words(middle)) <= limit:
+            fits = middle
+        else:
+            too_long = middle
+    return with_words(fits)
 
 
 def module_fingerprint(module: torch.nn.Module) -> str:
@@ -171,12 +202,13 @@ def _make_optimizer(params, config: GenerationConfig) -> torch.optim.Optimizer:
 class DiversityInjectionGenerator:
     """Per-identity fine-tune-and-sample around one loaded `StableDiffusionPipeline`.
 
-    Memory plan (the paper recipe on one 24 GB GPU): the frozen VAE and text encoder run in the
-    mixed-precision dtype; the VAE encodes and decodes `vae_batch_size` images at a time; the
-    Attribute Reference Set stays latents (only a few previews are decoded); the base UNet
-    weights are kept in pinned host memory for the restore (in a local file when the UNet itself
-    is in host memory), or not at all with LoRA (the adapter is dropped); gradients and optimizer
-    state are freed before sampling, and on a CPU handed back to the OS.
+    Memory plan (the paper recipe on one 24 GB GPU): the frozen VAE runs in the mixed-precision
+    dtype, and so does a LoRA fine-tune's frozen UNet (its adapter stays fp32); the VAE encodes
+    and decodes `vae_batch_size` images at a time; the Attribute Reference Set stays latents
+    (only a few previews are decoded); the base UNet weights are kept in pinned host memory for
+    the restore (in a local file when the UNet itself is in host memory), or not at all with LoRA
+    (the adapter is dropped); gradients and optimizer state are freed before sampling, and on a
+    CPU handed back to the OS. The text encoder, the latents and the sampler stay fp32.
     """
 
     def __init__(self, pipeline, config: GenerationConfig, device: str = "cpu",
@@ -188,13 +220,19 @@ class DiversityInjectionGenerator:
         self.config = config
         self.device = device
         self.pipe.set_progress_bar_config(disable=True)
-        self.unet = pipeline.unet
+        self.unet = pipeline.unet.requires_grad_(False)  # trainable only inside `fine_tune`
         frozen_dtype = MIXED_PRECISION_DTYPES.get(config.mixed_precision)
         self.vae = pipeline.vae.requires_grad_(False)
+        # The text encoder keeps fp32 weights (it runs under autocast like the UNet): the
+        # pipeline creates its latents in the prompt embeddings' dtype, the text encoder's, and a
+        # bf16 encoder would make the sampler integrate in bf16 (an 8-bit mantissa).
         self.text_encoder = pipeline.text_encoder.requires_grad_(False)
         if frozen_dtype is not None:
             self.vae.to(dtype=frozen_dtype)
-            self.text_encoder.to(dtype=frozen_dtype)
+            if config.finetune == "lora":
+                # LoRA never writes the base weights: they stay in the half dtype for good (autocast
+                # would otherwise re-cast all 860M of them at every forward); the adapter is fp32.
+                self.unet.to(dtype=frozen_dtype)
         self.tokenizer = pipeline.tokenizer
         # Training noise follows the model's own schedule (SD v1.4: scaled-linear DDPM betas).
         self.train_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
@@ -222,11 +260,44 @@ class DiversityInjectionGenerator:
         device_type = "cuda" if self.device.startswith("cuda") else "cpu"
         return nullcontext() if dtype is None else torch.autocast(device_type=device_type, dtype=dtype)
 
+    @contextmanager
+    def _fp32_noise_predictions(self) -> Iterator[None]:
+        """Under mixed precision, hand the sampler the UNet's predictions in fp32: the pipeline's
+        guidance sum and the scheduler's update (multistep history included) then run in fp32
+        on fp32 latents, as without autocast; only the UNet's own work is in the half dtype."""
+        if self.config.mixed_precision == "no":
+            yield
+            return
+
+        def to_fp32(_module, _args, output):
+            return tuple(o.float() for o in output) if isinstance(output, tuple) else output  # return_dict=False
+
+        handle = self.unet.register_forward_hook(to_fp32)
+        try:
+            yield
+        finally:
+            handle.remove()
+
     @torch.no_grad()
     def encode_prompt(self, prompt: str) -> torch.Tensor:
+        """The prompt's fp32 embeddings, computed as the pipeline computes them when sampling
+        (under the same autocast), so the fine-tune and the samples see the same embeddings."""
         tokens = self.tokenizer(prompt, padding="max_length", max_length=self.tokenizer.model_max_length,
                                 truncation=True, return_tensors="pt")
-        return self.text_encoder(tokens.input_ids.to(self.device))[0]
+        with self._autocast():
+            return self.text_encoder(tokens.input_ids.to(self.device))[0].float()
+
+    def count_tokens(self, prompt: str) -> int:
+        """Tokens of `prompt` as the text encoder would see them untruncated (with BOS and EOS);
+        not verbose: counting a long prompt is not feeding it to the model."""
+        return len(self.tokenizer(prompt, truncation=False, verbose=False).input_ids)
+
+    def fit_prompts(self, prompt: str, caption: str, seeds: Sequence[int]) -> list[str]:
+        """The sampling prompt of each seed: `prompt` plus its seeded variation phrases, the
+        caption part shortened where the whole would not fit the text encoder (`fit_prompt`)."""
+        limit = self.tokenizer.model_max_length
+        return [fit_prompt(prompt, caption, variation_phrases(self.config.variations, random.Random(s)),
+                           self.count_tokens, limit) for s in seeds]
 
     @torch.no_grad()
     def encode_images(self, images: Sequence[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -267,7 +338,7 @@ class DiversityInjectionGenerator:
         self.unet.eval()
         for start in range(0, len(prompts), batch):
             generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds[start : start + batch]]
-            with torch.inference_mode(), self._autocast():
+            with torch.inference_mode(), self._autocast(), self._fp32_noise_predictions():
                 result = self.pipe(prompt=list(prompts[start : start + batch]), height=height, width=width,
                                    num_inference_steps=steps, guidance_scale=self.config.guidance_scale,
                                    generator=generators, output_type="latent")
@@ -288,8 +359,8 @@ class DiversityInjectionGenerator:
         return self.decode_latents(latents) if latents.numel() else []
 
     def _trainable_parameters(self) -> list[torch.nn.Parameter]:
-        """Full: the whole UNet. LoRA: a fresh adapter on the attention projections (peft),
-        the base weights frozen so they stay bit-identical."""
+        """Full: the whole UNet (fp32 master weights). LoRA: a fresh adapter on the attention
+        projections (peft), the base weights frozen so they stay bit-identical."""
         self.unet.requires_grad_(self.config.finetune == "full")
         if self.config.finetune == "lora":
             from peft import LoraConfig
@@ -298,7 +369,12 @@ class DiversityInjectionGenerator:
             adapter = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=list(lora.target_modules),
                                  init_lora_weights="gaussian")
             self.unet.add_adapter(adapter, adapter_name=LORA_ADAPTER)
-        return [p for p in self.unet.parameters() if p.requires_grad]
+        params = [p for p in self.unet.parameters() if p.requires_grad]
+        for p in params:
+            # peft creates the adapter in its base layer's dtype (half under mixed precision); the
+            # optimizer needs fp32 weights (diffusers' `cast_training_params`). A no-op in fp32.
+            p.data = p.data.float()
+        return params
 
     def fine_tune(self, instance_images: Sequence[Image.Image], instance_prompt: str, reference_latents: torch.Tensor,
                   reference_prompt: str, seed: int) -> list[float]:
@@ -327,7 +403,7 @@ class DiversityInjectionGenerator:
         # device placement and distributed state, which the Ray actor owns.
         optimizer = _make_optimizer(params, cfg)
         scaler = torch.amp.GradScaler("cuda", enabled=cfg.mixed_precision == "fp16" and self.device.startswith("cuda"))
-        losses: list[float] = []
+        losses: list[torch.Tensor] = []  # kept on the device: one host sync at the end, not one a step
         self.unet.train()
         b = cfg.train_batch_size
         for _ in range(cfg.train_steps):
@@ -359,7 +435,7 @@ class DiversityInjectionGenerator:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             scaler.step(optimizer)
             scaler.update()
-            losses.append(float(terms.total.detach()))
+            losses.append(terms.total.detach())
         # Sampling needs neither gradients nor optimizer state: free them now, not at the next
         # identity (on a 24 GB GPU they are most of the fine-tune's footprint).
         optimizer.zero_grad(set_to_none=True)
@@ -367,7 +443,22 @@ class DiversityInjectionGenerator:
         self.unet.requires_grad_(False)
         self.unet.eval()
         self._return_freed_host_memory()
-        return losses
+        return torch.stack(losses).tolist()
+
+    def release_training_state(self) -> None:
+        """After a failed identity: nothing of its fine-tune outlives the attempt. Its gradients
+        (a full fine-tune: the UNet's size again), `requires_grad` flags and a LoRA adapter added
+        before the failure (with its own gradients) would otherwise meet the retry."""
+        self.unet.requires_grad_(False)
+        for p in self.unet.parameters():
+            p.grad = None
+        if self._base_copy is None:  # LoRA: drop an adapter the failed attempt left (a no-op without)
+            self.restore_base_weights()
+        self.unet.eval()
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        else:
+            self._return_freed_host_memory()
 
     @torch.no_grad()
     def restore_base_weights(self) -> None:
@@ -408,7 +499,9 @@ class DiversityInjectionGenerator:
         timings[phase] = time.perf_counter() - start
 
     def process_identity(self, instance_images: Sequence[Image.Image], prompt: str, reference_prompt: str,
-                         identity_seed: int) -> IdentityOutput:
+                         identity_seed: int, caption: str = "") -> IdentityOutput:
+        """`caption`: the caption part of `prompt`, the part shortened where a sampling prompt
+        would not fit the text encoder (empty: nothing is shortened)."""
         cfg = self.config
         timings: dict[str, float] = {}
         try:
@@ -420,11 +513,15 @@ class DiversityInjectionGenerator:
                 losses = self.fine_tune(instance_images, prompt, reference, reference_prompt, train_seed)
             with self._phase("sample", timings):
                 seeds = [stable_seed(identity_seed, "sample", i) for i in range(cfg.samples_per_identity)]
-                prompts = [sample_prompt(prompt, cfg.variations, random.Random(s)) for s in seeds]
+                prompts = self.fit_prompts(prompt, caption, seeds)
                 images = self.generate_images(prompts, seeds, cfg.num_inference_steps)
-        finally:
-            # Whatever happened, the next identity starts from the base model.
-            self.restore_base_weights()
+        except BaseException as err:
+            # Whatever happened, the next identity starts from the base model; but after a sticky
+            # CUDA error every CUDA call fails and would only hide the first error.
+            if not is_sticky_cuda_error(err):
+                self.restore_base_weights()
+            raise
+        self.restore_base_weights()
         return IdentityOutput(images, seeds, prompts, previews, timings, losses, reused)
 
 
@@ -437,6 +534,12 @@ def memory_figures(device: str) -> str:
     import resource
 
     return f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB"
+
+
+def _sibling(location: str, name: str) -> str:
+    """`name` beside `location` (a local path or a URI): `<out>/reference_sets` -> `<out>/debug`."""
+    parent, slash, _ = location.rstrip("/").rpartition("/")
+    return f"{parent}/{name}" if slash else name
 
 
 def _default_loader(model_id: str, device: str):
@@ -455,13 +558,18 @@ class GenerationStage(RowStage):
     def __init__(self, config: GenerationConfig, output: OutputConfig, num_gpus: float = 0.0,
                  num_threads: int | None = None, fail_identities: Sequence[str] = (),
                  loader: Callable[[str, str], object] | None = None, reference_dir: str | None = None,
-                 folders: ModelFolders | None = None) -> None:
+                 folders: ModelFolders | None = None, device: str | None = None) -> None:
+        """`reference_dir`: `<build output>/reference_sets`; `device`: the torch device, for a
+        caller driving the stage without Ray (a benchmark); by default the one Ray assigned."""
         self.config = config
         self.folders = folders or ModelFolders()
+        # The build's output location, where the injected CUDA fault records that it fired.
+        self.debug_dir = _sibling(reference_dir, "debug") if reference_dir else None
         self.reference_dir = reference_dir if config.reuse_reference_sets else None
         self.output = output
         self.num_gpus = num_gpus
         self.num_threads = num_threads
+        self.device = device
         self.fail_identities = dict(fault_target(entry) for entry in fail_identities)
         self.loader = loader or _default_loader
         self.generator: DiversityInjectionGenerator | None = None
@@ -469,7 +577,9 @@ class GenerationStage(RowStage):
 
     def resources(self) -> StageResources:
         c = self.config.concurrency
-        return StageResources(1, c.min, c.max, float(self.num_threads or 1), self.num_gpus)
+        # One identity queued per actor: each takes minutes, and a second one queued behind a busy
+        # actor would wait there while an actor the pool scaled up to sits idle.
+        return StageResources(1, c.min, c.max, float(self.num_threads or 1), self.num_gpus, tasks_in_flight=1)
 
     def setup(self) -> None:
         # The IIR token was checked against this model's tokenizer by the build's check phase
@@ -477,7 +587,7 @@ class GenerationStage(RowStage):
         if self.num_threads:
             # Same thread count on every actor keeps CPU results bit-reproducible across reruns.
             torch.set_num_threads(self.num_threads)
-        device = torch_device(self.num_gpus > 0)
+        device = self.device or actor_device(self.num_gpus)
         pipeline = self.loader(self.folders.open(self.config.base_model), device)
         self.model_loads += 1
         references = ReferenceSetStore(self.reference_dir) if self.reference_dir else None
@@ -485,32 +595,54 @@ class GenerationStage(RowStage):
 
     def _fault(self, identity: str) -> Callable[[str], None] | None:
         """The injected failure of `identity` (generation.debug_fail_identities), raised as its
-        first phase starts: `RuntimeError`, or CUDA's `OutOfMemoryError` for `SOURCE/PID:oom`."""
+        first phase starts: `RuntimeError`, CUDA's `OutOfMemoryError` for `SOURCE/PID:oom`, or a
+        sticky CUDA error for `SOURCE/PID:cuda`. That one fires once per build output (a marker
+        under `<out>/debug/` records it), so the identity, retried by a restarted actor,
+        succeeds; a stage given no output location raises it every time."""
         kind = self.fail_identities.get(identity)
         if kind is None:
             return None
+        marker = None
+        if kind == "cuda" and self.debug_dir:
+            marker = resolve(self.debug_dir) / "injected_cuda_faults" / identity
+            if marker.exists():
+                return None
 
         def fail(phase: str) -> None:
             message = f"injected failure for {identity} in {phase} (generation.debug_fail_identities)"
-            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory: {message}") if kind == "oom" else RuntimeError(message)
+            if kind == "oom":
+                raise torch.cuda.OutOfMemoryError(f"CUDA out of memory: {message}")
+            if kind == "cuda":
+                if marker is not None:  # written first: the process may not outlive the error
+                    marker.write_text(f"{message}\n")
+                raise RuntimeError(f"CUDA error: an illegal memory access was encountered ({message})")
+            raise RuntimeError(message)
 
         return fail
 
     def process_row(self, row: dict) -> dict:
+        assert self.generator is not None, "call setup() first"
+        generator = self.generator
         result, error, attempts = None, "", 0
         for attempts in range(1, self.config.max_retries + 2):
             try:
-                assert self.generator is not None, "call setup() first"
-                self.generator.fault = self._fault(row["identity"])
+                generator.fault = self._fault(row["identity"])
                 images = decode_images(row["image_bytes"])
-                result = self.generator.process_identity(images, row["prompt"], row["reference_prompt"], row["seed"])
+                result = generator.process_identity(images, row["prompt"], row["reference_prompt"], row["seed"],
+                                                    row["caption"])
                 break
-            except torch.cuda.OutOfMemoryError as err:
-                error = f"OutOfMemoryError: {err} (phase {self.generator.phase}; {memory_figures(self.generator.device)})"
-                if self.generator.device.startswith("cuda"):
-                    torch.cuda.empty_cache()
-            except Exception as err:  # one identity's failure must not end the run
+            except Exception as err:  # one identity's failure must not end the run ...
+                if is_sticky_cuda_error(err):  # ... unless it broke this process's CUDA context
+                    # Every later identity here would fail too: the actor ends (the Ray wrapper
+                    # catches StickyCudaError), Ray starts a fresh one and retries the identity.
+                    raise StickyCudaError(f"generation of identity {row['identity']}, phase {generator.phase}, "
+                                          f"node {node_name()}: {err}") from err
                 error = f"{type(err).__name__}: {err}"
+                if isinstance(err, torch.cuda.OutOfMemoryError):
+                    error = f"OutOfMemoryError: {err} (phase {generator.phase}; {memory_figures(generator.device)})"
+            # Here, past the `except`, its traceback is gone and with it the failed attempt's frames
+            # (activations, optimizer state): the retry starts from the memory of the first try.
+            generator.release_training_state()
         out, ok = self.output, result is not None
         result = result or IdentityOutput([], [], [], [])  # a failed identity: nothing generated
         return {
