@@ -35,8 +35,8 @@ from core.datasets.config import SyntheticSpec
 from core.datasets.market import load_market1501
 from core.datasets.synthetic import generate_synthetic_dataset
 from trainers.pretrain.config import PretrainConfig, plan_batches
-from trainers.pretrain.data import IMAGE_KEY, LABEL_KEY, BatchAugment, build_train_dataset, train_batches
-from trainers.pretrain.recipe import build_loss, build_model, build_optimizer
+from trainers.pretrain.data import IMAGE_KEY, LABEL_KEY, build_train_dataset, train_batches
+from trainers.pretrain.recipe import BatchAugment, build_loss, build_model, build_optimizer
 from trainers.pretrain.shards import inspect_shards, write_shards
 from trainers.pretrain.train import train_one_epoch
 

@@ -37,10 +37,10 @@ from core.shards import SHARD_SCHEMA
 from trainers.config import ReidTrainConfig
 from trainers.pretrain import BatchPlan, PretrainConfig, plan_batches
 from trainers.pretrain.__main__ import main
-from trainers.pretrain.data import IMAGE_KEY, LABEL_KEY, BatchAugment, DecodeAugment, DecodeCollate
+from trainers.pretrain.data import IMAGE_KEY, LABEL_KEY, DecodeAugment, DecodeCollate
 from trainers.pretrain.export import verify_backbone
 from trainers.pretrain.plots import write_curves
-from trainers.pretrain.recipe import backbone_state_dict, build_model, build_optimizer, build_scheduler
+from trainers.pretrain.recipe import BatchAugment, backbone_state_dict, build_model, build_optimizer, build_scheduler
 from trainers.pretrain.shards import ShardError, inspect_shards, write_shards
 from trainers.pretrain.train import (
     MODEL_FILE,

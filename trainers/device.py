@@ -1,6 +1,7 @@
 """How a training process uses its device: the GPU Ray assigned it, checked before use, and the
 mixed precision and memory layout a GPU step runs fastest in (the Re-ID trainer, the downstream
-trials and pre-training share them)."""
+trials and pre-training share them). Ray is imported only by `train_worker_device`: the GPU check
+(`benchmarks/gpu_check.py`) uses `Precision` on machines without Ray."""
 
 from __future__ import annotations
 
@@ -9,8 +10,6 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
-import ray
-import ray.train.torch
 import torch
 
 from core.device import device_for
@@ -37,15 +36,22 @@ class Precision:
     channels_last: bool = False
 
     @classmethod
-    def for_device(cls, device: torch.device | str) -> Precision:
-        """The fast setting of `device`; a CPU gets fp32 and never touches `torch.cuda`."""
+    def for_device(cls, device: torch.device | str, mixed: bool | None = None) -> Precision:
+        """The fast setting of `device`; a CPU gets fp32 and never touches `torch.cuda`. `mixed`
+        overrides the choice (the GPU check compares both): True on a CPU is bf16 autocast."""
         device = torch.device(device)
-        if device.type != "cuda":
+        if mixed is False:
             return cls(device.type)
+        if device.type != "cuda":
+            return cls(device.type, torch.bfloat16, channels_last=True) if mixed else cls(device.type)
         # Without `including_emulation=False` a pre-Ampere GPU reports bf16 it only emulates, slowly.
         dtype = autocast_dtype("cuda", torch.cuda.is_bf16_supported(including_emulation=False))
         scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
         return cls("cuda", dtype, scaler, channels_last=True)
+
+    @property
+    def label(self) -> str:
+        return "fp32" if self.dtype is None else f"{str(self.dtype).removeprefix('torch.')} autocast + channels_last"
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -71,6 +77,9 @@ def train_worker_device() -> torch.device:
     use the GPU Ray assigned it: else `DeviceUnusable`, naming the node, driver and CUDA, instead of
     a run on the CPU while the GPU is held, or a death later inside NCCL. A worker without GPU ids
     never touches CUDA."""
+    import ray
+    import ray.train.torch
+
     gpu_ids = ray.get_gpu_ids()
     if gpu_ids:
         # Ray Train shows each worker all the GPUs its node's workers hold (NCCL needs them), so

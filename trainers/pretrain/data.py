@@ -8,7 +8,7 @@
   `trainer` - `DecodeCollate`, the `collate_fn` of `iter_torch_batches`, which runs in the training
   worker's `prefetch_batches` background threads while the step computes (no extra processes,
   no per-epoch worker start-up: the better choice on a small CPU machine).
-- `BatchAugment` (per batch, on the training device): float conversion, normalisation, Random
+- `BatchAugment` (`trainers.pretrain.recipe`, per batch, on the training device): float conversion, normalisation, Random
   Erasing, Mixup/CutMix, as timm's `PrefetchLoader` does them on the GPU.
 
 `DecodeAugment` is a plain class testable on an in-memory `pyarrow.Table`; this module is the
@@ -29,8 +29,7 @@ import ray.data
 import torch
 from PIL import Image
 from ray.data.collate_fn import ArrowBatchCollateFn
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
-from timm.data.random_erasing import RandomErasing
+from timm.data import create_transform
 
 from trainers.pretrain.config import PretrainConfig
 
@@ -126,45 +125,6 @@ def build_train_dataset(files: Sequence[str | Path], config: PretrainConfig) -> 
         num_cpus=config.decode_cpus,
         concurrency=config.decode_concurrency,
     )
-
-
-class BatchAugment:
-    """Per-batch augmentation on the training device: uint8 -> normalised float (channels_last on
-    GPU), Random Erasing, then Mixup/CutMix, which also turn the labels into soft targets
-    (label-smoothed); without Mixup/CutMix the labels pass through unchanged."""
-
-    def __init__(self, config: PretrainConfig, num_classes: int, device: torch.device) -> None:
-        self.device = device
-        self.channels_last = device.type == "cuda"
-        self.mean = torch.tensor([255 * m for m in IMAGENET_DEFAULT_MEAN], device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor([255 * s for s in IMAGENET_DEFAULT_STD], device=device).view(1, 3, 1, 1)
-        self.erasing = (
-            RandomErasing(config.random_erasing, mode=config.random_erasing_mode, device=str(device))
-            if config.random_erasing > 0 else None
-        )
-        self.mixup = (
-            Mixup(
-                mixup_alpha=config.mixup_alpha,
-                cutmix_alpha=config.cutmix_alpha,
-                prob=config.mixup_prob,
-                switch_prob=config.mixup_switch_prob,
-                label_smoothing=config.label_smoothing,
-                num_classes=num_classes,
-            )
-            if config.mixup_enabled else None
-        )
-
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        images = images.to(self.device, non_blocking=True)
-        labels = labels.to(self.device, non_blocking=True)
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        images = images.float().sub_(self.mean).div_(self.std)
-        if self.erasing is not None:
-            images = self.erasing(images)
-        if self.mixup is not None:
-            return self.mixup(images, labels)
-        return images, labels
 
 
 def train_batches(

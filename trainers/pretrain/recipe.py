@@ -8,6 +8,8 @@ import copy
 from typing import Any
 
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup
+from timm.data.random_erasing import RandomErasing
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
@@ -82,3 +84,43 @@ def build_loss(config: PretrainConfig) -> nn.Module:
     if config.mixup_enabled:
         return SoftTargetCrossEntropy()
     return nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+
+
+class BatchAugment:
+    """Per-batch augmentation on the training device: uint8 -> normalised float (channels_last on
+    GPU), Random Erasing, then Mixup/CutMix, which also turn the labels into soft targets
+    (label-smoothed); without Mixup/CutMix the labels pass through unchanged."""
+
+    def __init__(self, config: PretrainConfig, num_classes: int, device: torch.device,
+                 channels_last: bool | None = None) -> None:
+        self.device = device
+        self.channels_last = device.type == "cuda" if channels_last is None else channels_last
+        self.mean = torch.tensor([255 * m for m in IMAGENET_DEFAULT_MEAN], device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor([255 * s for s in IMAGENET_DEFAULT_STD], device=device).view(1, 3, 1, 1)
+        self.erasing = (
+            RandomErasing(config.random_erasing, mode=config.random_erasing_mode, device=str(device))
+            if config.random_erasing > 0 else None
+        )
+        self.mixup = (
+            Mixup(
+                mixup_alpha=config.mixup_alpha,
+                cutmix_alpha=config.cutmix_alpha,
+                prob=config.mixup_prob,
+                switch_prob=config.mixup_switch_prob,
+                label_smoothing=config.label_smoothing,
+                num_classes=num_classes,
+            )
+            if config.mixup_enabled else None
+        )
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        images = images.to(self.device, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        images = images.float().sub_(self.mean).div_(self.std)
+        if self.erasing is not None:
+            images = self.erasing(images)
+        if self.mixup is not None:
+            return self.mixup(images, labels)
+        return images, labels
