@@ -37,11 +37,10 @@ What it measures and prints (as tables; `--json PATH` writes every figure, after
   (ResNet-50, 256x128, batch 512, Mixup/CutMix, Random Erasing): images/s and peak memory, fp32 vs
   mixed precision (bf16 autocast + channels_last, as `trainers.device.Precision` sets it).
 
-It never imports Ray (the check fails if anything did): `trainers.reid.train` and
-`trainers.pretrain.{train,data}` import Ray at module level, so the two training steps are written
-here as those modules' `train_one_epoch` loop bodies, around the real model, loss and optimizer
-builders (`trainers.reid.{model,losses,schedule}` are imported without the package's `__init__`,
-which imports `trainers.reid.train`).
+It never imports Ray (the check fails if anything did). The modules it uses are Ray-free at import:
+the stages, the run config (`factory.run_config`), `trainers.device` and the Re-ID model, loss and
+schedule modules. The Ray Train loops (`trainers.reid.train`, `trainers.pretrain.train`) are not:
+the two training steps here are those loops' bodies on one batch already on the device.
 """
 
 from __future__ import annotations
@@ -49,7 +48,6 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
-import importlib
 import importlib.metadata
 import importlib.util
 import inspect
@@ -124,20 +122,6 @@ def ray_modules() -> list[str]:
 def missing_requirements() -> list[str]:
     """Distributions this check imports that are not importable here (carry them as wheels)."""
     return [dist for module, dist in REQUIRED.items() if importlib.util.find_spec(module) is None]
-
-
-def import_without_package_init(name: str) -> Any:
-    """Import module `name` (`trainers.reid.model`) without executing its package's `__init__.py`
-    (`trainers/reid/__init__.py` imports `trainers.reid.train`, which imports Ray at module level).
-    The package is registered as an empty package object; its submodules import normally."""
-    package = name.rpartition(".")[0]
-    if package not in sys.modules:
-        folder = REPO_ROOT.joinpath(*package.split("."))
-        spec = importlib.util.spec_from_file_location(package, folder / "__init__.py",
-                                                      submodule_search_locations=[str(folder)])
-        assert spec is not None
-        sys.modules[package] = importlib.util.module_from_spec(spec)
-    return importlib.import_module(name)
 
 
 class Budget:
@@ -257,33 +241,12 @@ def print_environment(env: dict[str, Any]) -> None:
 
 
 # -- presets ---------------------------------------------------------------------------------
-def preset_sections_model() -> type:
-    """The run config's sections that this check reads, each validated by the project's own
-    model; the others (sources, ray, downstream, experiment: `factory.run_config` imports Ray)
-    are ignored."""
-    from pydantic import BaseModel, ConfigDict
-
-    from factory.stage_config import CaptionConfig, FilterConfig, GenerationConfig, OutputConfig, SequenceConfig
-    from trainers.pretrain.config import PretrainConfig
-
-    class PresetSections(BaseModel):
-        model_config = ConfigDict(extra="ignore")
-        sequences: SequenceConfig = SequenceConfig()
-        caption: CaptionConfig = CaptionConfig()
-        generation: GenerationConfig = GenerationConfig()
-        filter: FilterConfig = FilterConfig()
-        output: OutputConfig = OutputConfig()
-        pretrain: PretrainConfig = PretrainConfig()
-
-    return PresetSections
-
-
 def load_preset(path: Path, overrides: Sequence[str]) -> Any:
-    """A preset through `core.config.load_config`: `base:` inheritance, `--set` overrides,
-    validation naming the key."""
-    from core.config import load_config
+    """A preset through the project's own loader (`base:` inheritance, `--set` overrides,
+    validation naming the key); Ray-free, so it runs on the bare GPU machine."""
+    from factory.run_config import load_run_config
 
-    return load_config(preset_sections_model(), path, list(overrides))
+    return load_run_config(path, list(overrides))
 
 
 def tiny_overrides() -> list[str]:
@@ -327,7 +290,7 @@ def recipe(g: Any) -> dict[str, Any]:
 @dataclass
 class Preset:
     name: str
-    full: Any  # PresetSections at the preset's counts
+    full: Any  # the RunConfig at the preset's counts
     reduced: Any  # the same at the measured counts
     notes: list[str] = field(default_factory=list)
 
@@ -802,9 +765,9 @@ def time_steps(step: Callable[[], None], warmup: int, steps: int, device: str) -
 def reid_step_figures(config: Any, device: str, mixed: bool, warmup: int, steps: int) -> dict[str, Any]:
     """The BoT trainer's step (`trainers.reid.train.train_one_epoch`'s loop body) on one PK batch
     already on the device: forward under the precision's autocast, BotLoss, backward, Adam step."""
-    build_reid_model = import_without_package_init("trainers.reid.model").build_reid_model
-    BotLoss = import_without_package_init("trainers.reid.losses").BotLoss
-    build_optimizer = import_without_package_init("trainers.reid.schedule").build_optimizer
+    from trainers.reid.losses import BotLoss
+    from trainers.reid.model import build_reid_model
+    from trainers.reid.schedule import build_optimizer
 
     precision = Precision.for_device(device, mixed)
     torch.manual_seed(0)

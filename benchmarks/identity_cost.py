@@ -53,7 +53,6 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -64,14 +63,8 @@ import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from core.shards import encode_image  # noqa: E402
+from factory.run_config import DEFAULT_PRESET, REPO_ROOT, RunConfig, load_run_config  # noqa: E402
 from factory.schema import SEQUENCE_SCHEMA  # noqa: E402
-
-if TYPE_CHECKING:
-    from factory.run_config import RunConfig
-
-# `factory.run_config` (imported where a preset is loaded) imports Ray through `core.cluster`;
-# benchmarks/gpu_check.py imports this module's helpers on machines without Ray.
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 PHASES = ("caption", "reference_set", "fine_tune", "sample", "filter")
 GENERATION_PHASES = ("reference_set", "fine_tune", "sample")
@@ -373,8 +366,6 @@ class DiffusersBaseline:
 def tiny_overrides() -> list[str]:
     """`--set` overrides that swap a preset's models for the embedded default's (demo.yaml's
     demo models and their resolution), keeping every count of the preset."""
-    from factory.run_config import DEFAULT_PRESET, load_run_config
-
     demo = load_run_config(DEFAULT_PRESET)
     values = {
         "generation.base_model": demo.generation.base_model,
@@ -408,8 +399,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_benchmark_config(args) -> tuple[Path, RunConfig]:
-    from factory.run_config import load_run_config
-
     preset = args.config or (REPO_ROOT / "configs" / ("paper.yaml" if args.random_init else "demo.yaml"))
     overrides = (tiny_overrides() if args.tiny else []) + list(args.overrides)
     return preset, load_run_config(preset, overrides)

@@ -1,11 +1,12 @@
 """Reaching Ray, shared by every command: join the cluster a run names (or RAY_ADDRESS), else start
-a local one; what GPUs the cluster has or can scale to; a trainer's `use_gpu: auto`."""
+a local one; what GPUs the cluster has or can scale to; a trainer's `use_gpu: auto`; the cluster
+check before heavy work. Ray is imported inside the functions: the run config (`RayConfig`) is
+read on machines without Ray too (`benchmarks/gpu_check.py`)."""
 
 from __future__ import annotations
 
 import os
 
-import ray
 from pydantic import Field
 
 from core.config import StrictModel
@@ -24,6 +25,9 @@ def init_ray(config: RayConfig, progress_bars: bool = True) -> None:
     """Join the cluster named by `ray.address` / RAY_ADDRESS (e.g. inside `ray job submit`), or
     start a local one. Idempotent. `progress_bars`: Ray Data's per-operator bars (the trainers
     turn them off: each epoch's pass over the shards would redraw them under the epoch lines)."""
+    import ray
+    import ray.data
+
     if ray.is_initialized():
         return
     address = config.address or os.environ.get("RAY_ADDRESS")
@@ -48,6 +52,8 @@ def cluster_gpus() -> float:
     `ray up` and KubeRay) publishes its node types to the GCS; Ray Train and Ray Data read the
     same record through `get_max_resources_from_cluster_config`.
     """
+    import ray
+
     now = float(ray.cluster_resources().get("GPU", 0.0))
     try:
         from ray._private.state import state
@@ -105,6 +111,8 @@ def check_cluster(out, log=print, timeout_s: float = NODE_CHECK_TIMEOUT_S) -> No
     (a `core.storage.Location`) and writes one back that the driver then reads: a local path on a
     cluster without a shared filesystem fails here in seconds, not inside a training run.
     Raises `ClusterCheckFailed` naming each node's problem and the fix."""
+    import ray
+
     import time
     import uuid
 

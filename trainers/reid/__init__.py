@@ -14,8 +14,17 @@ from trainers.reid.losses import BotLoss, batch_hard_triplet_loss
 from trainers.reid.model import ReidOutput, build_reid_model, load_reid_model
 from trainers.reid.sampler import PKBatchSampler
 from trainers.reid.schedule import build_lr_scheduler, build_optimizer
-from trainers.reid.train import train_reid
 from trainers.reid.transforms import build_eval_transform, build_train_transform
+
+
+def __getattr__(name: str):
+    # `train_reid` (Ray Train) on first use: the model, losses and schedule import without Ray,
+    # as the GPU check on a machine without Ray needs them.
+    if name == "train_reid":
+        from trainers.reid.train import train_reid
+
+        return train_reid
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "BotLoss",
