@@ -38,7 +38,7 @@ What it measures and prints (as tables; `--json PATH` writes every figure, after
   mixed precision (bf16 autocast + channels_last, as `trainers.device.Precision` sets it).
 
 It never imports Ray (the check fails if anything did). The modules it uses are Ray-free at import:
-the stages, the run config (`factory.run_config`), `trainers.device` and the Re-ID model, loss and
+the stages, the run config (`core.settings.run`), `trainers.device` and the Re-ID model, loss and
 schedule modules. The Ray Train loops (`trainers.reid.train`, `trainers.pretrain.train`) are not:
 the two training steps here are those loops' bodies on one batch already on the device.
 """
@@ -244,7 +244,7 @@ def print_environment(env: dict[str, Any]) -> None:
 def load_preset(path: Path, overrides: Sequence[str]) -> Any:
     """A preset through the project's own loader (`base:` inheritance, `--set` overrides,
     validation naming the key); Ray-free, so it runs on the bare GPU machine."""
-    from factory.run_config import load_run_config
+    from core.settings.run import load_run_config
 
     return load_run_config(path, list(overrides))
 
@@ -795,7 +795,7 @@ def pretrain_step_figures(config: Any, device: str, mixed: bool, warmup: int, st
     """The pre-training step (`trainers.pretrain.train.train_one_epoch`'s loop body) on one
     synthetic uint8 batch on the device: augment, forward, soft-target CE, backward, timm AdamW,
     in `plan_batches` micro-batches."""
-    from trainers.pretrain.config import plan_batches
+    from core.settings.pretrain import plan_batches
     from trainers.pretrain.recipe import BatchAugment, build_loss, build_model, build_optimizer
 
     precision = Precision.for_device(device, mixed)

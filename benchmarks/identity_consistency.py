@@ -5,7 +5,7 @@ fine-tuning vs. images from the un-fine-tuned base model, with the same prompts 
 
 Uses the filter model a build trained (DIR/filter_models/<source>) and the preset's recipe; runs
 the stages in-process (no Ray) over the first `--identities` identities
-(`factory.consistency.identity_consistency`).
+(`eval.experiment.consistency.identity_consistency`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from core.storage import resolve  # noqa: E402
-from factory.run_config import load_run_config  # noqa: E402
+from core.settings.run import load_run_config  # noqa: E402
 
 
 def main() -> int:
@@ -30,7 +30,7 @@ def main() -> int:
     parser.add_argument("--identities", type=int, default=8)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    from factory.consistency import identity_consistency
+    from eval.experiment.consistency import identity_consistency
 
     config = load_run_config(args.config, args.overrides)
     rates = identity_consistency(config, resolve(args.build_dir) / "filter_models", args.identities)

@@ -63,7 +63,7 @@ import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from core.shards import encode_image  # noqa: E402
-from factory.run_config import DEFAULT_PRESET, REPO_ROOT, RunConfig, load_run_config  # noqa: E402
+from core.settings.run import DEFAULT_PRESET, REPO_ROOT, RunConfig, load_run_config  # noqa: E402
 from factory.schema import SEQUENCE_SCHEMA  # noqa: E402
 
 PHASES = ("caption", "reference_set", "fine_tune", "sample", "filter")

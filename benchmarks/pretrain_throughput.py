@@ -34,7 +34,7 @@ import torch
 from core.datasets.config import SyntheticSpec
 from core.datasets.market import load_market1501
 from core.datasets.synthetic import generate_synthetic_dataset
-from trainers.pretrain.config import PretrainConfig, plan_batches
+from core.settings.pretrain import PretrainConfig, plan_batches
 from trainers.pretrain.data import IMAGE_KEY, LABEL_KEY, build_train_dataset, train_batches
 from trainers.pretrain.recipe import BatchAugment, build_loss, build_model, build_optimizer
 from trainers.pretrain.shards import inspect_shards, write_shards

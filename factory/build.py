@@ -24,7 +24,7 @@ from core.datasets.base import DatasetError, ReidDataset
 from factory.models.locate import ModelNotAvailableError
 from factory.preflight import check_config, check_models, check_sources, raise_problems
 from factory.report import BuildSummary, PlanClock, error_class, write_contact_sheet, write_dataset_card
-from factory.run_config import DEFAULT_PRESET, RunConfig, load_run_config
+from core.settings.run import DEFAULT_PRESET, RunConfig, load_run_config
 from factory.sequences import identity_key, plan_identities, read_sequences
 from factory.store import OutputStore
 

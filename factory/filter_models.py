@@ -19,9 +19,9 @@ import ray
 from core.storage import Location, resolve
 from core.datasets.base import ReidDataset
 from core.datasets.images import read_images
-from factory.stage_config import FilterConfig
+from core.settings.stages import FilterConfig
 from factory.stages.filter import FilterModelSpec, PendingFilterModel
-from trainers.config import ReidTrainConfig
+from core.settings.reid import ReidTrainConfig
 
 
 def readable_training_split(dataset: ReidDataset, threads: int = 8) -> tuple[ReidDataset, list[str], dict[str, bytes]]:

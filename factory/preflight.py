@@ -31,9 +31,9 @@ from core.storage import Location, resolve
 from core.config import ConfigError
 from core.datasets.base import ReidDataset
 from factory.models.locate import read_model_json
-from factory.run_config import RunConfig
+from core.settings.run import RunConfig
 from factory.sequences import IdentitySequence
-from factory.stage_config import fault_target
+from core.settings.stages import fault_target
 
 # Stable Diffusion's pipelines refuse sizes that are not multiples of 8 (`check_inputs`),
 # whatever the VAE; the VAE itself needs multiples of its own downsampling factor.

@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw
 from core.config import config_to_yaml
 from core.shards import encode_image
 from core.storage import Location
-from factory.run_config import RunConfig
+from core.settings.run import RunConfig
 
 
 @dataclass

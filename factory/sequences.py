@@ -13,7 +13,7 @@ import pyarrow as pa
 from core.datasets.base import ImageRecord, ReidDataset
 from core.datasets.images import read_images
 from factory.schema import SEQUENCE_SCHEMA
-from factory.stage_config import SequenceConfig
+from core.settings.stages import SequenceConfig
 
 
 def stable_seed(*parts: object) -> int:

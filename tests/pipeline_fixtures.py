@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from factory.run_config import REPO_ROOT
+from core.settings.run import REPO_ROOT
 
 
 def save_tiny_models(root: Path) -> tuple[Path, Path]:
@@ -27,7 +27,7 @@ def save_filter_model(directory: Path, source_root: Path, source: str = "synthet
 
     from core.datasets.market import load_market1501
     from factory.stages.filter import FilterModelSpec
-    from trainers.config import ReidTrainConfig
+    from core.settings.reid import ReidTrainConfig
     from trainers.reid.data import TrainingSet
     from trainers.reid.model import build_reid_model
     from trainers.weights import save_state_safetensors

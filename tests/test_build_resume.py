@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from core.storage import resolve
-from factory.run_config import REPO_ROOT
+from core.settings.run import REPO_ROOT
 from tests.pipeline_fixtures import save_filter_model, save_tiny_models, small_preset
 
 
@@ -158,7 +158,7 @@ def test_systematic_failure_stops_the_build_after_k_identities(setup: dict[str, 
     spending the whole plan, and the build exits 1 with the error and what to change."""
     from core.config import load_config
     from core.datasets.market import load_market1501
-    from factory.run_config import RunConfig
+    from core.settings.run import RunConfig
     from factory.sequences import plan_identities
 
     config = load_config(RunConfig, setup["preset"], ["sequences.max_identities=8"])
@@ -185,7 +185,7 @@ def test_corrupt_and_truncated_source_images_are_quarantined_and_the_run_complet
 
     from core.config import load_config
     from core.datasets.market import load_market1501
-    from factory.run_config import RunConfig
+    from core.settings.run import RunConfig
     from factory.sequences import plan_identities
 
     source = setup["root"] / "damaged_source"

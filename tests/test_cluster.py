@@ -15,7 +15,7 @@ import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-from factory.run_config import REPO_ROOT
+from core.settings.run import REPO_ROOT
 
 CLUSTER_YAML = REPO_ROOT / "cluster.yaml"
 # GPUs of the AWS instance types a worker type may use (the autoscaler detects them at `ray up`).

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from core.config import ConfigError, load_config, save_config
-from factory.run_config import REPO_ROOT, RunConfig, load_run_config
-from trainers.config import ReidTrainConfig
+from core.settings.run import REPO_ROOT, RunConfig, load_run_config
+from core.settings.reid import ReidTrainConfig
 
 
 def write(path: Path, text: str) -> Path:

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from factory.run_config import REPO_ROOT, RunConfig
+from core.settings.run import REPO_ROOT, RunConfig
 from core.config import load_config
 
 

@@ -38,19 +38,20 @@ from eval.downstream.agw import (
     weighted_regularized_triplet_loss,
 )
 from core.storage import resolve
-from eval.downstream.config import DownstreamConfig
+from core.settings.downstream import DownstreamConfig
 from eval.downstream.inits import resolve_imagenet
 from eval.downstream.methods import METHODS, ReidMethod, get_method, register_method
 from eval.downstream.cells import Cell, count_executions, plan_cells
 from eval.downstream.runner import run_downstream
 from eval.downstream.trial import fine_tune_cell
-from eval.downstream.settings import Setting, few_shot_images, small_scale_identities, training_subset
+from core.settings.downstream import Setting
+from eval.downstream.settings import few_shot_images, small_scale_identities, training_subset
 from eval.downstream.tables import results_frame, results_markdown
 from core.config import ConfigError, load_config
 from core.datasets.base import ImageRecord
 from core.datasets.config import SourceConfig
 from core.datasets.registry import load_source
-from factory.run_config import REPO_ROOT
+from core.settings.run import REPO_ROOT
 from trainers.reid.model import ReidOutput
 from trainers.weights import WeightsMismatchError, build_backbone
 
@@ -273,7 +274,7 @@ def test_config_validation_names_the_key() -> None:
 
 
 def test_paper_and_demo_presets_plan_their_grids() -> None:
-    from factory.run_config import load_run_config
+    from core.settings.run import load_run_config
 
     paper = load_run_config(REPO_ROOT / "configs" / "paper.yaml").downstream
     cells = plan_cells(paper)

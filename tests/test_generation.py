@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from factory.schema import CAPTIONED_SCHEMA
-from factory.stage_config import GenerationConfig, OutputConfig
+from core.settings.stages import GenerationConfig, OutputConfig
 from factory.stages.generate import (
     DiversityInjectionGenerator,
     GenerationStage,
@@ -181,7 +181,7 @@ def test_failing_identity_is_retried_then_recorded(tiny_sd_dir: Path) -> None:
 def test_vocabulary_word_as_iir_is_refused(tiny_sd_dir: Path) -> None:
     """Refused by the check phase from the model's tokenizer files, before any model loads."""
     from factory.preflight import check_models
-    from factory.run_config import load_run_config
+    from core.settings.run import load_run_config
 
     config = load_run_config(overrides=[f"generation.base_model={tiny_sd_dir}", "caption.iir_token=person"])
     problems = [p for p in check_models(config) if p.key == "caption.iir_token"]
@@ -321,7 +321,7 @@ def test_a_killed_actors_base_copy_is_removed_by_the_next_one_and_a_live_ones_ke
     import sys
     import tempfile
 
-    from factory.run_config import REPO_ROOT
+    from core.settings.run import REPO_ROOT
     from factory.stages.base_weights import BaseWeightCopy
 
     env = {**os.environ, "TMPDIR": str(tmp_path)}

@@ -63,7 +63,7 @@ def test_imports_no_ray() -> None:
     code = (
         "import sys; sys.path.insert(0, 'benchmarks'); import gpu_check; "
         "import trainers.reid.model, trainers.reid.losses, trainers.reid.schedule, trainers.device; "
-        "import factory.run_config, factory.stages.generate, factory.stages.caption, trainers.pretrain.recipe; "
+        "import core.settings.run, factory.stages.generate, factory.stages.caption, trainers.pretrain.recipe; "
         "import identity_cost; "
         "print(gpu_check.ray_modules())"
     )

@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from core.device import DeviceUnusable, StickyCudaError, device_for, is_sticky_cuda_error
-from factory.run_config import REPO_ROOT
+from core.settings.run import REPO_ROOT
 
 
 # -- the device policy -----------------------------------------------------------------------------
@@ -71,7 +71,7 @@ def _preset(name: str) -> dict:
 
 
 def test_caption_actors_ask_for_no_gpu_when_no_captioner_loads() -> None:
-    from factory.stage_config import CaptionConfig
+    from core.settings.stages import CaptionConfig
     from factory.stages.caption import CaptionStage
 
     assert CaptionStage(CaptionConfig(captions="lpe"), num_gpus=0.5).resources().num_gpus == 0.5
@@ -86,7 +86,7 @@ def test_paper_preset_shares_caption_gpus_and_bounds_filter_training_cpus() -> N
 
 
 def test_generation_actors_take_one_identity_at_a_time() -> None:
-    from factory.stage_config import GenerationConfig, OutputConfig
+    from core.settings.stages import GenerationConfig, OutputConfig
     from factory.stages.generate import GenerationStage
 
     assert GenerationStage(GenerationConfig(), OutputConfig()).resources().tasks_in_flight == 1

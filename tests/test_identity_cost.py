@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from factory.run_config import REPO_ROOT
+from core.settings.run import REPO_ROOT
 from tests.pipeline_fixtures import save_tiny_models
 
 REFERENCES, REFERENCE_STEPS, TRAIN_STEPS, TRAIN_BATCH = 2, 2, 2, 1
@@ -131,7 +131,7 @@ def test_a_failed_identity_fails_the_benchmark(preset, tmp_path: Path, capsys, e
 
 
 def test_tiny_keeps_the_presets_counts_with_the_demo_models() -> None:
-    from factory.run_config import load_run_config
+    from core.settings.run import load_run_config
 
     args = identity_cost.build_parser().parse_args(
         ["--config", str(REPO_ROOT / "configs" / "paper.yaml"), "--tiny", "--set", "generation.train_steps=7"]

@@ -37,7 +37,7 @@ import pandas as pd
 import psutil
 import pytest
 
-from factory.run_config import REPO_ROOT
+from core.settings.run import REPO_ROOT
 from tests.pipeline_fixtures import save_filter_model, save_tiny_models, small_preset
 
 VENV_BIN = Path(sys.executable).parent

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 
-from factory.stage_config import CaptionConfig
+from core.settings.stages import CaptionConfig
 from factory.preflight import known_word_forms
 from factory.stages.caption import build_prompts, clean_caption, merge_captions
 

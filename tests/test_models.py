@@ -142,7 +142,7 @@ def test_schedulers_by_name(scheduler: str) -> None:
 
 
 def test_captioner_round_trip_generates_text(blip2_dir: Path) -> None:
-    from factory.stage_config import CaptionConfig
+    from core.settings.stages import CaptionConfig
 
     model, processor = load_captioner(str(blip2_dir), "cpu", torch.float32)
     assert processor.num_query_tokens == model.config.num_query_tokens
@@ -173,7 +173,7 @@ def test_clip_filter_scores_generated_images_as_probabilities(clip_dir: Path) ->
     get_text_features returns an output object, and no test loaded it)."""
     import io
 
-    from factory.stage_config import FilterConfig
+    from core.settings.stages import FilterConfig
     from factory.stages.filter import ClipFilter
 
     config = FilterConfig(kind="clip", clip_model=str(clip_dir), threshold=0.5)
@@ -195,7 +195,7 @@ def test_the_filter_stage_keeps_each_rejections_reason_in_the_staged_rows(clip_d
     import pyarrow as pa
 
     from factory.schema import GENERATED_SCHEMA
-    from factory.stage_config import FilterConfig
+    from core.settings.stages import FilterConfig
     from factory.stages.filter import FilterStage
     from factory.stages.write import staged_rows
 
@@ -315,7 +315,7 @@ def test_cache_without_current_stamp_is_incomplete(tmp_path: Path) -> None:
 def test_build_demo_models_end_to_end_with_a_few_steps(tmp_path: Path) -> None:
     """The training path with 2 steps per phase on 4 identities: mechanics, not quality."""
     from factory.demo.models import DemoRecipe, build_demo_models, ensure_demo_models, is_complete
-    from factory.run_config import DemoModelsConfig
+    from core.settings.run import DemoModelsConfig
 
     recipe = DemoRecipe(
         ids=4, cameras=2, images_per_camera=1, clip_steps=2, autoencoder_steps=2, text_to_image_steps=2,
@@ -342,7 +342,7 @@ def test_build_demo_models_end_to_end_with_a_few_steps(tmp_path: Path) -> None:
 
 
 def _demo_config(root: Path):
-    from factory.run_config import DemoModelsConfig
+    from core.settings.run import DemoModelsConfig
 
     return DemoModelsConfig(enabled=True, cache_dir=root / "cache", train_source=root / "pedestrians")
 

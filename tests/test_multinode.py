@@ -29,7 +29,7 @@ import ray
 import yaml
 from ray.cluster_utils import Cluster
 
-from factory.run_config import REPO_ROOT
+from core.settings.run import REPO_ROOT
 from tests.pipeline_fixtures import save_filter_model, save_tiny_models, small_preset
 
 IDENTITIES = 12

@@ -31,7 +31,7 @@ import pytest
 import yaml
 
 from core.storage import resolve
-from factory.run_config import REPO_ROOT
+from core.settings.run import REPO_ROOT
 from tests.object_store import _free_port
 from tests.pipeline_fixtures import save_tiny_models, small_preset
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from factory.build import main
-from factory.run_config import REPO_ROOT, load_run_config
+from core.settings.run import REPO_ROOT, load_run_config
 
 CHECK_SECONDS = 5.0  # the issue's bound for a refusal; typically well under a second here
 
@@ -78,7 +78,7 @@ RULES = [
     ("checkpoint-for-unknown-source", ["filter.reid_checkpoints={market1501: /nowhere}"],
      "filter.reid_checkpoints.market1501", "no source is named 'market1501'"),
     ("fault-injection-malformed", ["generation.debug_fail_identities=[nonsense]"],
-     "generation.debug_fail_identities", "not an identity 'SOURCE/PID[:oom]'"),
+     "generation.debug_fail_identities", "not an identity 'SOURCE/PID[:oom|:cuda]'"),
     # phase 2: the model's own files
     ("resolution-not-multiple-of-8", ["generation.resolution=[63,32]"], "generation.resolution",
      "multiples of 8"),
@@ -182,7 +182,7 @@ def test_relative_out_inside_ray_job_submit_is_refused(monkeypatch: pytest.Monke
     """Inside `ray job submit` the working directory is a temporary copy: a relative --out would
     vanish with it. Refused at once (exit 2); a URI or an absolute path is accepted."""
     from factory.build import RAY_JOB_ENV, output_location
-    from factory.run_config import load_run_config
+    from core.settings.run import load_run_config
 
     monkeypatch.setenv(RAY_JOB_ENV, '{"runtime_env": {"working_dir": "gcs://_ray_pkg_x.zip"}}')
     assert main(["--out", "outputs/demo"]) == 2

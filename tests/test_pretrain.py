@@ -32,9 +32,9 @@ from core.config import ConfigError
 from core.datasets.config import SyntheticSpec
 from core.datasets.market import load_market1501
 from core.datasets.synthetic import generate_synthetic_dataset
-from factory.run_config import load_run_config
+from core.settings.run import load_run_config
 from core.shards import SHARD_SCHEMA
-from trainers.config import ReidTrainConfig
+from core.settings.reid import ReidTrainConfig
 from trainers.pretrain import BatchPlan, PretrainConfig, plan_batches
 from trainers.pretrain.__main__ import main
 from trainers.pretrain.data import IMAGE_KEY, LABEL_KEY, DecodeAugment, DecodeCollate
@@ -493,7 +493,7 @@ def test_pretrain_reads_and_writes_an_object_store(small_shards: Path, bucket: s
     import pyarrow.fs as pafs
 
     from core.storage import resolve
-    from factory.run_config import REPO_ROOT
+    from core.settings.run import REPO_ROOT
 
     data, out = resolve(f"{bucket}/data"), resolve(f"{bucket}/pre")
     pafs.copy_files(str(small_shards), data.path, destination_filesystem=data.filesystem)

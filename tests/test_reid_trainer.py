@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from core.config import load_config
 from core.datasets.base import ImageRecord, ReidDataset
-from trainers.config import ReidTrainConfig
+from core.settings.reid import ReidTrainConfig
 from trainers.reid import (
     BotLoss,
     PKBatchSampler,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from factory.build import identity_cost
 from factory.report import BuildSummary, PlanClock
-from factory.run_config import load_run_config
+from core.settings.run import load_run_config
 
 
 def test_plan_clock_reports_rate_and_eta() -> None:

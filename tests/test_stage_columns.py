@@ -9,7 +9,7 @@ import pytest
 import ray
 
 from factory import ray_pipeline
-from factory.run_config import DEFAULT_PRESET, load_run_config
+from core.settings.run import DEFAULT_PRESET, load_run_config
 from factory.schema import SEQUENCE_SCHEMA, STATUS_SCHEMA
 from factory.stages.base import StageChain, check_columns
 from factory.stages.caption import CaptionStage

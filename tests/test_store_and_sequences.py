@@ -13,7 +13,7 @@ from PIL import Image
 from core.datasets.base import ImageRecord, ReidDataset
 from factory.schema import SHARD_SCHEMA, STAGED_SCHEMA
 from factory.sequences import plan_identities, read_sequences, select_sequence, stable_seed
-from factory.stage_config import SequenceConfig
+from core.settings.stages import SequenceConfig
 from factory.store import OutputStore
 
 

@@ -7,6 +7,6 @@ or from Python::
     from eval.downstream.runner import run_downstream
     report = run_downstream(load_run_config("configs/demo.yaml").downstream, backbone="backbone.safetensors")
 
-This package imports nothing itself: `factory.run_config` imports `eval.downstream.config` for
+This package imports nothing itself: `core.settings.run` imports `core.settings.downstream` for
 every preset, and must not pull in Ray Tune and torch with it.
 """

@@ -16,7 +16,7 @@ from core.storage import resolve
 from core.config import ConfigError
 from core.device import ClusterCheckFailed
 from core.datasets.base import DatasetError
-from factory.run_config import DEFAULT_PRESET, load_run_config
+from core.settings.run import DEFAULT_PRESET, load_run_config
 from trainers.weights import WeightsMismatchError, WeightsUnavailableError
 
 

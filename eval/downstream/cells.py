@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from core.storage import Location, resolve
-from eval.downstream.config import DownstreamConfig
+from core.settings.downstream import DownstreamConfig
 from eval.downstream.inits import InitWeights
-from eval.downstream.settings import Setting
+from core.settings.downstream import Setting
 
 
 RESULT_FILE = "result.json"

@@ -24,7 +24,7 @@ from torch import nn
 from core.hub import cached_timm_weights
 from core.storage import local_file, resolve
 
-from eval.downstream.config import INIT_IMAGENET, INIT_OURS, INIT_RANDOM
+from core.settings.downstream import INIT_IMAGENET, INIT_OURS, INIT_RANDOM
 from trainers.weights import (
     WeightsUnavailableError,
     build_backbone,

@@ -23,7 +23,7 @@ from pydantic import BaseModel
 from torch import nn
 
 from core.config import ConfigError, StrictModel, validate_config
-from trainers.config import ReidTrainConfig
+from core.settings.reid import ReidTrainConfig
 from trainers.reid.losses import BotLoss
 from trainers.reid.model import ReidBaseline
 from eval.downstream.agw import AgwLoss, AgwModel, AgwOptions

@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from eval.downstream.settings import Setting  # noqa: E402
+from core.settings.downstream import Setting  # noqa: E402
 from eval.downstream.tables import INIT_LABELS, INIT_ORDER, STATUS_DONE  # noqa: E402
 
 _STYLE = {"ours": dict(color="tab:red", marker="o"), "imagenet": dict(color="tab:blue", marker="s"),

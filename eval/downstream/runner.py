@@ -44,7 +44,7 @@ from eval.downstream.cells import (
     plan_cells,
     read_cell_result,
 )
-from eval.downstream.config import INIT_IMAGENET, INIT_OURS, DownstreamConfig
+from core.settings.downstream import INIT_IMAGENET, INIT_OURS, DownstreamConfig
 from eval.downstream.inits import InitWeights, load_ours, random_init, resolve_imagenet
 from eval.downstream.methods import get_method
 from eval.downstream.tables import (

@@ -18,58 +18,17 @@ records' content (source, pid, path), not on their order.
 
 from __future__ import annotations
 
-import re
 import zlib
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 
 from core.datasets.base import ImageRecord
+from core.settings.downstream import Setting
 
-SettingKind = Literal["supervised", "fs", "ss"]
-SUPERVISED = "supervised"
-_SETTING_PATTERN = re.compile(r"^(fs|ss)(\d{1,3})$")
 # Independent random streams for the two subset kinds, so fs and ss of one seed do not share draws.
 _FS_STREAM, _SS_STREAM = 1, 2
-
-
-@dataclass(frozen=True, order=True)
-class Setting:
-    """One data regime: `supervised` (100 %), `fs<percent>` or `ss<percent>`."""
-
-    kind: SettingKind
-    percent: int = 100
-
-    def __post_init__(self) -> None:
-        if self.kind == SUPERVISED and self.percent != 100:
-            raise ValueError(f"the supervised setting uses all data, got percent={self.percent}")
-        if not 1 <= self.percent <= 100:
-            raise ValueError(f"setting percent must be in 1..100, got {self.percent}")
-
-    @classmethod
-    def parse(cls, name: str) -> Setting:
-        """`supervised`, `fs10` ... `fs100`, `ss10` ... `ss100` (any percent 1-100)."""
-        if name == SUPERVISED:
-            return cls(SUPERVISED)
-        match = _SETTING_PATTERN.match(name)
-        if match is None:
-            raise ValueError(f"unknown setting {name!r}: use 'supervised', 'fs<percent>' or 'ss<percent>' (e.g. fs30)")
-        return cls(match.group(1), int(match.group(2)))  # type: ignore[arg-type]
-
-    @property
-    def name(self) -> str:
-        return SUPERVISED if self.kind == SUPERVISED else f"{self.kind}{self.percent}"
-
-    @property
-    def label(self) -> str:
-        """As the paper writes it: `supervised`, `Fs 30%`, `Ss 50%`."""
-        return SUPERVISED if self.kind == SUPERVISED else f"{self.kind.capitalize()} {self.percent}%"
-
-    def __str__(self) -> str:
-        return self.name
 
 
 def _kept_count(total: int, percent: int, minimum: int) -> int:

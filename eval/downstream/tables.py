@@ -16,8 +16,8 @@ from typing import Any
 import pandas as pd
 
 from core.storage import atomic_local_path
-from eval.downstream.config import INIT_IMAGENET, INIT_OURS, INIT_RANDOM
-from eval.downstream.settings import Setting
+from core.settings.downstream import INIT_IMAGENET, INIT_OURS, INIT_RANDOM
+from core.settings.downstream import Setting
 
 STATUS_DONE, STATUS_UNAVAILABLE, STATUS_ERROR, STATUS_MISSING = "done", "unavailable", "error", "missing"
 INIT_ORDER = (INIT_IMAGENET, INIT_OURS, INIT_RANDOM)

@@ -20,13 +20,13 @@ from core.datasets.base import ReidDataset
 from core.device import actor_device
 from core.storage import Location
 from eval.downstream.cells import EXECUTIONS_FILE, RESULT_FILE, Cell, read_cell_result
-from eval.downstream.config import INIT_RANDOM, DownstreamConfig
+from core.settings.downstream import INIT_RANDOM, DownstreamConfig
 from eval.downstream.inits import InitWeights, build_initialised_backbone
 from eval.downstream.methods import ReidMethod, get_method
 from eval.downstream.settings import training_subset
 from eval.downstream.tables import METRICS, STATUS_DONE
 from trainers.checkpoint import TrainingState, cpu_state, save_training_state
-from trainers.config import ReidTrainConfig
+from core.settings.reid import ReidTrainConfig
 from trainers.ray_train import read_checkpoint, report_checkpoint
 from trainers.reid.data import TrainingSet, make_train_loader
 from trainers.reid.evaluate import evaluate_reid

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from core.config import config_origin
 from core.storage import resolve
-from factory.run_config import DEFAULT_PRESET, load_run_config
+from core.settings.run import DEFAULT_PRESET, load_run_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Exit status: 0 every chain done; 1 a build or chain failed (the report marks it; a rerun
     retries it); 2 refused before any heavy work (config, models, data)."""
     args = build_parser().parse_args(argv)
-    from factory.experiment import FAILED, REFUSED, run_experiment
+    from eval.experiment.run import FAILED, REFUSED, run_experiment
 
     try:
         config = load_run_config(args.config, args.overrides)

@@ -10,7 +10,7 @@ from typing import Any
 
 import pandas as pd
 
-from eval.downstream.settings import Setting
+from core.settings.downstream import Setting
 
 
 def _mean_std(mean: float, std: float) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from factory.demo.models import COMPONENTS, DemoRecipe, build_demo_models
-from factory.run_config import DemoModelsConfig
+from core.settings.run import DemoModelsConfig
 
 
 def build_parser() -> argparse.ArgumentParser:

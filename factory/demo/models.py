@@ -38,7 +38,7 @@ from pathlib import Path
 from core.datasets.config import SyntheticSpec
 from core.storage import resolve
 from factory.models.locate import MARKER_FILES
-from factory.run_config import DemoModelsConfig
+from core.settings.run import DemoModelsConfig
 
 Log = Callable[[str], None]
 

@@ -13,7 +13,7 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
-from factory.stage_config import CaptionConfig
+from core.settings.stages import CaptionConfig
 
 # Rows and columns of the shirt in a 2:1 crop, as fractions (the procedural torso spans ~20-50 %
 # of the height at the centre; we stay inside it whatever the person's scale and lane).

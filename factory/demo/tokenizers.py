@@ -48,7 +48,7 @@ def domain_corpus(extra: Iterable[str] = ()) -> list[str]:
     """Sentences the tokenizers are trained on: the project's default prompts and variation
     phrases, template descriptions over the attribute words, and `extra` (e.g. the descriptions
     of the training pedestrians)."""
-    from factory.stage_config import CaptionConfig, FilterConfig, VariationConfig
+    from core.settings.stages import CaptionConfig, FilterConfig, VariationConfig
 
     caption, variations, clip_filter = CaptionConfig(), VariationConfig(), FilterConfig()
     corpus = [

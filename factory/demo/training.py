@@ -39,7 +39,7 @@ from transformers import Blip2ForConditionalGeneration, Blip2Processor, CLIPMode
 from core.datasets.market import load_market1501
 from core.datasets.synthetic import ATTRIBUTES_FILE, CameraStyle, render_image, sequence_shots
 from factory.demo.tiny import SD_V1_SCHEDULE, TEXT_TO_IMAGE_RESOLUTION
-from factory.stage_config import CaptionConfig, FilterConfig
+from core.settings.stages import CaptionConfig, FilterConfig
 
 Log = Callable[[str], None]
 

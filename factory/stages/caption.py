@@ -13,7 +13,7 @@ from PIL import Image
 
 from core.device import actor_device
 from factory.schema import CAPTION_FIELDS, SEQUENCE_SCHEMA
-from factory.stage_config import CaptionConfig
+from core.settings.stages import CaptionConfig
 from factory.models.shipping import ModelFolders
 from factory.stages.base import RowStage, StageResources, decode_images
 

@@ -25,10 +25,10 @@ from PIL import Image
 from core.device import actor_device
 from core.storage import Location, local_file, resolve
 from factory.schema import FILTER_FIELDS, GENERATED_SCHEMA
-from factory.stage_config import FilterConfig
+from core.settings.stages import FilterConfig
 from factory.models.shipping import ModelFolders
 from factory.stages.base import RowStage, StageResources, decode_images
-from trainers.config import ReidTrainConfig
+from core.settings.reid import ReidTrainConfig
 
 
 @dataclass(frozen=True)

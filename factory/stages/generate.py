@@ -29,7 +29,7 @@ from core.device import StickyCudaError, actor_device, is_sticky_cuda_error, nod
 from core.storage import resolve
 from factory.schema import CAPTIONED_SCHEMA, GENERATION_FIELDS
 from factory.sequences import stable_seed
-from factory.stage_config import GenerationConfig, OutputConfig, VariationConfig, fault_target
+from core.settings.stages import GenerationConfig, OutputConfig, VariationConfig, fault_target
 from core.shards import encode_image
 from factory.models.shipping import ModelFolders
 from factory.stages.base import RowStage, StageResources, decode_images

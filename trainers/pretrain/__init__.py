@@ -6,7 +6,7 @@ Typical use::
     result = pretrain("outputs/diff-person", "checkpoints/diff-person", config)
     result.backbone_path          # loads into timm.create_model(config.arch, num_classes=0)
 
-The config module is imported eagerly (`factory.run_config` composes it and must stay light);
+The config module is imported eagerly (`core.settings.run` composes it and must stay light);
 everything that imports torch, timm or Ray is loaded on first use.
 """
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-from trainers.pretrain.config import BatchPlan, FaultInjection, PretrainConfig, plan_batches
+from core.settings.pretrain import BatchPlan, FaultInjection, PretrainConfig, plan_batches
 
 # The driver's API (the rest is imported from its submodule: `trainers.pretrain.shards`, ...).
 _LAZY = {"PretrainResult": "trainers.pretrain.train", "pretrain": "trainers.pretrain.train"}

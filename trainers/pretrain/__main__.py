@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from core.config import ConfigError
-from factory.run_config import DEFAULT_PRESET, load_run_config
+from core.settings.run import DEFAULT_PRESET, load_run_config
 
 
 def build_parser() -> argparse.ArgumentParser:

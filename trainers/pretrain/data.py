@@ -31,7 +31,7 @@ from PIL import Image
 from ray.data.collate_fn import ArrowBatchCollateFn
 from timm.data import create_transform
 
-from trainers.pretrain.config import PretrainConfig
+from core.settings.pretrain import PretrainConfig
 
 IMAGE_KEY = "image"
 LABEL_KEY = "label"

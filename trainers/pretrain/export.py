@@ -15,7 +15,7 @@ from pathlib import Path
 import timm
 from torch import nn
 
-from trainers.pretrain.config import PretrainConfig
+from core.settings.pretrain import PretrainConfig
 from trainers.weights import load_backbone_safetensors, save_state_safetensors
 
 BACKBONE_INFO_FILE = "backbone.json"

@@ -16,7 +16,7 @@ from timm.scheduler import create_scheduler_v2
 from timm.scheduler.scheduler import Scheduler
 from torch import nn
 
-from trainers.pretrain.config import PretrainConfig
+from core.settings.pretrain import PretrainConfig
 from trainers.weights import create_model, unwrap_model
 
 

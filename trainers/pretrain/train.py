@@ -40,7 +40,7 @@ from core.storage import Location, local_folder, resolve, user_path
 from trainers.checkpoint import (BACKBONE_FILE, MODEL_FILE, OPTIMIZER_FILE, RNG_FILE, SCHEDULER_FILE, STATE_FILE,
                                  TrainingState, cpu_state, save_training_state)
 from trainers.ray_train import fit, quiet_ray_train_reports, read_checkpoint, report_checkpoint, start_run
-from trainers.pretrain.config import BatchPlan, PretrainConfig, plan_batches
+from core.settings.pretrain import BatchPlan, PretrainConfig, plan_batches
 from trainers.pretrain.data import IMAGE_KEY, LABEL_KEY, build_train_dataset, train_batches
 from trainers.pretrain.export import export_backbone
 from trainers.pretrain.plots import CURVES_CSV, CURVES_PNG, write_curves

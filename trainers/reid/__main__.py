@@ -17,7 +17,7 @@ from core.config import ConfigError, load_config
 from core.datasets.base import DatasetError
 from core.datasets.config import SourceConfig, SourceKind
 from core.datasets.registry import load_source
-from trainers.config import ReidTrainConfig
+from core.settings.reid import ReidTrainConfig
 from trainers.reid.baseline import run_bot_baseline
 
 

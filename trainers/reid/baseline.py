@@ -19,7 +19,7 @@ import torch
 from core.storage import resolve
 from core.datasets.base import DatasetError, ReidDataset
 from core.datasets.images import read_images
-from trainers.config import ReidTrainConfig
+from core.settings.reid import ReidTrainConfig
 from trainers.reid.data import TrainingSet
 from trainers.reid.evaluate import evaluate_reid
 from trainers.reid.model import build_reid_model, load_reid_model

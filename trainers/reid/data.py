@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from core.datasets.base import ImageRecord
 from core.shards import dense_labels
-from trainers.config import ReidTrainConfig
+from core.settings.reid import ReidTrainConfig
 from trainers.reid.sampler import PKBatchSampler
 from trainers.reid.transforms import build_eval_transform, build_train_transform
 

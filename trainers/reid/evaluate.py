@@ -18,7 +18,7 @@ from torch import nn
 from core.device import torch_device
 from core.metrics import compute_distance_matrix, evaluate_rank
 from core.datasets.base import ImageRecord, ReidDataset
-from trainers.config import ReidTrainConfig
+from core.settings.reid import ReidTrainConfig
 from trainers.reid.data import make_eval_loader
 from trainers.weights import unwrap_model
 

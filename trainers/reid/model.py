@@ -18,7 +18,7 @@ from timm.layers import SelectAdaptivePool2d
 from torch import nn
 
 from core.storage import local_file, resolve
-from trainers.config import ReidTrainConfig
+from core.settings.reid import ReidTrainConfig
 from trainers.weights import INIT_RANDOM, build_backbone, check_state_dict_matches
 
 CLASSIFIER_WEIGHT = "classifier.weight"

@@ -9,7 +9,7 @@ from timm.scheduler import create_scheduler_v2
 from timm.scheduler.scheduler import Scheduler
 from torch import nn
 
-from trainers.config import ReidTrainConfig
+from core.settings.reid import ReidTrainConfig
 
 
 def build_optimizer(model: nn.Module, config: ReidTrainConfig) -> torch.optim.Optimizer:

@@ -30,7 +30,7 @@ from core.storage import local_folder, resolve, user_path
 from core.datasets.base import ReidDataset
 from trainers.device import Precision, train_worker_device
 from trainers.checkpoint import BACKBONE_FILE, MODEL_FILE, STATE_FILE, TrainingState, cpu_state, save_training_state
-from trainers.config import ReidTrainConfig
+from core.settings.reid import ReidTrainConfig
 from trainers.ray_train import fit, quiet_ray_train_reports, read_checkpoint, report_checkpoint, start_run
 from trainers.reid.data import TrainingSet, make_train_loader
 from trainers.reid.losses import BotLoss

@@ -11,7 +11,7 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision.transforms import v2
 
-from trainers.config import ReidTrainConfig
+from core.settings.reid import ReidTrainConfig
 
 
 def _to_normalised_tensor() -> list[v2.Transform]:

@@ -1,5 +1,5 @@
 """Config sections of the generation pipeline stages (sequences, captioning, generation, filter,
-output, ray). Composed with the trainer sections into `factory.run_config.RunConfig`."""
+output, ray). Composed with the trainer sections into `core.settings.run.RunConfig`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from core.config import ImageSize, StrictModel, UriStr
-from trainers.config import ReidTrainConfig
+from core.settings.reid import ReidTrainConfig
 
 class Concurrency(StrictModel):
     """Actor-pool size handed to Ray Data: it autoscales between `min` and `max` actors."""

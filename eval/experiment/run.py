@@ -33,9 +33,9 @@ import pandas as pd
 
 from core.config import ConfigError, apply_overrides, config_to_yaml, validate_config
 from core.storage import Location, has_scheme, local_folder, resolve, user_path
-from eval.experiment.config import ARM_BOTH, ARM_GENERATED, ARM_RANDOM, ARM_SOURCE
+from core.settings.experiment import ARM_BOTH, ARM_GENERATED, ARM_RANDOM, ARM_SOURCE
 from factory.build import FAILED as BUILD_FAILED, REFUSED as BUILD_REFUSED
-from factory.run_config import RunConfig
+from core.settings.run import RunConfig
 
 MAIN_BUILD = "main"
 MARKER = "experiment.json"
@@ -231,9 +231,9 @@ def chain_spec(chain: Chain, config: RunConfig, out: Location, data_digest: str)
 def run_chain(spec: Mapping[str, Any]) -> dict[str, Any]:
     """Pre-train (unless random init, or done before under the same digest), then fine-tune and
     evaluate; returns the downstream cells as plain rows. Runs inside a Ray task."""
-    from eval.downstream.config import DownstreamConfig
+    from core.settings.downstream import DownstreamConfig
     from eval.downstream.runner import run_downstream
-    from trainers.pretrain.config import PretrainConfig
+    from core.settings.pretrain import PretrainConfig
     from trainers.checkpoint import BACKBONE_FILE
     from trainers.pretrain.train import pretrain
 
@@ -453,7 +453,7 @@ def ensure_consistency(name: str, placed: tuple[Location, RunConfig, str], judge
     failure here is reported in the table, never the end of the experiment."""
     if marker.get("consistency_identities") == identities:
         return marker
-    from factory.consistency import identity_consistency
+    from eval.experiment.consistency import identity_consistency
 
     location, config, _ = placed
     try:

@@ -11,15 +11,15 @@ from pathlib import Path
 
 from pydantic import Field, model_validator
 
-from eval.downstream.config import DownstreamConfig
-from eval.experiment.config import ExperimentConfig
+from core.settings.downstream import DownstreamConfig
+from core.settings.experiment import ExperimentConfig
 from core.cluster import RayConfig
 from core.config import StrictModel, load_config, require_unique
 from core.datasets.config import SourceConfig
-from factory.stage_config import CaptionConfig, FilterConfig, GenerationConfig, OutputConfig, SequenceConfig
-from trainers.pretrain.config import PretrainConfig
+from core.settings.stages import CaptionConfig, FilterConfig, GenerationConfig, OutputConfig, SequenceConfig
+from core.settings.pretrain import PretrainConfig
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_PRESET = REPO_ROOT / "configs" / "demo.yaml"
 
 

@@ -6,7 +6,7 @@ RandAugment and Random Erasing. Everything is named the way timm names it, and h
 factories (`create_model`, `create_optimizer_v2`, `create_scheduler_v2`, `create_transform`,
 `Mixup`, `RandomErasing`) unchanged.
 
-This module imports nothing heavy (no torch, no Ray): `factory.run_config` composes it into the
+This module imports nothing heavy (no torch, no Ray): `core.settings.run` composes it into the
 run config.
 """
 

@@ -10,7 +10,7 @@ import statistics
 from dataclasses import dataclass
 
 from core.storage import Location
-from factory.run_config import RunConfig
+from core.settings.run import RunConfig
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,8 @@ registry imports torch; this module stays light because every preset loads it).
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,8 +18,7 @@ from pydantic import Field, field_validator, model_validator
 
 from core.config import StrictModel, UriStr, require_unique
 from core.datasets.config import SourceConfig, SyntheticSpec
-from trainers.config import ReidTrainConfig
-from eval.downstream.settings import Setting
+from core.settings.reid import ReidTrainConfig
 
 InitName = Literal["ours", "imagenet", "random"]
 INIT_OURS, INIT_IMAGENET, INIT_RANDOM = "ours", "imagenet", "random"
@@ -43,11 +44,52 @@ def demo_benchmark() -> SourceConfig:
     )
 
 
+SettingKind = Literal["supervised", "fs", "ss"]
+SUPERVISED = "supervised"
+_SETTING_PATTERN = re.compile(r"^(fs|ss)(\d{1,3})$")
+
+
+@dataclass(frozen=True, order=True)
+class Setting:
+    """One data regime: `supervised` (100 %), `fs<percent>` or `ss<percent>`."""
+
+    kind: SettingKind
+    percent: int = 100
+
+    def __post_init__(self) -> None:
+        if self.kind == SUPERVISED and self.percent != 100:
+            raise ValueError(f"the supervised setting uses all data, got percent={self.percent}")
+        if not 1 <= self.percent <= 100:
+            raise ValueError(f"setting percent must be in 1..100, got {self.percent}")
+
+    @classmethod
+    def parse(cls, name: str) -> Setting:
+        """`supervised`, `fs10` ... `fs100`, `ss10` ... `ss100` (any percent 1-100)."""
+        if name == SUPERVISED:
+            return cls(SUPERVISED)
+        match = _SETTING_PATTERN.match(name)
+        if match is None:
+            raise ValueError(f"unknown setting {name!r}: use 'supervised', 'fs<percent>' or 'ss<percent>' (e.g. fs30)")
+        return cls(match.group(1), int(match.group(2)))  # type: ignore[arg-type]
+
+    @property
+    def name(self) -> str:
+        return SUPERVISED if self.kind == SUPERVISED else f"{self.kind}{self.percent}"
+
+    @property
+    def label(self) -> str:
+        """As the paper writes it: `supervised`, `Fs 30%`, `Ss 50%`."""
+        return SUPERVISED if self.kind == SUPERVISED else f"{self.kind.capitalize()} {self.percent}%"
+
+    def __str__(self) -> str:
+        return self.name
+
+
 class DownstreamConfig(StrictModel):
     """Downstream Re-ID evaluation of a pre-trained backbone (the paper's Sec. 4.2).
 
     `train` is the fine-tuning recipe every cell shares (fields not given keep the BoT defaults of
-    trainers/config.py: ResNet-50, 256x128, 120 epochs); its `init` and `seed` come from `inits`
+    core/settings/reid.py: ResNet-50, 256x128, 120 epochs); its `init` and `seed` come from `inits`
     and `seeds`. `ours` is the backbone file given with
     `--backbone` (or `backbone`), which must fit `train.arch`.
     """
