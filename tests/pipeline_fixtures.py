@@ -11,7 +11,7 @@ from core.settings.run import REPO_ROOT
 
 
 def save_tiny_models(root: Path) -> tuple[Path, Path]:
-    from factory.demo.tiny import tiny_blip2, tiny_stable_diffusion
+    from demo.tiny import tiny_blip2, tiny_stable_diffusion
 
     sd, blip = root / "sd", root / "blip2"
     tiny_stable_diffusion(seed=0).save_pretrained(sd)
@@ -26,7 +26,7 @@ def save_filter_model(directory: Path, source_root: Path, source: str = "synthet
     import torch
 
     from core.datasets.market import load_market1501
-    from factory.stages.filter import FilterModelSpec
+    from factory.filters.reid import FilterModelSpec
     from core.settings.reid import ReidTrainConfig
     from trainers.reid.data import TrainingSet
     from trainers.reid.model import build_reid_model
@@ -56,7 +56,6 @@ def small_preset(path: Path, source_root: Path, sd: Path, blip: Path, filter_dir
         },
         "filter": {"threshold": 0.0, **({"reid_checkpoints": {"synthetic": str(filter_dir)}} if filter_dir else {})},
         "output": {"image_size": [32, 16], "image_format": "png"},
-        "demo_models": {"enabled": False},
     }
     for dotted, value in extra.items():
         section, key = dotted.split("__")

@@ -22,7 +22,9 @@ def write(path: Path, text: str) -> Path:
 def test_presets_load_and_validate() -> None:
     demo = load_run_config(REPO_ROOT / "configs" / "demo.yaml")
     paper = load_run_config(REPO_ROOT / "configs" / "paper.yaml")
-    assert demo.demo_models.enabled
+    # the embedded default's models are the committed folders of the workshop, loaded in place
+    assert (demo.generation.base_model, demo.caption.model, demo.filter.clip_model) == (
+        "demo/weights/text-to-image", "demo/weights/captioner", "demo/weights/clip")
     assert paper.generation.base_model == "CompVis/stable-diffusion-v1-4"
     assert paper.caption.model == "Salesforce/blip2-opt-2.7b"
     assert paper.generation.resolution == (512, 512)

@@ -48,7 +48,6 @@ def preset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         },
         "filter": {"kind": "reid"},
         "output": {"image_size": [32, 16], "image_format": "png"},
-        "demo_models": {"enabled": False},
     }))
     return path, sd
 
@@ -149,4 +148,4 @@ def test_tiny_keeps_the_presets_counts_with_the_demo_models() -> None:
     assert config.caption.model == demo.caption.model and config.caption.max_new_tokens == paper.caption.max_new_tokens
     assert config.filter.kind == paper.filter.kind and config.filter.reid == demo.filter.reid
     assert config.sequences.max_images == paper.sequences.max_images
-    assert config.demo_models.enabled
+    assert config.filter.clip_model == demo.filter.clip_model

@@ -19,8 +19,8 @@ from factory.models.loading import (
     load_clip,
     load_text_to_image,
 )
-from factory.demo.tiny import tiny_blip2, tiny_clip, tiny_stable_diffusion
-from factory.demo.tokenizers import train_clip_tokenizer, train_opt_tokenizer, write_vocab_files
+from demo.tiny import tiny_blip2, tiny_clip, tiny_stable_diffusion
+from demo.tokenizers import train_clip_tokenizer, train_opt_tokenizer, write_vocab_files
 
 
 DESCRIPTION = (
@@ -174,10 +174,10 @@ def test_clip_filter_scores_generated_images_as_probabilities(clip_dir: Path) ->
     import io
 
     from core.settings.stages import FilterConfig
-    from factory.stages.filter import ClipFilter
+    from factory.filters.clip import ClipFilter
 
     config = FilterConfig(kind="clip", clip_model=str(clip_dir), threshold=0.5)
-    clip = ClipFilter(config.threshold, config)
+    clip = ClipFilter(config, {})
     clip.setup("cpu")
     images = []
     for colour in ((200, 30, 30), (30, 30, 200)):
@@ -196,8 +196,8 @@ def test_the_filter_stage_keeps_each_rejections_reason_in_the_staged_rows(clip_d
 
     from factory.schema import GENERATED_SCHEMA
     from core.settings.stages import FilterConfig
-    from factory.stages.filter import FilterStage
-    from factory.stages.write import staged_rows
+    from factory.filters import FilterStage
+    from factory.output.write import staged_rows
 
     images = []
     for colour in ((200, 30, 30), (30, 30, 200)):
@@ -290,7 +290,7 @@ def test_downloads_only_when_explicitly_allowed(monkeypatch: pytest.MonkeyPatch,
 
 
 def test_recipe_scales_steps_not_clock() -> None:
-    from factory.demo.models import DemoRecipe
+    from demo.models import DemoRecipe
 
     short, long = DemoRecipe().scaled(2), DemoRecipe().scaled(4)
     assert short == DemoRecipe().scaled(2)
@@ -299,8 +299,8 @@ def test_recipe_scales_steps_not_clock() -> None:
     assert abs(DemoRecipe().scaled(3).estimated_minutes - 3) < 0.1
 
 
-def test_cache_without_current_stamp_is_incomplete(tmp_path: Path) -> None:
-    from factory.demo.models import COMPONENTS, DEMO_MODELS_VERSION, VERSION_FILE, is_complete
+def test_a_build_without_the_current_stamp_is_incomplete(tmp_path: Path) -> None:
+    from demo.models import COMPONENTS, DEMO_MODELS_VERSION, VERSION_FILE, is_complete
 
     for component in COMPONENTS:
         (tmp_path / component).mkdir()
@@ -314,8 +314,7 @@ def test_cache_without_current_stamp_is_incomplete(tmp_path: Path) -> None:
 
 def test_build_demo_models_end_to_end_with_a_few_steps(tmp_path: Path) -> None:
     """The training path with 2 steps per phase on 4 identities: mechanics, not quality."""
-    from factory.demo.models import DemoRecipe, build_demo_models, ensure_demo_models, is_complete
-    from core.settings.run import DemoModelsConfig
+    from demo.models import DemoRecipe, build_demo_models, is_complete
 
     recipe = DemoRecipe(
         ids=4, cameras=2, images_per_camera=1, clip_steps=2, autoencoder_steps=2, text_to_image_steps=2,
@@ -334,17 +333,6 @@ def test_build_demo_models_end_to_end_with_a_few_steps(tmp_path: Path) -> None:
     assert image.shape == (1, 64, 32, 3)
     load_captioner(str(paths.captioner), "cpu", torch.float32)
     load_clip(str(paths.clip), "cpu", torch.float32)
-    # a complete cache is reused as is: nothing is trained or installed again
-    config = DemoModelsConfig(enabled=True, cache_dir=tmp_path / "cache", train_source=tmp_path / "pedestrians")
-    logs.clear()
-    assert ensure_demo_models(config, log=logs.append) == paths
-    assert logs == []
-
-
-def _demo_config(root: Path):
-    from core.settings.run import DemoModelsConfig
-
-    return DemoModelsConfig(enabled=True, cache_dir=root / "cache", train_source=root / "pedestrians")
 
 
 def _training_pedestrians(root: Path, ids: int = 12):
@@ -352,8 +340,8 @@ def _training_pedestrians(root: Path, ids: int = 12):
     identity's attributes and images depend on (seed, pid) only, not on how many are generated."""
     from core.datasets.config import SyntheticSpec
     from core.datasets.synthetic import generate_synthetic_dataset
-    from factory.demo.models import DemoRecipe
-    from factory.demo.training import PedestrianCorpus
+    from demo.models import DemoRecipe
+    from demo.training import PedestrianCorpus
 
     spec = DemoRecipe().synthetic_spec.model_copy(update={"ids": ids})
     corpus = PedestrianCorpus.from_market_folder(generate_synthetic_dataset(root, SyntheticSpec(**spec.model_dump())))
@@ -362,7 +350,7 @@ def _training_pedestrians(root: Path, ids: int = 12):
 
 
 def _check_demo_quality(paths, tmp_path: Path) -> None:
-    from factory.demo.quality import caption_accuracy, colour_response
+    from tests.demo_quality import caption_accuracy, colour_response
 
     pipeline = load_text_to_image(str(paths.text_to_image), "cpu", torch.float32)
     means = colour_response(pipeline, ("red", "blue"), samples=8)
@@ -379,18 +367,19 @@ def _check_demo_quality(paths, tmp_path: Path) -> None:
     assert accuracy >= 0.6, f"shirt colour right in only {accuracy:.0%} of captions: {captions[:4]}"
 
 
-def test_committed_weights_install_and_work(tmp_path: Path) -> None:
-    """The product path: the first run copies the committed fp16 weights into the cache as fp32
-    (no training, seconds), and they do what the factory needs."""
-    from factory.demo.models import COMMITTED_WEIGHTS, ensure_demo_models, is_complete
+def test_the_demo_preset_loads_the_committed_weights_in_place(tmp_path: Path) -> None:
+    """The product path: configs/demo.yaml names the committed fp16 folders, which the loaders
+    read as they read any model folder (upcast to fp32 on a CPU: no install step, no training),
+    and they do what the factory needs."""
+    from core.settings.run import REPO_ROOT, load_run_config
+    from demo.models import CAPTIONER, CLIP, COMMITTED_WEIGHTS, TEXT_TO_IMAGE, DemoModelPaths, is_complete
 
-    if not is_complete(COMMITTED_WEIGHTS):
-        pytest.skip(f"no committed demo weights in {COMMITTED_WEIGHTS}")
-    logs: list[str] = []
-    paths = ensure_demo_models(_demo_config(tmp_path), log=logs.append)
-    assert is_complete(tmp_path / "cache")
-    assert any("installing the committed weights" in line for line in logs)
-    assert not (tmp_path / "pedestrians").exists(), "installing must not generate or train anything"
+    assert is_complete(COMMITTED_WEIGHTS)
+    demo = load_run_config()
+    named = (demo.generation.base_model, demo.caption.model, demo.filter.clip_model)
+    components = [COMMITTED_WEIGHTS / c for c in (TEXT_TO_IMAGE, CAPTIONER, CLIP)]
+    assert [(REPO_ROOT / m).resolve() for m in named] == components
+    paths = DemoModelPaths.under(COMMITTED_WEIGHTS)
     model, _ = load_clip(str(paths.clip), "cpu", None)
     assert model.dtype == torch.float32
     _check_demo_quality(paths, tmp_path)
@@ -398,12 +387,11 @@ def test_committed_weights_install_and_work(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(4 * 3600)
-def test_demo_models_trained_from_scratch_are_useful(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The fallback path with no committed weights: the full default recipe (about 25 minutes
-    of one CPU thread), then the same quality checks."""
-    import factory.demo.models as demo
+def test_demo_models_trained_from_scratch_are_useful(tmp_path: Path) -> None:
+    """How the committed weights were made, minus `--fp16`: the full default recipe (about 25
+    minutes of one CPU thread), then the same quality checks."""
+    from demo.models import build_demo_models, is_complete
 
-    monkeypatch.setattr(demo, "COMMITTED_WEIGHTS", tmp_path / "no-committed-weights")
-    paths = demo.ensure_demo_models(_demo_config(tmp_path))
-    assert demo.is_complete(tmp_path / "cache")
+    paths = build_demo_models(tmp_path / "models", tmp_path / "pedestrians")
+    assert is_complete(tmp_path / "models")
     _check_demo_quality(paths, tmp_path)

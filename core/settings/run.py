@@ -23,19 +23,6 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_PRESET = REPO_ROOT / "configs" / "demo.yaml"
 
 
-class DemoModelsConfig(StrictModel):
-    """The embedded default's tiny models: built (trained on the procedural pedestrians) into
-    `cache_dir` on first use when `enabled`, then loaded through the same `from_pretrained`
-    path as hub ids."""
-
-    enabled: bool = False
-    cache_dir: Path = Path(".cache/demo-models")
-    train_source: Path = Path(".cache/demo-models/pedestrians")
-    train_minutes: float | None = Field(
-        4.0, gt=0, description="when no committed weights are present: the training recipe scaled to about this "
-        "many minutes of a 2-core machine (steps, not wall clock); None = the full recipe")
-
-
 class RunConfig(StrictModel):
     sources: list[SourceConfig] = Field(min_length=1)
     sequences: SequenceConfig = SequenceConfig()
@@ -44,7 +31,6 @@ class RunConfig(StrictModel):
     filter: FilterConfig = FilterConfig()
     output: OutputConfig = OutputConfig()
     ray: RayConfig = RayConfig()
-    demo_models: DemoModelsConfig = DemoModelsConfig()
     downstream: DownstreamConfig = DownstreamConfig()
     pretrain: PretrainConfig = PretrainConfig()
     experiment: ExperimentConfig = ExperimentConfig()

@@ -1,6 +1,6 @@
 """Quick checks that the demo models learned what the factory relies on: the text-to-image
 model paints the colour it is told to, and the captioner names the colour it sees. Used by the
-model tests."""
+model tests (`tests/test_models.py`) only, so it lives with them."""
 
 from __future__ import annotations
 

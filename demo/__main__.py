@@ -1,12 +1,12 @@
 """CLI: build the embedded default's demo models.
 
-    python -m factory.demo --out DIR [--minutes N] [--train-source DIR] [--fp16]
-                             [--components text-to-image clip captioner] [--threads N]
+    python -m demo --out DIR [--minutes N] [--train-source DIR] [--fp16]
+                     [--components text-to-image clip captioner] [--threads N]
 
 With `--minutes` the training steps scale from a fixed calibration (not the clock), so the same
 arguments give the same weights. The weights committed with the package were made with
 
-    python -m factory.demo --out factory/demo/weights --fp16
+    python -m demo --out demo/weights --fp16
 """
 
 from __future__ import annotations
@@ -18,13 +18,12 @@ from pathlib import Path
 
 import torch
 
-from factory.demo.models import COMPONENTS, DemoRecipe, build_demo_models
-from core.settings.run import DemoModelsConfig
+from demo.models import COMPONENTS, DEFAULT_TRAIN_SOURCE, DemoRecipe, build_demo_models
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m factory.demo",
+        prog="python -m demo",
         description=(
             "Train the tiny demo models (Stable Diffusion, BLIP-2, CLIP of the real classes) on "
             "procedural pedestrians and save them with save_pretrained under DIR/text-to-image, "
@@ -37,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="training length on a 2-core CPU; scales every phase's steps (default: the built-in recipe)",
     )
     parser.add_argument(
-        "--train-source", type=Path, default=DemoModelsConfig().train_source,
+        "--train-source", type=Path, default=DEFAULT_TRAIN_SOURCE,
         help="where the procedural training pedestrians are generated (default: %(default)s)",
     )
     parser.add_argument("--fp16", action="store_true", help="save fp16 weights (half the size, for committing)")

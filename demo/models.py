@@ -1,23 +1,21 @@
 """The embedded default's models: tiny real architectures trained on procedural pedestrians.
 
-`ensure_demo_models(config)` makes `config.cache_dir` hold three `save_pretrained` folders that
-the factory then loads like hub ids (`configs/demo.yaml` points `generation.base_model`,
+`build_demo_models(out, ...)` trains them and makes `out` hold three `save_pretrained` folders,
+which the factory loads like hub ids (the demo presets point `generation.base_model`,
 `caption.model` and, for the CLIP filter, `filter.clip_model` at them):
 
-    cache_dir/text-to-image/   StableDiffusionPipeline (UNet, AutoencoderKL, CLIPTextModel, ...)
-    cache_dir/captioner/       Blip2ForConditionalGeneration + Blip2Processor
-    cache_dir/clip/            CLIPModel + CLIPProcessor
-    cache_dir/VERSION          written last; a build is complete when it matches DEMO_MODELS_VERSION
+    out/text-to-image/   StableDiffusionPipeline (UNet, AutoencoderKL, CLIPTextModel, ...)
+    out/captioner/       Blip2ForConditionalGeneration + Blip2Processor
+    out/clip/            CLIPModel + CLIPProcessor
+    out/recipe.json      the `DemoRecipe` they were trained with
+    out/VERSION          written last; a build is complete when it matches DEMO_MODELS_VERSION
 
-Where the weights come from, in order:
-1. the cache, if its VERSION matches (returns at once);
-2. the weights committed in the package (`factory/demo/weights/`, fp16 safetensors made
-   by `python -m factory.demo --out factory/demo/weights --fp16`): loaded through the
-   regular loaders, upcast to fp32 and saved into the cache (seconds, no training);
-3. otherwise trained here with the default recipe (about 25 minutes of one CPU thread) on a
-   procedural training set generated into `config.train_source` (seed 1000, a different seed
-   than the demo's own source data). Training within the demo's first-run budget (minutes on
-   a 2-core CPU) gives samples without a clear colour response, hence the committed weights.
+The weights committed with the package (`demo/weights/`, fp16 safetensors made by
+`python -m demo --out demo/weights --fp16`) are such a build; `configs/demo.yaml` loads them in
+place, and the loaders' fp32 upcasts them exactly (the state dicts equal those of an fp32 copy).
+The build never calls in here: the product sees model folders only. Training with the default
+recipe takes about 25 minutes of one CPU thread, on a procedural training set generated into
+`train_source` (seed 1000, a different seed than the demo's own source data).
 
 Builds go into a hidden staging folder and are moved into place component by component before
 VERSION is written, so an interrupted build is never mistaken for a complete one.
@@ -38,17 +36,19 @@ from pathlib import Path
 from core.datasets.config import SyntheticSpec
 from core.storage import resolve
 from factory.models.locate import MARKER_FILES
-from core.settings.run import DemoModelsConfig
 
 Log = Callable[[str], None]
 
-# Bump when the architectures, tokenizers or training recipe change: stale caches get rebuilt.
+# Bump when the architectures, tokenizers or training recipe change: a folder stamped with
+# another version is not a complete build (`is_complete`).
 DEMO_MODELS_VERSION = "demo-models-1"
 VERSION_FILE = "VERSION"
 RECIPE_FILE = "recipe.json"
 TEXT_TO_IMAGE, CAPTIONER, CLIP = "text-to-image", "captioner", "clip"
 COMPONENTS = (TEXT_TO_IMAGE, CAPTIONER, CLIP)
 COMMITTED_WEIGHTS = Path(__file__).resolve().parent / "weights"
+# Where the procedural training pedestrians are generated unless told otherwise.
+DEFAULT_TRAIN_SOURCE = Path(".cache/demo-models/pedestrians")
 
 
 @dataclass(frozen=True)
@@ -113,24 +113,6 @@ def _has_components(root: Path) -> bool:
     return all(any((root / c / m).is_file() for m in MARKER_FILES) for c in COMPONENTS)
 
 
-def ensure_demo_models(config: DemoModelsConfig, log: Log = print) -> DemoModelPaths:
-    """Return the demo models' folders, building them first if the cache lacks a complete,
-    current build (from the committed weights when present, else by training)."""
-    root = Path(config.cache_dir)
-    if is_complete(root):
-        return DemoModelPaths.under(root)
-    start = time.perf_counter()
-    if is_complete(COMMITTED_WEIGHTS):
-        log(f"[demo-models] installing the committed weights from {COMMITTED_WEIGHTS} into {root}")
-        install_demo_models(COMMITTED_WEIGHTS, root, log=log)
-    else:
-        recipe = DemoRecipe() if config.train_minutes is None else DemoRecipe().scaled(config.train_minutes)
-        log(f"[demo-models] no cached build in {root}: training the tiny models (one-time)")
-        build_demo_models(root, Path(config.train_source), recipe, log=log)
-    log(f"[demo-models] ready in {time.perf_counter() - start:.0f}s: {root}")
-    return DemoModelPaths.under(root)
-
-
 def build_demo_models(
     out: Path,
     train_source: Path,
@@ -147,18 +129,15 @@ def build_demo_models(
     trained from the same seed whatever else is built, so subsets built separately equal a full
     build); VERSION is written once all components are present. `half` saves fp16 weights.
     """
-    # Training code only when training: a build that finds its demo models installed imports none of it.
+    # The training code (torch, diffusers, transformers) is imported on call: `DemoRecipe` and
+    # `is_complete` stay light for the CLI's argument parsing and the tests that only check folders.
     from core.datasets.synthetic import ensure_synthetic_dataset
-    from factory.demo.tiny import tiny_blip2, tiny_clip, tiny_stable_diffusion
-    from factory.demo.tokenizers import train_clip_tokenizer, train_opt_tokenizer
-    from factory.demo.training import (
-        PedestrianCorpus,
-        pipeline_pixels,
-        train_autoencoder,
-        train_captioner,
-        train_clip,
-        train_text_to_image,
-    )
+    from demo.tiny import tiny_blip2, tiny_clip, tiny_stable_diffusion
+    from demo.tokenizers import train_clip_tokenizer, train_opt_tokenizer
+    from demo.train_captioner import train_captioner
+    from demo.train_clip import train_clip
+    from demo.train_text_to_image import pipeline_pixels, train_autoencoder, train_text_to_image
+    from demo.training import PedestrianCorpus
 
     unknown = sorted(set(components) - set(COMPONENTS))
     if unknown:
@@ -206,28 +185,12 @@ def build_demo_models(
     return DemoModelPaths.under(out)
 
 
-def install_demo_models(source: Path, out: Path, log: Log = print) -> DemoModelPaths:
-    """Load a complete build (e.g. the committed fp16 weights) through the regular loaders and
-    save it into `out` in fp32, stamped with VERSION."""
-    import torch
-
-    from factory.models.loading import load_captioner, load_clip, load_text_to_image
-
-    with _staging(out) as staging:
-        for name, load in ((TEXT_TO_IMAGE, load_text_to_image), (CAPTIONER, load_captioner), (CLIP, load_clip)):
-            _save(load(str(source / name), "cpu", torch.float32), staging / name)
-        if (source / RECIPE_FILE).is_file():
-            shutil.copy2(source / RECIPE_FILE, staging / RECIPE_FILE)
-    log(f"[demo-models] installed {source} into {out}")
-    return DemoModelPaths.under(out)
-
-
 def _save(model, directory: Path, half: bool = False) -> None:
     """`save_pretrained` a pipeline or a (model, processor) pair; also write the tokenizers'
     vocab.json/merges.txt, the layout hub repos ship."""
     import torch
 
-    from factory.demo.tokenizers import write_vocab_files
+    from demo.tokenizers import write_vocab_files
 
     if isinstance(model, tuple):
         model, processor = model
@@ -274,7 +237,5 @@ __all__ = [
     "DemoModelPaths",
     "DemoRecipe",
     "build_demo_models",
-    "ensure_demo_models",
-    "install_demo_models",
     "is_complete",
 ]

@@ -40,7 +40,7 @@ from transformers import (
     OPTConfig,
 )
 
-from factory.demo.tokenizers import CLIP_MAX_LENGTH, train_clip_tokenizer, train_opt_tokenizer
+from demo.tokenizers import CLIP_MAX_LENGTH, train_clip_tokenizer, train_opt_tokenizer
 
 Size = tuple[int, int]  # (height, width)
 

@@ -1,13 +1,14 @@
 """The real architectures (SD v1.4, BLIP-2 OPT-2.7b) built from their published configs with
 random weights: the same compute and memory as the hub checkpoints, for GPU benchmarks on
-machines that cannot download them. Never used for generation."""
+machines that cannot download them. Never used for generation. Used by the benchmarks only:
+`identity_cost.py --random-init` and `gpu_check.py` (without `--tiny`)."""
 
 from __future__ import annotations
 
 from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from factory.demo.tiny import SD_V1_SCHEDULE
+from demo.tiny import SD_V1_SCHEDULE
 
 # CompVis/stable-diffusion-v1-4: unet/config.json, vae/config.json, text_encoder/config.json
 SD_V1_4_UNET = dict(
