@@ -40,9 +40,9 @@ from eval.downstream.agw import (
 from core.storage import resolve
 from core.settings.downstream import DownstreamConfig
 from eval.downstream.inits import resolve_imagenet
-from eval.downstream.methods import METHODS, ReidMethod, get_method, register_method
+from eval.downstream.methods import METHODS, ReidMethod
 from eval.downstream.cells import Cell, count_executions, plan_cells
-from eval.downstream.runner import run_downstream
+from eval.downstream.runner import check_methods, run_downstream
 from eval.downstream.trial import fine_tune_cell
 from core.settings.downstream import Setting
 from eval.downstream.settings import few_shot_images, small_scale_identities, training_subset
@@ -226,20 +226,22 @@ def test_center_loss_moves_centres_towards_their_features() -> None:
 
 
 def test_methods_registry() -> None:
-    assert {"bot", "agw"} <= set(METHODS)
-    with pytest.raises(ConfigError, match="unknown method 'mgn'"):
-        get_method("mgn")
+    assert {"bot", "agw"} <= set(METHODS.names())
+    with pytest.raises(KeyError, match="unknown downstream method 'mgn'"):
+        METHODS.get("mgn")
+    with pytest.raises(ConfigError, match=r"downstream.methods: unknown downstream method 'mgn' \(registered: agw, bot"):
+        check_methods(DownstreamConfig(methods=["mgn"]))  # before Tune: the command's exit 2
     with pytest.raises(ConfigError, match="method_options.agw"):
-        get_method("agw").options({"gem_p": 0.5})
-    bot = get_method("bot")
-    custom = ReidMethod("bot_test_copy", "test", bot.build_model, bot.build_loss)
+        METHODS.get("agw").options("agw", {"gem_p": 0.5})
+    bot = METHODS.get("bot")
+    custom = ReidMethod("test", bot.build_model, bot.build_loss)
     try:
-        register_method(custom)
-        assert get_method("bot_test_copy") is custom
+        METHODS.add("bot_test_copy", custom)
+        assert METHODS.get("bot_test_copy") is custom
         with pytest.raises(ValueError, match="already registered"):
-            register_method(custom)
+            METHODS.add("bot_test_copy", custom)
     finally:
-        METHODS.pop("bot_test_copy", None)
+        METHODS.remove("bot_test_copy")
 
 
 # ------------------------------------------------------------------------------------------

@@ -21,12 +21,17 @@ Every malformed or escaping line is reported in one error; nothing is read when 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from core.datasets.base import DatasetError, ImageRecord, ReidDataset, require_dir
 from core.datasets.generic import (
     ProblemCollector, assemble, iter_list_lines, located, make_record, parse_int, parse_split,
     resolve_list_file,
 )
+from core.datasets.registry import SOURCES, SourceAdapter
+
+if TYPE_CHECKING:
+    from core.datasets.config import SourceConfig
 
 DEFAULT_AIRPORT_LIST = "list.txt"
 
@@ -54,3 +59,9 @@ def load_airport(root: Path, list_file: str | Path | None = None, source: str = 
         for lineno, fields in iter_list_lines(path)
     )
     return assemble(problems, root, records, root, path)
+
+
+@SOURCES.register("airport")
+class AirportSource(SourceAdapter):
+    def load(self, config: SourceConfig) -> ReidDataset:
+        return load_airport(Path(config.root), list_file=config.list_file, source=config.source_name)

@@ -1,16 +1,19 @@
-"""Config of one source dataset (a `sources:` entry in a preset)."""
+"""Config of one source dataset (a `sources:` entry in a preset).
+
+`kind` names a registered source adapter (`core.datasets.registry.SOURCES`); the adapter class
+says which options of the entry apply to it. The registry module imports no adapter, so this
+module loads without a cycle; the adapters register when `core.datasets` is imported, which
+importing this module does first.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
-
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from core.storage import is_remote
 
 from core.config import StrictModel, UriStr
-
-SourceKind = Literal["market1501", "msmt17", "cuhk03", "airport", "folder", "csv", "synthetic"]
+from core.datasets.registry import SOURCES
 
 
 class SyntheticSpec(StrictModel):
@@ -30,27 +33,34 @@ class SourceConfig(StrictModel):
     - `msmt17` (`variant: v1` with `list_*.txt`, or `v2` with `mask_train_v2/` folders)
     - `airport` (ALERT; `list_file` names the image list)
     - `folder` (root/<pid>/<images>) and `csv` (`list_file` with columns path,pid,camid[,split])
+    - any other kind a module registered in `SOURCES`
     """
 
-    kind: SourceKind
+    kind: str = Field(description="a registered source adapter (core.datasets.registry.SOURCES)")
     root: UriStr = Field(description="a local folder, or a URI (s3://, gs://, ...) the driver fetches once")
     name: str | None = Field(None, description="source name stored with every row; defaults to kind")
     variant: str | None = None
     list_file: UriStr | None = Field(None, description="a local path or URI; relative ones are under root")
     generate: SyntheticSpec | None = None
 
+    @field_validator("kind")
+    @classmethod
+    def _registered_kind(cls, kind: str) -> str:
+        return SOURCES.check(kind)
+
     @model_validator(mode="after")
     def _check_kind_options(self) -> SourceConfig:
-        allowed_variants = {"msmt17": {"v1", "v2"}, "cuhk03": {"labeled", "detected"}}
-        if self.variant is not None and self.variant not in allowed_variants.get(self.kind, set()):
+        adapter = SOURCES.get(self.kind)
+        if self.variant is not None and self.variant not in adapter.variants:
             raise ValueError(
                 f"variant {self.variant!r} is not valid for kind {self.kind!r} "
-                f"(valid: {sorted(allowed_variants.get(self.kind, set())) or 'none'})"
+                f"(valid: {sorted(adapter.variants) or 'none'})"
             )
-        if self.generate is not None and self.kind != "synthetic":
-            raise ValueError(f"'generate' only applies to kind 'synthetic', not {self.kind!r}")
-        if self.kind == "synthetic" and is_remote(self.root):
-            raise ValueError("kind 'synthetic' generates into a local root; give a local folder")
+        if self.generate is not None and not adapter.accepts_generate:
+            generating = [name for name, source in SOURCES.items() if source.accepts_generate]
+            raise ValueError(f"'generate' only applies to kind {' or '.join(map(repr, generating))}, not {self.kind!r}")
+        if adapter.local_root_only and is_remote(self.root):
+            raise ValueError(f"kind {self.kind!r} generates into a local root; give a local folder")
         return self
 
     @property

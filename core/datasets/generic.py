@@ -36,9 +36,13 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import ParamSpec, TypeVar, get_args
+from typing import TYPE_CHECKING, ParamSpec, TypeVar, get_args
 
 from core.datasets.base import DatasetError, ImageRecord, ReidDataset, Split, confined_path, require_dir
+from core.datasets.registry import SOURCES, SourceAdapter
+
+if TYPE_CHECKING:
+    from core.datasets.config import SourceConfig
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
 SPLITS: tuple[Split, ...] = get_args(Split)
@@ -272,6 +276,12 @@ def load_folder(root: Path, source: str = "folder") -> ReidDataset:
     return assemble(problems, root, records, root)
 
 
+@SOURCES.register("folder")
+class FolderSource(SourceAdapter):
+    def load(self, config: SourceConfig) -> ReidDataset:
+        return load_folder(Path(config.root), source=config.source_name)
+
+
 def _csv_record(root: Path, row: dict[str, str], columns: int, source: str, where: str) -> ImageRecord | None:
     # DictReader puts surplus fields under the key None and fills missing ones with None
     if None in row or any(row.get(c) is None for c in CSV_REQUIRED):
@@ -319,3 +329,9 @@ def load_csv(root: Path, list_file: str | Path | None = None, source: str = "csv
     path = resolve_list_file(root, list_file, DEFAULT_CSV_NAME)
     problems = ProblemCollector(source)
     return assemble(problems, root, _csv_records(root, path, source, problems), root, path)
+
+
+@SOURCES.register("csv")
+class CsvSource(SourceAdapter):
+    def load(self, config: SourceConfig) -> ReidDataset:
+        return load_csv(Path(config.root), list_file=config.list_file, source=config.source_name)

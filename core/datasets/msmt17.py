@@ -19,9 +19,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from core.datasets.base import DatasetError, ImageRecord, ReidDataset, Split, confined_path
 from core.datasets.generic import ProblemCollector, assemble, iter_list_lines, located, parse_int
+from core.datasets.registry import SOURCES, SourceAdapter
+
+if TYPE_CHECKING:
+    from core.datasets.config import SourceConfig
 
 
 @dataclass(frozen=True)
@@ -99,3 +104,11 @@ def load_msmt17(root: Path, variant: str | None = None, source: str = "msmt17") 
     problems = ProblemCollector(source)
     # one error for all four lists
     return assemble(problems, base, _msmt17_records(base, layout, source, problems), base)
+
+
+@SOURCES.register("msmt17")
+class Msmt17Source(SourceAdapter):
+    variants = tuple(MSMT17_LAYOUTS)
+
+    def load(self, config: SourceConfig) -> ReidDataset:
+        return load_msmt17(Path(config.root), variant=config.variant, source=config.source_name)

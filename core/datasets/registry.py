@@ -1,41 +1,47 @@
-"""`load_source`: one `SourceConfig` in, one `ReidDataset` out, looked up by `config.kind`."""
+"""Source adapters by kind: `SOURCES` maps a `sources[].kind` to its `SourceAdapter`, and
+`load_source` reads one `SourceConfig` into one `ReidDataset` through it.
+
+A new dataset layout is one class, registered once where it is defined::
+
+    @SOURCES.register("mylayout")
+    class MyLayout(SourceAdapter):
+        def load(self, config: SourceConfig) -> ReidDataset: ...
+
+`SourceConfig` validates `kind` and the kind's options (`variant`, `generate`, a remote root)
+against the registered class, so a layout registered by a user's module is accepted by the same
+config key as a built-in one. The built-in adapters register themselves in their modules, which
+`core.datasets` imports: the registry is complete whenever the package is imported. This module
+imports no adapter (they import it), so `core.datasets.config` validates without an import cycle.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
 
-from core.storage import cache_dir, is_remote, mirror_folder, resolve
-from core.datasets.airport import load_airport
 from core.datasets.base import DatasetError, ReidDataset
-from core.datasets.config import SourceConfig, SourceKind, SyntheticSpec
-from core.datasets.cuhk03 import load_cuhk03
-from core.datasets.generic import load_csv, load_folder
-from core.datasets.market import load_market1501
-from core.datasets.msmt17 import load_msmt17
+from core.registry import Registry
+from core.storage import cache_dir, is_remote, mirror_folder, resolve
 
-SourceLoader = Callable[[SourceConfig], ReidDataset]
+if TYPE_CHECKING:
+    from core.datasets.config import SourceConfig
 
 
-def _load_synthetic(config: SourceConfig) -> ReidDataset:
-    """Generate the procedural dataset into `root` when absent, then read it as Market-1501."""
-    # Imported here so `python -m core.datasets.synthetic` does not find its own module
-    # already imported by the package (runpy warns about that), and PIL stays off other paths.
-    from core.datasets.synthetic import ensure_synthetic_dataset
+class SourceAdapter(ABC):
+    """How one kind of source dataset is read. The class attributes are what `SourceConfig`
+    checks a `sources:` entry of this kind against."""
 
-    ensure_synthetic_dataset(config.root, config.generate or SyntheticSpec())
-    return load_market1501(config.root, source=config.source_name)
+    variants: ClassVar[tuple[str, ...]] = ()  # the `variant` values it reads; empty: it takes none
+    accepts_generate: ClassVar[bool] = False  # `generate:` applies (the data is generated into `root` first)
+    local_root_only: ClassVar[bool] = False  # it writes into `root`, so a URI (fetched, read-only) is refused
+
+    @abstractmethod
+    def load(self, config: SourceConfig) -> ReidDataset:
+        """Read the dataset at `config.root` (a local folder by now); records carry `config.source_name`."""
 
 
-SOURCE_LOADERS: dict[SourceKind, SourceLoader] = {
-    "market1501": lambda c: load_market1501(Path(c.root), source=c.source_name),
-    "cuhk03": lambda c: load_cuhk03(Path(c.root), variant=c.variant, source=c.source_name),
-    "msmt17": lambda c: load_msmt17(Path(c.root), variant=c.variant, source=c.source_name),
-    "airport": lambda c: load_airport(Path(c.root), list_file=c.list_file, source=c.source_name),
-    "folder": lambda c: load_folder(Path(c.root), source=c.source_name),
-    "csv": lambda c: load_csv(Path(c.root), list_file=c.list_file, source=c.source_name),
-    "synthetic": _load_synthetic,
-}
+SOURCES: Registry[type[SourceAdapter]] = Registry("source", "sources[].kind")
 
 
 def fetch_source(config: SourceConfig, cache: Path | None = None) -> SourceConfig:
@@ -65,4 +71,4 @@ def load_source(config: SourceConfig) -> ReidDataset:
     A remote root is fetched once into the local cache first (`fetch_source`). Raises
     `DatasetError` naming the path when the data is missing, malformed or empty.
     """
-    return SOURCE_LOADERS[config.kind](fetch_source(config))
+    return SOURCES.get(config.kind)().load(fetch_source(config))

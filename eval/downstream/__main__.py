@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from argparse import Namespace
 from collections.abc import Sequence
-from pathlib import Path
 
+from core.cli import add_config_options, load_run_config_from, run_command
 from core.storage import resolve
 from core.config import ConfigError
 from core.device import ClusterCheckFailed
 from core.datasets.base import DatasetError
-from core.settings.run import DEFAULT_PRESET, load_run_config
 from trainers.weights import WeightsMismatchError, WeightsUnavailableError
 
 
@@ -28,25 +28,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backbone", metavar="URI",
                         help="backbone .safetensors to evaluate as 'ours' (e.g. trainers.pretrain's "
                         "CKPT_DIR/backbone.safetensors), a path or s3://, gs://, ...; default: downstream.backbone")
-    parser.add_argument("--config", type=Path, default=None,
-                        help=f"run preset whose downstream: section is used (default: {DEFAULT_PRESET.name})")
     parser.add_argument("--out", metavar="URI", help="output folder or s3://, gs://, ... (default: downstream.out_dir)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a preset value, e.g. downstream.train.epochs=4 (repeatable)")
+    add_config_options(parser, section="downstream", example="downstream.train.epochs=4")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Exit status: 0 every cell done; 1 a cell failed (the others are written, a rerun retries it);
+    2 refused before Ray starts (config, data, backbone weights, cluster)."""
     args = build_parser().parse_args(argv)
-    try:
-        run_config = load_run_config(args.config, args.overrides)
-        from eval.downstream.runner import run_downstream  # Ray and torch only once the config is valid
+    return run_command(lambda: _evaluate(args), refused=(
+        ConfigError, DatasetError, WeightsMismatchError, WeightsUnavailableError, ClusterCheckFailed))
 
-        report = run_downstream(run_config.downstream, backbone=args.backbone, out_dir=args.out,
-                                ray_config=run_config.ray)
-    except (ConfigError, DatasetError, WeightsMismatchError, WeightsUnavailableError, ClusterCheckFailed) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+
+def _evaluate(args: Namespace) -> int:
+    run_config, _ = load_run_config_from(args)
+    from eval.downstream.runner import run_downstream  # Ray and torch only once the config is valid
+
+    report = run_downstream(run_config.downstream, backbone=args.backbone, out_dir=args.out,
+                            ray_config=run_config.ray)
     print(resolve(report.results_md).read_text())
     print(f"wrote {report.results_csv}, {report.results_md} and {len(report.plots)} plots in "
           f"{report.seconds:.0f} s ({len(report.trained)} cells trained now)")

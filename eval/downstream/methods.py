@@ -4,11 +4,11 @@ A method turns an initialised backbone (random, ImageNet or the evaluated one; t
 initialisation, so every method is compared on the same footing) into a Re-ID model whose
 training-mode output is a `ReidOutput` and whose eval-mode output is the retrieval feature, and
 gives the loss for it; the runner trains it with the BoT trainer's loop, sampler and schedule.
-New methods (MGN, SBS, BDB, ...) are added with `register_method` and named in
+New methods (MGN, SBS, BDB, ...) are registered once in `METHODS` and named in
 `downstream.methods`; the runner never changes::
 
-    register_method(ReidMethod(
-        name="mgn", description="Multiple Granularity Network",
+    METHODS.add("mgn", ReidMethod(
+        description="Multiple Granularity Network",
         options_model=MgnOptions, build_model=build_mgn, build_loss=build_mgn_loss,
     ))
 """
@@ -22,7 +22,8 @@ from typing import Any
 from pydantic import BaseModel
 from torch import nn
 
-from core.config import ConfigError, StrictModel, validate_config
+from core.config import StrictModel, validate_config
+from core.registry import Registry
 from core.settings.reid import ReidTrainConfig
 from trainers.reid.losses import BotLoss
 from trainers.reid.model import ReidBaseline
@@ -47,37 +48,21 @@ def _same_recipe(config: ReidTrainConfig, options: Any) -> ReidTrainConfig:
 
 @dataclass(frozen=True)
 class ReidMethod:
-    """A registered fine-tuning method. `build_model` receives the backbone already initialised
-    (and with BoT's last stride applied when `train.last_stride` is 1)."""
+    """A fine-tuning method, registered in `METHODS` under its name. `build_model` receives the
+    backbone already initialised (and with BoT's last stride applied when `train.last_stride` is 1)."""
 
-    name: str
     description: str
     build_model: ModelBuilder
     build_loss: LossBuilder
     options_model: type[BaseModel] = NoOptions
     adjust_recipe: RecipeAdjuster = field(default=_same_recipe)
 
-    def options(self, raw: dict[str, Any] | None) -> BaseModel:
-        """Validated options from `downstream.method_options.<name>`."""
-        return validate_config(self.options_model, raw or {}, f"downstream.method_options.{self.name}")
+    def options(self, name: str, raw: dict[str, Any] | None) -> BaseModel:
+        """Validated options of this method, registered as `name`, from `downstream.method_options.<name>`."""
+        return validate_config(self.options_model, raw or {}, f"downstream.method_options.{name}")
 
 
-METHODS: dict[str, ReidMethod] = {}
-
-
-def register_method(method: ReidMethod, *, replace: bool = False) -> ReidMethod:
-    """Make `method` available by its name in `downstream.methods`."""
-    if method.name in METHODS and not replace:
-        raise ValueError(f"a method named {method.name!r} is already registered")
-    METHODS[method.name] = method
-    return method
-
-
-def get_method(name: str) -> ReidMethod:
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise ConfigError(f"downstream.methods: unknown method {name!r} (registered: {', '.join(sorted(METHODS))})") from None
+METHODS: Registry[ReidMethod] = Registry("downstream method", "downstream.methods")
 
 
 def _build_bot(backbone: nn.Module, num_classes: int, config: ReidTrainConfig, options: Any) -> nn.Module:
@@ -96,14 +81,12 @@ def _build_agw_loss(model: nn.Module, num_classes: int, config: ReidTrainConfig,
     return AgwLoss(num_classes, model.feature_dim, config.label_smoothing, options)
 
 
-register_method(ReidMethod(
-    name="bot",
+METHODS.add("bot", ReidMethod(
     description="Bag of Tricks (Luo et al. 2019): GAP, BNNeck, label-smoothed CE + batch-hard triplet",
     build_model=_build_bot,
     build_loss=_build_bot_loss,
 ))
-register_method(ReidMethod(
-    name="agw",
+METHODS.add("agw", ReidMethod(
     description="AGW (Ye et al. 2021): non-local blocks, GeM pooling, weighted regularised triplet + centre loss",
     build_model=_build_agw,
     build_loss=_build_agw_loss,

@@ -46,7 +46,7 @@ from eval.downstream.cells import (
 )
 from core.settings.downstream import INIT_IMAGENET, INIT_OURS, DownstreamConfig
 from eval.downstream.inits import InitWeights, load_ours, random_init, resolve_imagenet
-from eval.downstream.methods import get_method
+from eval.downstream.methods import METHODS
 from eval.downstream.tables import (
     METRICS,
     STATUS_DONE,
@@ -92,8 +92,10 @@ def resolve_inits(config: DownstreamConfig, backbone: Path | None, hf_cache_dir:
 def check_methods(config: DownstreamConfig) -> None:
     """Unknown methods, bad options or an arch a method cannot use fail here, before Tune."""
     for name in config.methods:
-        method = get_method(name)
-        options = method.options(config.method_options.get(name))
+        if name not in METHODS:
+            raise ConfigError(METHODS.unknown(name))
+        method = METHODS.get(name)
+        options = method.options(name, config.method_options.get(name))
         recipe = method.adjust_recipe(config.train, options)
         try:
             build_cell_model(method, options, recipe, random_init(), num_classes=2, seed=0)
@@ -223,7 +225,7 @@ def run_downstream(
     if any(s.kind != "supervised" for s in config.setting_list) and all(c.setting.kind == "supervised" for c in cells):
         print("note: fraction_datasets / fraction_methods leave no Fs/Ss cell to run", flush=True)
     digests = {cell.key: cell_digest(cell, config, inits[cell.init]) for cell in cells}
-    methods = {name: get_method(name) for name in config.methods}
+    methods = {name: METHODS.get(name) for name in config.methods}
     context = TrialContext(config, out, datasets, inits, methods=methods, digests=digests)
     runnable = [c for c in cells if inits[c.init].available]
     pending = [c for c in runnable if read_cell_result(out, c, digests[c.key]) is None]

@@ -22,7 +22,7 @@ from core.storage import Location
 from eval.downstream.cells import EXECUTIONS_FILE, RESULT_FILE, Cell, read_cell_result
 from core.settings.downstream import INIT_RANDOM, DownstreamConfig
 from eval.downstream.inits import InitWeights, build_initialised_backbone
-from eval.downstream.methods import ReidMethod, get_method
+from eval.downstream.methods import METHODS, ReidMethod
 from eval.downstream.settings import training_subset
 from eval.downstream.tables import METRICS, STATUS_DONE
 from trainers.checkpoint import TrainingState, cpu_state, save_training_state
@@ -74,8 +74,8 @@ def fine_tune_cell(
     """
     start = time.perf_counter()
     device = torch.device(device)
-    method = method or get_method(cell.method)
-    options = method.options(config.method_options.get(cell.method))
+    method = method or METHODS.get(cell.method)
+    options = method.options(cell.method, config.method_options.get(cell.method))
     all_train = [r for r in dataset.train if not r.distractor]
     records = training_subset(dataset.train, cell.setting, cell.seed,
                               config.fs_min_images_per_id, config.ss_min_identities)

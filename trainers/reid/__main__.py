@@ -7,16 +7,15 @@ trained model (see `trainers.reid.baseline.run_bot_baseline`).
 from __future__ import annotations
 
 import argparse
-import sys
+from argparse import Namespace
 from collections.abc import Sequence
-from pathlib import Path
-from typing import get_args
 
+from core.cli import add_config_options, run_command
 from core.storage import StorageError
 from core.config import ConfigError, load_config
 from core.datasets.base import DatasetError
-from core.datasets.config import SourceConfig, SourceKind
-from core.datasets.registry import load_source
+from core.datasets.config import SourceConfig
+from core.datasets.registry import SOURCES, load_source
 from core.settings.reid import ReidTrainConfig
 from trainers.reid.baseline import run_bot_baseline
 
@@ -27,27 +26,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--source-root", required=True, metavar="URI",
                         help="dataset folder: a local path or s3://, gs://, ... (fetched once into the local cache)")
-    parser.add_argument("--source-kind", default="market1501", choices=get_args(SourceKind),
+    parser.add_argument("--source-kind", default="market1501", choices=SOURCES.names(),
                         help="dataset layout (default: market1501, which also reads the synthetic one)")
-    parser.add_argument("--config", type=Path, help="ReidTrainConfig YAML preset, e.g. configs/reid_demo.yaml")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value (repeatable)")
     parser.add_argument("--out", required=True, metavar="URI", help="output folder or s3://, gs://, ...")
+    # Its own preset (a ReidTrainConfig), not a run preset's section.
+    add_config_options(parser, example="epochs=4", default="the BoT defaults; configs/reid_demo.yaml is the CPU demo")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        config = load_config(ReidTrainConfig, args.config, args.overrides)
-        dataset = load_source(SourceConfig(kind=args.source_kind, root=args.source_root))
-        print(dataset.summary(), flush=True)
-        report = run_bot_baseline(dataset, config, args.out)
-    except (ConfigError, DatasetError, StorageError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_command(lambda: _train(args), refused=(ConfigError, DatasetError, StorageError))
+
+
+def _train(args: Namespace) -> None:
+    config = load_config(ReidTrainConfig, args.config, args.overrides)
+    dataset = load_source(SourceConfig(kind=args.source_kind, root=args.source_root))
+    print(dataset.summary(), flush=True)
+    report = run_bot_baseline(dataset, config, args.out)
     print(report.summary())
-    return 0
 
 
 if __name__ == "__main__":

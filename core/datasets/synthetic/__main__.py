@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from pydantic import ValidationError
 
+from core.cli import run_command
 from core.datasets.base import DatasetError
 from core.datasets.config import SyntheticSpec
 from core.datasets.market import load_market1501
@@ -41,13 +41,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as err:
         problems = [f"--{str(e['loc'][0]).replace('_', '-')}: {e['msg']}" for e in err.errors()]
         parser.error("; ".join(problems))
-    try:
-        out = generate_synthetic_dataset(args.out, spec)
-    except (FileExistsError, DatasetError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(f"wrote {out}: {load_market1501(out, source='synthetic').summary()}")
-    return 0
+    return run_command(lambda: _generate(args.out, spec), failed=(FileExistsError, DatasetError))
+
+
+def _generate(out: Path, spec: SyntheticSpec) -> None:
+    written = generate_synthetic_dataset(out, spec)
+    print(f"wrote {written}: {load_market1501(written, source='synthetic').summary()}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""The Re-ID models the `reid` / `cctf` filters score with: one per source dataset, as in the
-paper (Sec. 3.2, "trained separately for each of the four source datasets").
+"""The Re-ID models that filters declaring `uses_reid_models` (`reid`, `cctf`) score with: one
+per source dataset, as in the paper (Sec. 3.2, "trained separately for each of the four source
+datasets"). The build calls `ensure_filter_models` in the driver before the pipeline starts.
 
 A source listed in `filter.reid_checkpoints` uses that model; otherwise the build trains one on
 the source's training split with the foundation's BoT trainer and keeps it under
@@ -20,7 +21,7 @@ from core.storage import Location, resolve
 from core.datasets.base import ReidDataset
 from core.datasets.images import read_images
 from core.settings.stages import FilterConfig
-from factory.stages.filter import FilterModelSpec, PendingFilterModel
+from factory.filters.reid import FilterModelSpec, PendingFilterModel
 from core.settings.reid import ReidTrainConfig
 
 
@@ -67,16 +68,14 @@ def _train_filter_model(dataset: ReidDataset, config: ReidTrainConfig, location:
 def ensure_filter_models(
     datasets: Sequence[ReidDataset], config: FilterConfig, directory: Location | str, log=print
 ) -> dict[str, FilterModelSpec | PendingFilterModel]:
-    """A filter model per source name (CLIP needs none): a `FilterModelSpec` for those found,
-    a `PendingFilterModel` for those it starts training.
+    """A filter model per source name: a `FilterModelSpec` for those found, a
+    `PendingFilterModel` for those it starts training.
 
     `directory` (DIR/filter_models, any URI) keeps them for reruns: Ray Train checkpoints there,
     and the filter actors fetch the weights from there on their own nodes. The missing models of
     all sources train at once, one Ray task each; this returns as soon as each run's workers hold
     their resources (so the pipeline cannot take them first), and only the filter stage waits for
     a model, when the first identity of its source reaches it."""
-    if config.kind == "clip":
-        return {}
     directory = resolve(directory)
     specs: dict[str, FilterModelSpec | PendingFilterModel] = {}
     signal = None
