@@ -12,12 +12,10 @@ from PIL import Image
 
 from factory.schema import CAPTIONED_SCHEMA
 from core.settings.stages import GenerationConfig, OutputConfig
-from factory.stages.generate import (
-    DiversityInjectionGenerator,
-    GenerationStage,
-    PriorPreservationLoss,
-    module_fingerprint,
-)
+from factory.stages.base_weights import module_fingerprint
+from factory.stages.diversity_injection import DiversityInjectionGenerator
+from factory.stages.fine_tune import PriorPreservationLoss
+from factory.stages.generate import GenerationStage
 
 
 def test_prior_preservation_loss_matches_eq1() -> None:
@@ -49,7 +47,7 @@ def _tiny_config(**overrides) -> GenerationConfig:
 
 @pytest.fixture(scope="module")
 def tiny_sd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from factory.demo.tiny import tiny_stable_diffusion
+    from demo.tiny import tiny_stable_diffusion
 
     path = tmp_path_factory.mktemp("tiny-sd")
     tiny_stable_diffusion(seed=0).save_pretrained(path)
@@ -87,7 +85,7 @@ def test_lora_fine_tune_changes_the_output_and_leaves_the_base_bit_identical(tin
 
     config = _tiny_config(finetune="lora", lora={"rank": 4, "alpha": 4, "learning_rate": 1e-2})
     generator = DiversityInjectionGenerator(load_text_to_image(str(tiny_sd_dir), "cpu", torch.float32), config)
-    assert generator._base_copy is None
+    assert not hasattr(generator.finetune_method, "base_copy")
     before = module_fingerprint(generator.unet)
     base_images = generator.generate_images(["a photo of zwx person"], [5], steps=2)
     images = [_person((200, 30, 30)), _person((190, 40, 40))]
@@ -108,16 +106,76 @@ def test_scheduler_choice_samples_and_training_keeps_ddpm_noise(tiny_sd_dir: Pat
     import diffusers
 
     from factory.models.loading import load_text_to_image
-    from factory.stages.generate import SCHEDULERS
+    from factory.stages.sample import SAMPLERS
 
     generator = DiversityInjectionGenerator(
         load_text_to_image(str(tiny_sd_dir), "cpu", torch.float32), _tiny_config(scheduler=scheduler)
     )
-    assert type(generator.pipe.scheduler) is getattr(diffusers, SCHEDULERS[scheduler][0])
-    assert type(generator.train_scheduler) is diffusers.DDPMScheduler
-    assert generator.pipe.scheduler.config.beta_schedule == generator.train_scheduler.config.beta_schedule
+    train_scheduler = generator.dreambooth.train_scheduler
+    assert type(generator.pipe.scheduler) is getattr(diffusers, SAMPLERS.get(scheduler).class_name)
+    assert type(train_scheduler) is diffusers.DDPMScheduler
+    assert generator.pipe.scheduler.config.beta_schedule == train_scheduler.config.beta_schedule
     latents = generator.sample_latents(["a photo of a person"] * 3, [1, 2, 3], steps=3)
     assert latents.shape[0] == 3 and torch.isfinite(latents).all()
+
+
+def test_a_sampler_and_a_fine_tune_method_registered_here_are_used_by_name(tiny_sd_dir: Path) -> None:
+    """A new sampler or fine-tune method is one registration (here from this test module alone):
+    the config names it, the check phase accepts it and refuses a name nobody registered, and the
+    generator samples and fine-tunes with it, then restores the base weights."""
+    import diffusers
+
+    from core.settings.run import load_run_config
+    from factory.models.loading import load_text_to_image
+    from factory.preflight import check_config
+    from factory.stages.fine_tune_methods import FINETUNE_METHODS, FineTuneMethod
+    from factory.stages.sample import SAMPLERS, DiffusersScheduler
+
+    class InputConvOnly(FineTuneMethod):
+        """Trains the UNet's first convolution alone; keeps a copy of it for the restore."""
+
+        def __init__(self, model) -> None:
+            super().__init__(model)
+            self.base = {k: v.clone() for k, v in model.unet.conv_in.state_dict().items()}
+
+        @staticmethod
+        def learning_rate(config: GenerationConfig) -> float:
+            return config.learning_rate
+
+        def make_trainable(self) -> None:
+            self.model.unet.requires_grad_(False)
+            self.model.unet.conv_in.requires_grad_(True)
+
+        def restore(self) -> None:
+            self.model.unet.conv_in.load_state_dict(self.base)
+
+    SAMPLERS.add("test_deis", DiffusersScheduler("DEISMultistepScheduler"))
+    FINETUNE_METHODS.add("test_conv_in", InputConvOnly)
+    try:
+        names = ["generation.scheduler=test_deis", "generation.finetune=test_conv_in"]
+        assert not [p for p in check_config(load_run_config(overrides=names)) if p.key.startswith("generation.")]
+        unknown = check_config(load_run_config(overrides=["generation.scheduler=deis", "generation.finetune=dora"]))
+        reasons = {p.key: p.reason for p in unknown}
+        assert "unknown sampler 'deis'" in reasons["generation.scheduler"]
+        assert "test_deis" in reasons["generation.scheduler"], "the registered names are listed"
+        finetune = reasons["generation.finetune"]
+        assert "unknown fine-tune method 'dora'" in finetune and "full, lora, test_conv_in" in finetune
+
+        generator = DiversityInjectionGenerator(load_text_to_image(str(tiny_sd_dir), "cpu", torch.float32),
+                                                _tiny_config(scheduler="test_deis", finetune="test_conv_in"))
+        assert type(generator.pipe.scheduler) is diffusers.DEISMultistepScheduler
+        unet = generator.unet
+        parts = lambda: {name: module_fingerprint(child) for name, child in unet.named_children()}  # noqa: E731
+        before = parts()
+        output = generator.process_identity([_person((200, 30, 30))], "a photo of zwx person", "a photo of a person", 7)
+        assert len(output.images) == 3 and len(output.losses) == 3
+        assert parts() == before
+        reference = generator.sample_latents(["a photo of a person"] * 2, [1, 2], steps=2)
+        generator.fine_tune([_person((200, 30, 30))], "a photo of zwx person", reference, "a photo of a person", 1)
+        assert {name for name, print_ in parts().items() if print_ != before[name]} == {"conv_in"}
+    finally:
+        SAMPLERS.remove("test_deis")
+        FINETUNE_METHODS.remove("test_conv_in")
 
 
 def test_vae_runs_in_chunks_of_vae_batch_size(tiny_sd_dir: Path) -> None:
@@ -223,7 +281,7 @@ def test_failed_identities_within_the_tolerance_count_as_done(tmp_path: Path) ->
     maps `BuildFailed` to 1, as tests/test_build_resume.py shows end to end)."""
     from core.storage import resolve
     from factory.build import BuildFailed, raise_if_too_many_failed
-    from factory.report import BuildSummary
+    from factory.output.report import BuildSummary
 
     summary = BuildSummary(out_dir=str(tmp_path))
     summary.identities_processed = 3
@@ -409,7 +467,7 @@ def test_retry_after_oom_mid_fine_tune_starts_without_the_failed_tries_gradients
     stage.setup()
     generator = stage.generator
     before = module_fingerprint(generator.unet)
-    loss_fn, calls = generator.loss_fn, []
+    loss_fn, calls = generator.dreambooth.loss_fn, []
 
     def out_of_memory_at_the_second_step(*args):
         calls.append(1)
@@ -418,7 +476,7 @@ def test_retry_after_oom_mid_fine_tune_starts_without_the_failed_tries_gradients
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
         return loss_fn(*args)
 
-    generator.loss_fn = out_of_memory_at_the_second_step
+    generator.dreambooth.loss_fn = out_of_memory_at_the_second_step
     seen: list[tuple[int, int, bool]] = []
 
     def at_phase_start(phase: str) -> None:
@@ -517,7 +575,7 @@ def test_a_long_caption_is_shortened_so_the_variations_fit_and_the_used_prompt_i
     head or the variation phrases, and `sample_prompts` records the prompt actually used."""
     from transformers import CLIPTokenizer
 
-    from factory.stages.generate import fit_prompt
+    from factory.stages.sample import fit_prompt
 
     tokenizer = CLIPTokenizer.from_pretrained(tiny_sd_dir / "tokenizer")
     count = lambda text: len(tokenizer(text, truncation=False, verbose=False).input_ids)  # noqa: E731

@@ -13,10 +13,10 @@ from core.settings.run import DEFAULT_PRESET, load_run_config
 from factory.schema import SEQUENCE_SCHEMA, STATUS_SCHEMA
 from factory.stages.base import StageChain, check_columns
 from factory.stages.caption import CaptionStage
-from factory.stages.filter import FilterStage
+from factory.filters import FilterStage
 from factory.stages.generate import GenerationStage
 from factory.stages.replay import ReplayStage
-from factory.stages.write import WriteStage
+from factory.output.write import WriteStage
 
 
 def _build_stages(replay: bool = False):
@@ -31,6 +31,15 @@ def _build_stages(replay: bool = False):
 def test_the_builds_stages_fit_together_from_sequences_to_status_rows(replay: bool) -> None:
     _, stages = _build_stages(replay)
     assert check_columns(SEQUENCE_SCHEMA, stages) == STATUS_SCHEMA
+
+
+def test_every_stage_has_a_name_of_its_own() -> None:
+    """Ray names each operator after its stage (`MapBatches(Generate)`, `MapBatches(Replay)`):
+    a stage standing in for another under its name would read as that one in progress lines."""
+    _, stages = _build_stages()
+    _, (_, replay, _) = _build_stages(replay=True)
+    names = [stage.name for stage in [*stages, replay]]
+    assert replay.name == "replay" and len(set(names)) == len(names)
 
 
 def test_a_stage_fed_without_its_columns_is_named_with_them() -> None:

@@ -1,4 +1,6 @@
-"""The base UNet's weights, kept for the restore after each identity's full fine-tune.
+"""The base UNet's weights, kept for the restore after each identity's full fine-tune
+(`factory.stages.fine_tune.FullFineTune`), and `module_fingerprint`, which tells bit-identical
+weights apart.
 
 With a GPU the copy lives in host memory, pinned, so a restore is one fast host-to-device copy
 per tensor and costs no GPU memory. It is one flat buffer, pinned with one `cudaHostRegister`:
@@ -14,6 +16,7 @@ and is read back tensor by tensor into the live weights.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import shutil
 import tempfile
 import weakref
@@ -86,6 +89,15 @@ class BaseWeightCopy:
             with safe_open(str(self._file), framework="pt", device="cpu") as stored:
                 for name in group:
                     live[name].copy_(stored.get_tensor(name))
+
+
+def module_fingerprint(module: torch.nn.Module) -> str:
+    """SHA-256 over every parameter and buffer: equal fingerprints mean bit-identical weights."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def pack_tensors(state: Mapping[str, torch.Tensor], allocate: Callable[[int], torch.Tensor]

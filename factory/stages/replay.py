@@ -16,7 +16,9 @@ from factory.stages.base import RowStage, StageResources
 class ReplayStage(RowStage):
     """`source`: the finished build's folder or URI; its manifest is read once per actor."""
 
-    name = "generate"  # it stands in for the generation stage: same output columns
+    # It stands in for the generation stage (same columns) under a name of its own, so that Ray's
+    # progress lines and the dashboard read MapBatches(Replay), never a generation that is not running.
+    name = "replay"
     reads = CAPTIONED_SCHEMA
     writes = GENERATION_FIELDS
 
