@@ -1,5 +1,5 @@
 """Shard writing at scale: seconds and peak memory of the process that turns staged identities
-into shards (`factory.store.write_shards`, what every build's finalize runs), at 1k, 5k and 20k
+into shards (`factory.output.store.write_shards`, what every build's finalize runs), at 1k, 5k and 20k
 identities. The target: peak RSS at 20k within 1.5x of that at 1k (memory bounded by the
 shuffle window, not by the dataset).
 
@@ -30,7 +30,7 @@ from PIL import Image
 from core.shards import encode_image
 from core.storage import resolve
 from factory.schema import STAGED_SCHEMA
-from factory.store import staging_file
+from factory.output.store import staging_file
 
 ROWS_PER_IDENTITY = 150
 
@@ -93,7 +93,7 @@ def finalize_in_child(root: str, rows_per_shard: int) -> dict:
 
 
 def finalize_only(root: str, rows_per_shard: int) -> None:
-    from factory.store import OutputStore
+    from factory.output.store import OutputStore
 
     started = time.perf_counter()
     store = OutputStore(root)

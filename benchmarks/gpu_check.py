@@ -20,7 +20,7 @@ What it measures and prints (as tables; `--json PATH` writes every figure, after
 - one identity per preset (`--presets`, default configs/paper.yaml and configs/paper-fast.yaml,
   read with the project's own loader `core.config.load_config`): the real stages
   (`CaptionStage`, `GenerationStage`) on SD v1.4 (`UNet2DConditionModel`, `AutoencoderKL`,
-  `CLIPTextModel` from their real configs, `factory.demo.full_size`) and BLIP-2 OPT-2.7b
+  `CLIPTextModel` from their real configs, `benchmarks/full_size_models.py`) and BLIP-2 OPT-2.7b
   (`Blip2ForConditionalGeneration` from a `Blip2Config` of the real sizes, fp16), random weights,
   at the preset's resolution and batch sizes but reduced counts (2 sample batches of reference
   images and samples, 10 sampling steps, 20 train steps), after one warm-up identity. Per phase
@@ -250,8 +250,8 @@ def load_preset(path: Path, overrides: Sequence[str]) -> Any:
 
 
 def tiny_overrides() -> list[str]:
-    """The tiny models' resolution (`factory.demo.tiny`) and a short caption sequence."""
-    from factory.demo.tiny import TEXT_TO_IMAGE_RESOLUTION
+    """The tiny models' resolution (`demo.tiny`) and a short caption sequence."""
+    from demo.tiny import TEXT_TO_IMAGE_RESOLUTION
 
     height, width = TEXT_TO_IMAGE_RESOLUTION
     return [f"generation.resolution=[{height}, {width}]", f"output.image_size=[{height}, {width}]",
@@ -316,17 +316,17 @@ def load_presets(paths: Sequence[str], overrides: Sequence[str], tiny: bool, dev
 def pipeline_loader(tiny: bool) -> Callable[[str, str], Any]:
     """`GenerationStage`'s loader: SD v1.4's architecture with random weights, built on the device
     (or the embedded default's tiny SD); the tokenizer is a small trained CLIP BPE either way."""
-    from factory.demo.tokenizers import train_clip_tokenizer
+    from demo.tokenizers import train_clip_tokenizer
 
     tokenizer = train_clip_tokenizer()
 
     def load(model_id: str, device: str):
         torch.manual_seed(0)
         if tiny:
-            from factory.demo.tiny import tiny_stable_diffusion
+            from demo.tiny import tiny_stable_diffusion
 
             return tiny_stable_diffusion(seed=0, tokenizer=tokenizer).to(device)
-        from factory.demo.full_size import random_stable_diffusion_v1_4
+        from full_size_models import random_stable_diffusion_v1_4
 
         with torch.device(device):  # initialised on the GPU: seconds instead of a minute on the CPU
             return random_stable_diffusion_v1_4(tokenizer).to(device)
@@ -342,7 +342,7 @@ def captioner(config: Any, device: str, tiny: bool) -> tuple[Any, Any]:
 
         torch.manual_seed(0)
         return _random_captioner(config, device)
-    from factory.demo.tiny import tiny_blip2
+    from demo.tiny import tiny_blip2
     from factory.models.loading import resolve_dtype
 
     model, processor = tiny_blip2(seed=0)
@@ -449,7 +449,7 @@ class StepClock:
 
 def full_vae_images(g: Any, instance_images: int) -> dict[str, int]:
     """Images through the VAE per identity at `g`'s counts, per span of identity_cost's meter."""
-    from factory.stages.generate import REFERENCE_PREVIEWS
+    from factory.stages.reference_set import REFERENCE_PREVIEWS
 
     prior = g.prior_loss_weight > 0 and g.reference_images > 0 and g.train_steps > 0
     reencoded = g.reference_images if prior and g.reference_latents == "reencoded" else 0
@@ -720,7 +720,7 @@ def run_generation(preset: Preset, rows: Any, caption: dict[str, Any] | None, re
         measured = measure_identity(stage, rows, meter, clock)
         clock.handle.remove()
         if do_identity:
-            base = getattr(generator, "_base_copy", None)
+            base = getattr(getattr(generator, "finetune_method", None), "base_copy", None)  # LoRA keeps none
             optimizer = "AdamW8bit" if g.use_8bit_adam else "torch AdamW"
             generation = {
                 "setup_seconds": setup, "scheduler": type(generator.pipe.scheduler).__name__, "optimizer": optimizer,

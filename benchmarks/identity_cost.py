@@ -258,7 +258,7 @@ class DiffusersBaseline:
         from diffusers import DDPMScheduler
 
         self.pipe, self.config, self.device = generator.pipe, generator.config, generator.device
-        self._autocast, self._embed = generator._autocast, generator.encode_prompt
+        self._autocast, self._embed = generator.autocast, generator.encode_prompt
         self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
         self.base = None
         if self.config.finetune == "full":
@@ -289,7 +289,7 @@ class DiffusersBaseline:
 
     def fine_tune(self, images: Sequence[Image.Image], instance_prompt: str, prior_latents: torch.Tensor,
                   class_prompt: str, seed: int) -> None:
-        from factory.stages.generate import _make_optimizer
+        from factory.stages.fine_tune import make_optimizer
 
         g, unet, vae, noise_scheduler = self.config, self.pipe.unet, self.pipe.vae, self.noise_scheduler
         if g.train_steps == 0:
@@ -315,7 +315,7 @@ class DiffusersBaseline:
         else:
             unet.requires_grad_(True)
         params = [p for p in unet.parameters() if p.requires_grad]
-        optimizer = _make_optimizer(params, g)  # AdamW, or AdamW8bit as the example's --use_8bit_adam
+        optimizer = make_optimizer(params, g)  # AdamW, or AdamW8bit as the example's --use_8bit_adam
         scaler = torch.amp.GradScaler("cuda", enabled=g.mixed_precision == "fp16" and self.device.startswith("cuda"))
         with_prior = g.prior_loss_weight > 0 and prior_latents.shape[0] > 0
         prior_latents = prior_latents.to(self.device)
@@ -373,8 +373,7 @@ def tiny_overrides() -> list[str]:
         "output.image_size": list(demo.output.image_size),
         "caption.model": demo.caption.model,
         "filter.reid": demo.filter.reid.model_dump(mode="json"),
-        "filter.clip_model": str(Path(demo.demo_models.cache_dir) / "clip"),
-        "demo_models": demo.demo_models.model_dump(mode="json"),
+        "filter.clip_model": demo.filter.clip_model,
     }
     return [f"{key}={json.dumps(value)}" for key, value in values.items()]
 
@@ -430,10 +429,10 @@ def _random_captioner(config, device: str):
     for it (a small trained OPT tokenizer whose ids fit the 50,272-token embedding)."""
     from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessor
 
-    from factory.demo.full_size import BLIP2_QFORMER, BLIP2_VISION, OPT_2_7B
+    from full_size_models import BLIP2_QFORMER, BLIP2_VISION, OPT_2_7B
     from factory.models.loading import resolve_dtype
-    from factory.demo.tiny import CLIP_MEAN, CLIP_STD
-    from factory.demo.tokenizers import train_opt_tokenizer
+    from demo.tiny import CLIP_MEAN, CLIP_STD
+    from demo.tokenizers import train_opt_tokenizer
 
     tokenizer = train_opt_tokenizer()
     image_processor = BlipImageProcessor(size={"height": 224, "width": 224}, image_mean=CLIP_MEAN, image_std=CLIP_STD)
@@ -453,8 +452,8 @@ def _random_captioner(config, device: str):
 
 
 def _random_pipeline_loader():
-    from factory.demo.full_size import random_stable_diffusion_v1_4
-    from factory.demo.tokenizers import train_clip_tokenizer
+    from demo.tokenizers import train_clip_tokenizer
+    from full_size_models import random_stable_diffusion_v1_4
 
     tokenizer = train_clip_tokenizer()
     return lambda model_id, device: random_stable_diffusion_v1_4(tokenizer).to(device)
@@ -463,7 +462,7 @@ def _random_pipeline_loader():
 def _filter_models(config: RunConfig, pids: Sequence[int], directory: Path) -> dict:
     """A random-init BoT model of the preset's `filter.reid` (the compute of a trained one),
     saved and described as a build's filter model is."""
-    from factory.stages.filter import FilterModelSpec
+    from factory.filters.reid import FilterModelSpec
     from trainers.reid.model import build_reid_model
     from trainers.weights import save_state_safetensors
 
@@ -503,7 +502,7 @@ class BenchmarkFailed(RuntimeError):
 
 def run(args, config: RunConfig, meter: PhaseMeter) -> tuple[list[Identity], dict]:
     from factory.stages.caption import CaptionStage
-    from factory.stages.filter import FilterStage
+    from factory.filters import FilterStage
     from factory.stages.generate import GenerationStage
 
     num_gpus = 1.0 if args.device == "cuda" else 0.0

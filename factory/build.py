@@ -18,15 +18,17 @@ from collections import Counter
 from pathlib import Path
 
 from core.storage import Location, StorageError, has_scheme, resolve
-from core.config import ConfigError, config_origin, config_to_yaml
+from core.cli import add_config_options, load_run_config_from, run_command
+from core.config import ConfigError, config_to_yaml
 from core.device import ClusterCheckFailed, DeviceUnusable
 from core.datasets.base import DatasetError, ReidDataset
+from factory.filters import FILTERS
 from factory.models.locate import ModelNotAvailableError
 from factory.preflight import check_config, check_models, check_sources, raise_problems
-from factory.report import BuildSummary, PlanClock, error_class, write_contact_sheet, write_dataset_card
-from core.settings.run import DEFAULT_PRESET, RunConfig, load_run_config
+from factory.output.report import BuildSummary, PlanClock, error_class, write_contact_sheet, write_dataset_card
+from core.settings.run import RunConfig
 from factory.sequences import identity_key, plan_identities, read_sequences
-from factory.store import OutputStore
+from factory.output.store import OutputStore
 
 
 # Set by `ray job submit` in the environment of the job's driver process.
@@ -90,20 +92,17 @@ def run_models(config: RunConfig) -> dict[str, str]:
     models = {} if config.generation.replay_from else {"generation.base_model": config.generation.base_model}
     if config.caption.captions == "lpe":
         models["caption.model"] = config.caption.model
-    if config.filter.kind == "clip":
-        models["filter.clip_model"] = config.filter.clip_model
+    models.update(FILTERS.get(config.filter.kind).run_models(config.filter))
     return models
 
 
 def resolve_models(config: RunConfig, log=print) -> RunConfig:
-    """Make sure every model the run needs is available *before* anything heavy starts:
-    bootstrap the embedded default's tiny models, or check hub ids / local paths exist."""
+    """Make sure every model the run needs is available *before* anything heavy starts: hub ids
+    in the cache, local `save_pretrained` folders (the embedded default's are committed under
+    `demo/weights/`) or URIs. Nothing is built or installed here, so nothing is logged: `log`
+    stays for the callers' signature."""
     from factory.models.locate import check_model_available
 
-    if config.demo_models.enabled:
-        from factory.demo.models import ensure_demo_models
-
-        ensure_demo_models(config.demo_models, log=log)
     for key, model_id in run_models(config).items():
         check_model_available(model_id, key)
     return config
@@ -165,14 +164,14 @@ def run(config: RunConfig, out_dir: str | os.PathLike[str] | None = None, log=pr
     # Ray, torch and the stages only now: the check phase above answers in a second or two.
     from core.cluster import check_cluster, cluster_gpus, init_ray
     from factory import ray_pipeline
-    from factory.filter_models import ensure_filter_models, finish_filter_models
+    from factory.filters.reid_models import ensure_filter_models, finish_filter_models
     from factory.models.shipping import ModelFolders
     from factory.stages.caption import CaptionStage
-    from factory.stages.filter import FilterStage
+    from factory.filters import FilterStage
     from factory.stages.generate import GenerationStage
     from factory.stages.replay import ReplayStage
     from factory.stages.base import StageChain
-    from factory.stages.write import WriteStage
+    from factory.output.write import WriteStage
 
     store = OutputStore(out)
     (out / "config.yaml").write_text(config_to_yaml(config))
@@ -195,8 +194,12 @@ def run(config: RunConfig, out_dir: str | os.PathLike[str] | None = None, log=pr
     if table.num_rows:
         init_ray(config.ray)  # before the filter model's Ray Train run: the build's settings win
         check_cluster(out, log)  # every node's GPUs and its reach to `out`, in seconds, before any model loads
+        # The class itself travels to the filter actors: one a user's module registered exists
+        # only in this process's registry.
+        image_filter = FILTERS.get(config.filter.kind)
         t0 = time.perf_counter()
-        filter_models = ensure_filter_models(datasets, config.filter, out / "filter_models", log=log)
+        filter_models = (ensure_filter_models(datasets, config.filter, out / "filter_models", log=log)
+                         if image_filter.uses_reid_models else {})
         summary.add_seconds("filter_model", time.perf_counter() - t0)
 
         # Local model folders exist only on this machine unless the cluster shares a filesystem:
@@ -210,7 +213,8 @@ def run(config: RunConfig, out_dir: str | os.PathLike[str] | None = None, log=pr
             generate = functools.partial(
                 GenerationStage, config.generation, config.output, config.generation.num_gpus, 1 if use_gpus else None,
                 config.generation.debug_fail_identities, reference_dir=str(out / "reference_sets"), folders=folders)
-        filtering = functools.partial(FilterStage, config.filter, filter_models, config.filter.num_gpus, folders)
+        filtering = functools.partial(FilterStage, config.filter, filter_models, config.filter.num_gpus, folders,
+                                      image_filter)
         wanted = max(0, config.output.contact_sheet_identities - len(previews.files(".png")))
         write = functools.partial(WriteStage, out.uri, frozenset(table.column("identity").to_pylist()[:wanted]))
         filter_then_write = functools.partial(StageChain, filtering, write)
@@ -331,12 +335,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m factory.build", description="Generate an identity-consistent synthetic Re-ID dataset "
         "(Diffusion-ReID) on Ray. With no arguments, runs the embedded default (configs/demo.yaml).")
-    parser.add_argument("--config", type=Path, default=None, help="YAML preset (default: configs/demo.yaml)")
     parser.add_argument("--out", default=None, metavar="URI", help="output location: a local folder, s3://bucket/run, "
                         "gs://bucket/run, ... (default: output.dir of the preset); rerun to resume. Inside `ray job "
                         "submit` give a URI or an absolute shared path")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
-                        help="override a config value, e.g. --set generation.train_steps=200 (repeatable)")
+    add_config_options(parser, example="generation.train_steps=200")
     return parser
 
 
@@ -345,13 +347,12 @@ def main(argv: list[str] | None = None) -> int:
     the build stopped early on a systematic failure (everything finished is written either way);
     2 refused before any heavy work (config, models, data)."""
     args = build_parser().parse_args(argv)
-    try:
-        config = load_run_config(args.config, args.overrides)
-        run(config, args.out, origin=config_origin(args.config or DEFAULT_PRESET, args.overrides))
-    except (*REFUSED, *FAILED) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2 if isinstance(err, REFUSED) else 1
-    return 0
+
+    def build() -> None:
+        config, origin = load_run_config_from(args)
+        run(config, args.out, origin=origin)
+
+    return run_command(build, refused=REFUSED, failed=FAILED)
 
 
 if __name__ == "__main__":

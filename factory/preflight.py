@@ -30,17 +30,17 @@ from typing import Any
 from core.storage import Location, resolve
 from core.config import ConfigError
 from core.datasets.base import ReidDataset
+from factory.filters import FILTERS, ImageFilter
 from factory.models.locate import read_model_json
 from core.settings.run import RunConfig
 from factory.sequences import IdentitySequence
+from factory.stages.fine_tune_methods import FINETUNE_METHODS
+from factory.stages.sample import SAMPLERS
 from core.settings.stages import fault_target
 
 # Stable Diffusion's pipelines refuse sizes that are not multiples of 8 (`check_inputs`),
 # whatever the VAE; the VAE itself needs multiples of its own downsampling factor.
 PIPELINE_SIZE_MULTIPLE = 8
-# The score each filter produces: cosine similarity for `reid`, probabilities otherwise. A
-# threshold outside the range keeps nothing (or everything) and cannot be what was meant.
-FILTER_SCORE_RANGES: dict[str, tuple[float, float]] = {"reid": (-1.0, 1.0), "cctf": (0.0, 1.0), "clip": (0.0, 1.0)}
 PROMPT_FIELDS = {"caption.prompt_template": {"iir", "caption"}, "caption.reference_template": {"caption"}}
 LISTED_PROBLEMS = 20
 
@@ -78,19 +78,34 @@ def raise_problems(problems: Sequence[Problem], origin: str) -> None:
 ConfigRule = Callable[[RunConfig], Iterable[Problem]]
 
 
+def registered_filter(config: RunConfig) -> type[ImageFilter] | None:
+    """The class `filter.kind` names, or None when no filter is registered under it."""
+    return FILTERS.get(config.filter.kind) if config.filter.kind in FILTERS else None
+
+
+def filter_kind_is_registered(config: RunConfig) -> Iterable[Problem]:
+    if registered_filter(config) is None:
+        yield Problem("filter.kind", config.filter.kind, f"no filter is registered under that name (registered: "
+                      f"{', '.join(FILTERS.names())})")
+
+
 def threshold_in_score_range(config: RunConfig) -> Iterable[Problem]:
-    f = config.filter
-    low, high = FILTER_SCORE_RANGES[f.kind]
+    """A threshold outside the range of the filter's scores keeps nothing (or everything) and
+    cannot be what was meant."""
+    f, image_filter = config.filter, registered_filter(config)
+    if image_filter is None:
+        return
+    low, high = image_filter.score_range
     if not low <= f.threshold <= high:
         yield Problem("filter.threshold", f.threshold, f"the {f.kind!r} filter scores in [{low:g}, {high:g}]; a "
                       f"threshold outside keeps {'no image' if f.threshold > high else 'every image'}")
 
 
-def clip_filter_has_negatives(config: RunConfig) -> Iterable[Problem]:
-    f = config.filter
-    if f.kind == "clip" and not f.clip_negatives:
-        yield Problem("filter.clip_negatives", f.clip_negatives, "the CLIP score is a softmax over the positive and "
-                      "the negative prompts: with none every image scores 1.0")
+def filter_settings_suit_the_filter(config: RunConfig) -> Iterable[Problem]:
+    """The chosen filter's own rules (`ImageFilter.config_problems`: CLIP needs negative prompts)."""
+    image_filter = registered_filter(config)
+    for key, value, reason in image_filter.config_problems(config.filter) if image_filter else ():
+        yield Problem(key, value, reason)
 
 
 def prompt_templates_have_their_fields(config: RunConfig) -> Iterable[Problem]:
@@ -166,10 +181,18 @@ def debug_failures_name_identities(config: RunConfig) -> Iterable[Problem]:
                           f"not an identity 'SOURCE/PID[:oom|:cuda]' of the configured sources {sorted(names)}")
 
 
+def generation_components_are_registered(config: RunConfig) -> Iterable[Problem]:
+    """`generation.scheduler` and `generation.finetune` name a registered sampler and fine-tune method."""
+    for registry, name in ((SAMPLERS, config.generation.scheduler), (FINETUNE_METHODS, config.generation.finetune)):
+        if name not in registry:
+            yield Problem(registry.key, name, registry.unknown(name))
+
+
 CONFIG_RULES: tuple[ConfigRule, ...] = (
-    threshold_in_score_range, clip_filter_has_negatives, prompt_templates_have_their_fields, iir_token_is_one_word,
+    filter_kind_is_registered, threshold_in_score_range, filter_settings_suit_the_filter,
+    prompt_templates_have_their_fields, iir_token_is_one_word,
     prior_preservation_has_references, sequence_bounds_ordered, eight_bit_adam_loads, filter_checkpoints_name_sources,
-    debug_failures_name_identities,
+    debug_failures_name_identities, generation_components_are_registered,
 )
 
 
@@ -251,8 +274,8 @@ def check_sources(config: RunConfig, datasets: Sequence[ReidDataset], plan: Sequ
     were not trained on their source, sources too small for the filter model's PK batches,
     fault-injection entries naming no planned identity."""
     problems: list[Problem] = []
-    f = config.filter
-    if f.kind != "clip":
+    f, image_filter = config.filter, registered_filter(config)
+    if image_filter is not None and image_filter.uses_reid_models:
         for dataset in datasets:
             configured = f.reid_checkpoints.get(dataset.name)
             if configured is not None:

@@ -1,9 +1,8 @@
 """The product's main job on the embedded default, end to end, as a user runs it:
 `python -m factory.build --out DIR` (configs/demo.yaml), then the outputs of SPEC "Interfaces".
 
-The demo models come from the weights committed in factory/demo/weights (installed into
-.cache/demo-models on first use), so the whole demo runs in the default selection: a few CPU
-minutes. Its shards then feed `python -m trainers.pretrain`, as a user would chain them."""
+The demo models are the weights committed in demo/weights, loaded in place, so the whole demo
+runs in the default selection: a few CPU minutes. Its shards then feed `python -m trainers.pretrain`, as a user would chain them."""
 
 from __future__ import annotations
 

@@ -20,7 +20,8 @@ from core.datasets.market import load_market1501
 from core.datasets.synthetic import generate_synthetic_dataset
 from eval.experiment.stats import paired_interval, summarize, t_quantile_975
 from factory.build import run_models
-from eval.experiment.run import build_configs, plan_chains
+from eval.experiment.builds import build_configs
+from eval.experiment.chains import plan_chains
 from core.settings.run import REPO_ROOT, load_run_config
 from factory.stages.caption import CaptionStage, build_prompts
 from trainers.pretrain.shards import read_shard_table, records_table, write_table_shards
@@ -83,7 +84,7 @@ def test_each_ablation_is_a_build_of_its_own_named_in_its_errors() -> None:
 def test_filter_only_ablations_score_the_main_builds_samples_again(tmp_path: Path) -> None:
     """Generating the same images twice would be most of such an ablation's cost."""
     from core.storage import resolve
-    from eval.experiment.run import share_samples
+    from eval.experiment.builds import share_samples
 
     config = load_run_config(REPO_ROOT / "configs" / "evidence.yaml")
     builds, out = build_configs(config, "evidence.yaml"), resolve(tmp_path)
@@ -151,7 +152,7 @@ def test_a_build_folder_of_another_config_is_refused_not_resumed_over(tmp_path: 
     """A build resumes by identity (done identities are not redone), so a folder started under
     another filter threshold would silently mix two configs."""
     from core.storage import resolve
-    from eval.experiment.run import MARKER, place_build, refuse_changed_builds
+    from eval.experiment.builds import MARKER, place_build, refuse_changed_builds
 
     out = resolve(tmp_path)
     before = place_build("main", load_run_config(None, ["filter.threshold=0.5"]), out)
@@ -166,8 +167,9 @@ def test_a_moved_experiment_folder_keeps_its_digests(tmp_path: Path) -> None:
     """Locations under OUT are hashed relative to it: an experiment copied to another path (or
     bucket) reuses its builds and chains instead of being refused or retrained."""
     from core.storage import resolve
-    from eval.experiment.run import (MAIN_BUILD, MARKER, _build_payload, chain_spec, digest, place_build,
-                                    refuse_changed_builds, share_filter_models, share_samples)
+    from eval.experiment.builds import (MAIN_BUILD, MARKER, _build_payload, digest, place_build,
+                                        refuse_changed_builds, share_filter_models, share_samples)
+    from eval.experiment.chains import chain_spec
 
     config = load_run_config(REPO_ROOT / "configs" / "evidence.yaml")
     builds = build_configs(config, "evidence.yaml")

@@ -12,7 +12,10 @@ from pathlib import Path
 
 from core.settings.run import REPO_ROOT
 
-LAYERS = ("core", "trainers", "factory", "eval")  # bottom to top
+# bottom to top; `demo` (the embedded default's workshop) on top: nothing in the product imports it
+# (the demo presets name its committed weights as model folders), and it reads the product's
+# definition of a loadable folder (`factory.models.locate.MARKER_FILES`)
+LAYERS = ("core", "trainers", "factory", "eval", "demo")
 
 
 def _imports(path: Path) -> list[tuple[int, str]]:

@@ -22,16 +22,14 @@ CHECK_SECONDS = 5.0  # the issue's bound for a refusal; typically well under a s
 
 @pytest.fixture(scope="module")
 def demo_ready() -> None:
-    """The demo models installed and the demo source written once (one-time bootstrap, not
-    part of what a refusal costs), as the first `python -m factory.build` would leave them."""
+    """The demo source written once (one-time, not part of what a refusal costs), as the first
+    `python -m factory.build` would leave it; the demo models are committed folders (demo/weights)."""
     from core.datasets.registry import load_source
-    from factory.demo.models import ensure_demo_models
 
     cwd = os.getcwd()
     os.chdir(REPO_ROOT)
     try:
         config = load_run_config()
-        ensure_demo_models(config.demo_models)
         for source in config.sources:
             load_source(source)
     finally:
@@ -54,6 +52,8 @@ RULES = [
     ("output-size-zero", ["output.image_size=[0,0]"], "output.image_size", "greater than 0"),
     ("resolution-negative", ["generation.resolution=[-8,32]"], "generation.resolution", "greater than 0"),
     # phase 1: the config alone
+    ("filter-kind-unregistered", ["filter.kind=sharpness"], "filter.kind",
+     "no filter is registered under that name (registered: cctf, clip, reid)"),
     ("threshold-above-reid-range", ["filter.threshold=1.5"], "filter.threshold", "scores in [-1, 1]"),
     ("threshold-below-cctf-range", ["filter.kind=cctf", "filter.threshold=-0.2"], "filter.threshold",
      "scores in [0, 1]"),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from factory.build import identity_cost
-from factory.report import BuildSummary, PlanClock
+from factory.output.report import BuildSummary, PlanClock
 from core.settings.run import load_run_config
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from core.storage import atomic_local_path, has_scheme, resolve
 from factory.schema import STAGED_SCHEMA
-from factory.store import SHARDS_INDEX, OutputStore
+from factory.output.store import SHARDS_INDEX, OutputStore
 
 
 def _staged(identity: str, kept: list[bool]) -> pa.Table:

@@ -14,7 +14,7 @@ from core.datasets.base import ImageRecord, ReidDataset
 from factory.schema import SHARD_SCHEMA, STAGED_SCHEMA
 from factory.sequences import plan_identities, read_sequences, select_sequence, stable_seed
 from core.settings.stages import SequenceConfig
-from factory.store import OutputStore
+from factory.output.store import OutputStore
 
 
 def _jpeg(path: Path, colour=(120, 20, 20)) -> Path:

@@ -66,9 +66,6 @@ class VariationConfig(StrictModel):
     scene: list[str] = ["on a city street", "on a campus", "in an airport hall", "in a park"]
 
 
-SchedulerName = Literal["model", "pndm", "ddim", "dpmsolver++", "unipc", "euler_a"]
-
-
 class LoraSettings(StrictModel):
     """`generation.finetune: lora`: a peft LoRA adapter on the UNet's attention projections,
     trained per identity and dropped afterwards (the base weights are never written)."""
@@ -93,9 +90,10 @@ class GenerationConfig(StrictModel):
     num_inference_steps: int = Field(50, ge=1)
     reference_inference_steps: int | None = Field(None, ge=1, description="defaults to num_inference_steps")
     guidance_scale: float = Field(7.5, ge=0)
-    scheduler: SchedulerName = Field(
-        "model", description="sampler for the reference set and the samples: 'model' keeps the one the model "
-        "ships (SD v1.4: PNDM); fine-tuning always adds DDPM noise")
+    scheduler: str = Field(
+        "model", description="sampler for the reference set and the samples, a name registered in "
+        "factory.stages.sample.SAMPLERS: 'model' keeps the one the model ships (SD v1.4: PNDM); pndm, ddim, "
+        "dpmsolver++, unipc, euler_a; fine-tuning always adds DDPM noise")
     sample_batch_size: int = Field(10, ge=1)
     vae_batch_size: int = Field(8, ge=1, description="images per VAE encode/decode call (bounds VAE activation memory)")
     reference_latents: Literal["reencoded", "sampled"] = Field(
@@ -105,7 +103,9 @@ class GenerationConfig(StrictModel):
     reuse_reference_sets: bool = Field(
         True, description="identities with the same reference prompt share one Attribute Reference Set, "
         "stored as latents under DIR/reference_sets/")
-    finetune: Literal["full", "lora"] = Field("full", description="full: the paper's whole-UNet fine-tune; lora: peft adapter")
+    finetune: str = Field(
+        "full", description="a name registered in factory.stages.fine_tune.FINETUNE_METHODS: full: the paper's "
+        "whole-UNet fine-tune; lora: peft adapter")
     lora: LoraSettings = LoraSettings()
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
@@ -141,7 +141,8 @@ def fault_target(entry: str) -> tuple[str, str]:
 class FilterConfig(StrictModel):
     """Which filter scores generated images, and the threshold that keeps them."""
 
-    kind: Literal["reid", "clip", "cctf"] = "reid"
+    kind: str = Field("reid", description="a registered filter (factory.filters.FILTERS: reid, cctf, clip, or one "
+                      "a module registers); the build's check phase refuses a name not registered")
     threshold: float = 0.5
     reid_checkpoints: dict[str, UriStr] = Field(
         {}, description="source name -> filter-model folder or URI (with filter_model.json, as a build writes "

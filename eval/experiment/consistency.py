@@ -26,7 +26,8 @@ def identity_consistency(config: RunConfig, filter_models: Location, identities:
     from factory.build import load_sources, resolve_models
     from factory.sequences import plan_identities, read_sequences
     from factory.stages.caption import CaptionStage
-    from factory.stages.filter import FilterModelSpec, FilterStage
+    from factory.filters import FilterStage
+    from factory.filters.reid import FilterModelSpec
     from factory.stages.generate import GenerationStage
 
     config = resolve_models(config, log=lambda _: None)

@@ -1,7 +1,7 @@
 """Load the factory's models from a hub id or a local directory, without touching the network.
 
 One code path serves both: `CompVis/stable-diffusion-v1-4` (read from the Hugging Face cache) and
-`.cache/demo-models/text-to-image` (a `save_pretrained` folder) go through the same
+`demo/weights/text-to-image` (a `save_pretrained` folder) go through the same
 `from_pretrained` call.
 
 Offline by default: every `from_pretrained` gets `local_files_only=True`, so a missing model fails
