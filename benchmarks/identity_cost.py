@@ -466,7 +466,9 @@ def _filter_models(config: RunConfig, pids: Sequence[int], directory: Path) -> d
     from trainers.reid.model import build_reid_model
     from trainers.weights import save_state_safetensors
 
-    if config.filter.kind == "clip":
+    from factory.filters import FILTERS
+
+    if not FILTERS.get(config.filter.kind).uses_reid_models:
         return {}
     torch.manual_seed(0)
     model = build_reid_model(config.filter.reid, len(pids), init="random").eval()
@@ -712,8 +714,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
     torch.set_num_threads(args.threads)
     preset, config = load_benchmark_config(args)
-    if args.random_init and config.filter.kind == "clip":
-        print("error: --random-init times filter.kind reid or cctf (no random-init CLIP here)", file=sys.stderr)
+    from factory.filters import FILTERS
+
+    if args.random_init and not FILTERS.get(config.filter.kind).uses_reid_models:
+        print("error: --random-init times filters that use Re-ID models (reid, cctf; no random-init CLIP here)",
+              file=sys.stderr)
         return 2
     if not args.random_init:
         from factory.build import resolve_models

@@ -83,12 +83,12 @@ _PROBE_FOLDER = ".cluster-check"
 def _check_this_node(expected_gpus: int, out: str, probe: str, token: str, own_probe: str) -> tuple[str, list[str], str]:
     """Runs on one node (a Ray task holding all its GPUs): can torch use exactly the GPUs Ray
     advertises, and can this node read what the driver wrote to the output and write its own?"""
-    from core.device import cuda_environment, cuda_problem, node_name
+    from core.device import cuda_environment, cuda_problem, gpus_simulated, node_name
     from core.storage import resolve
 
     problems: list[str] = []
     environment = ""
-    if expected_gpus:
+    if expected_gpus and not gpus_simulated():
         environment = cuda_environment()
         problem = cuda_problem(expected_gpus)
         if problem is not None:

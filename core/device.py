@@ -108,6 +108,16 @@ def cuda_problem(expected: int) -> str | None:
     return None
 
 
+# Set to 1 on a machine whose Ray nodes advertise GPUs that are scheduling tokens only (tests of
+# placement and autoscaling on CPU machines: `ray start --num-gpus N` without a GPU). Actors then
+# run on the CPU and the cluster check skips CUDA; never set it on a real cluster.
+SIMULATED_GPUS_ENV = "REID_FACTORY_SIMULATED_GPUS"
+
+
+def gpus_simulated() -> bool:
+    return os.environ.get(SIMULATED_GPUS_ENV) == "1"
+
+
 CUDA_FIX = ("check the node's image: its NVIDIA driver must run the locked torch's CUDA (docs/cluster.md, "
             "'GPU image'); `ray status` and `nvidia-smi` on that node show what it has")
 
@@ -116,7 +126,7 @@ def device_for(gpu_ids: Sequence[object] | None, requested_gpus: float) -> str:
     """The device policy. `gpu_ids`: what Ray assigned this process (None outside Ray);
     `requested_gpus`: what the caller asked for (decides only outside Ray)."""
     expected = len(gpu_ids) if gpu_ids is not None else (1 if requested_gpus > 0 else 0)
-    if expected == 0:
+    if expected == 0 or gpus_simulated():
         return "cpu"  # CUDA is never touched: no torch.cuda call at all
     problem = cuda_problem(expected)
     if problem is not None:

@@ -3,6 +3,7 @@ pools (`map_batches` with an actor class and `ActorPoolStrategy(min_size, max_si
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -50,12 +51,28 @@ def _actor_class(stage: Stage) -> type[_StageActor]:
     return type(name, (_StageActor,), {"__doc__": f"The `{stage.name}` stage's actor."})
 
 
+# Ray Data grows an actor pool once its tasks in flight reach this many per actor. Its default
+# (1.75) assumes 2 tasks queued per actor; a pool that takes one identity per actor (generation)
+# never reaches it and would stay at `concurrency.min` however long the queue. At 1.0 a pool grows
+# while every actor is busy and identities are still to come; once the last one is handed out it
+# only shrinks.
+UPSCALE_AT_TASKS_PER_ACTOR = 1.0
+
+
+def allow_scale_up_at_one_task_per_actor() -> None:
+    """Set the scale-up threshold of this driver's Ray Data executions (read when they start)."""
+    context = ray.data.DataContext.get_current()
+    context.autoscaling_config = dataclasses.replace(
+        context.autoscaling_config, actor_pool_util_upscaling_threshold=UPSCALE_AT_TASKS_PER_ACTOR)
+
+
 def stage_pipeline(table: pa.Table, factories: Sequence[StageFactory], use_gpus: bool) -> Dataset:
     """`table`'s identities streamed through one autoscaling actor pool per stage. The stages'
     declared columns are checked against `table` first (`check_columns`), so a stage wired to
     a column nobody writes fails here, before any actor starts."""
     stages = [make_stage() for make_stage in factories]  # cheap: models load in `setup`
     check_columns(table.schema, stages)
+    allow_scale_up_at_one_task_per_actor()
     # One block per identity, so an actor pool spreads identities over all its actors instead
     # of streaming one large block through a single actor.
     dataset = ray.data.from_arrow([table.slice(i, 1) for i in range(table.num_rows)])

@@ -41,6 +41,17 @@ def test_an_assigned_gpu_torch_cannot_use_stops_the_worker_naming_node_and_cuda(
         device_for(None, requested_gpus=1)
 
 
+def test_simulated_gpus_are_scheduling_tokens_run_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    from core.device import SIMULATED_GPUS_ENV
+
+    def touched(*_args, **_kwargs):
+        raise AssertionError("a simulated GPU asked CUDA")
+
+    monkeypatch.setattr(torch.cuda, "is_available", touched)
+    monkeypatch.setenv(SIMULATED_GPUS_ENV, "1")
+    assert device_for(["0"], requested_gpus=1) == "cpu"
+
+
 def test_an_assigned_gpu_torch_can_use_is_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     import core.device
 
@@ -149,6 +160,10 @@ def test_the_pool_asks_ray_for_the_stage_in_flight_limit_and_bounded_restarts(lo
     operator = dataset._logical_plan.dag  # Ray Data's MapBatches operator of the stage (a private API)
     assert operator.compute.max_tasks_in_flight_per_actor == 1
     assert operator.ray_remote_args["max_restarts"] == ACTOR_RESTARTS
+    # ... and a pool of one task per actor can grow: Ray Data's default threshold (1.75 tasks in
+    # flight per actor) would keep it at its minimum size for the whole run.
+    threshold = ray.data.DataContext.get_current().autoscaling_config.actor_pool_util_upscaling_threshold
+    assert threshold <= operator.compute.max_tasks_in_flight_per_actor
 
 
 # -- the cluster check ----------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ import ray
 import yaml
 from ray.cluster_utils import Cluster
 
+from core.device import SIMULATED_GPUS_ENV
 from core.settings.run import REPO_ROOT
 from tests.pipeline_fixtures import save_filter_model, save_tiny_models, small_preset
 
@@ -83,6 +84,9 @@ def cluster(monkeypatch: pytest.MonkeyPatch):
     private = tempfile.mkdtemp(prefix="rmn", dir="/tmp")  # short: Ray's socket paths live under it
     monkeypatch.setenv("RAY_TMPDIR", private)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    # The nodes' GPUs are scheduling tokens on this CPU machine: actors (started by this cluster's
+    # raylets, which inherit the variable) run on the CPU, and the build's cluster check skips CUDA.
+    monkeypatch.setenv(SIMULATED_GPUS_ENV, "1")
     if ray.is_initialized():
         ray.shutdown()
     dashboard_port = _free_port()
