@@ -51,13 +51,13 @@ class FineTuneMethod(ABC):
         """What a failed try may have left beyond gradients and flags (which the caller clears)."""
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        from diffusers.training_utils import cast_training_params
+
         self.make_trainable()
-        params = [p for p in self.model.unet.parameters() if p.requires_grad]
-        for p in params:
-            # peft creates the adapter in its base layer's dtype (half under mixed precision); the
-            # optimizer needs fp32 weights (diffusers' `cast_training_params`). A no-op in fp32.
-            p.data = p.data.float()
-        return params
+        # peft creates the adapter in its base layer's dtype (half under mixed precision); the
+        # optimizer needs fp32 weights. A no-op for parameters already in fp32.
+        cast_training_params(self.model.unet)  # to fp32, its default
+        return [p for p in self.model.unet.parameters() if p.requires_grad]
 
 
 FINETUNE_METHODS: Registry[type[FineTuneMethod]] = Registry("fine-tune method", "generation.finetune")
