@@ -67,7 +67,8 @@ def test_a_registry_names_its_components_refuses_duplicates_and_forgets_removed_
 def test_the_built_in_components_register_themselves_with_what_the_build_needs_to_know() -> None:
     from eval.downstream.methods import METHODS
 
-    assert SOURCES.names() == ["airport", "csv", "cuhk03", "folder", "market1501", "msmt17", "synthetic"]
+    assert SOURCES.names() == ["airport", "csv", "cuhk02", "cuhk03", "cuhk_sysu", "folder", "grid", "ilids",
+                               "market1501", "msmt17", "personx", "prid", "synthetic", "viper"]
     assert SOURCES.get("cuhk03").variants == ("labeled", "detected") and SOURCES.get("msmt17").variants == ("v1", "v2")
     assert [name for name, adapter in SOURCES.items() if adapter.accepts_generate] == ["synthetic"]
     assert {"reid", "cctf", "clip"} <= set(FILTERS.names()) and {"bot", "agw"} <= set(METHODS.names())
@@ -158,7 +159,7 @@ def test_the_config_and_the_check_phase_accept_the_filter_and_source_registered_
 
 
 def test_unregistered_names_are_refused_naming_the_registered_ones(tmp_path: Path) -> None:
-    with pytest.raises(ValidationError, match=r"sources\[\].kind: unknown source 'flat' \(registered: airport, .*synthetic\)"):
+    with pytest.raises(ValidationError, match=r"sources\[\].kind: unknown source 'flat' \(registered: airport, .*synthetic, viper\)"):
         SourceConfig(kind="flat", root=tmp_path)
     with pytest.raises(ConfigError, match=r"sources.0.kind"):
         load_run_config(None, [f"sources=[{{kind: flat, root: {tmp_path}}}]"])

@@ -26,6 +26,7 @@ from core.storage import cache_dir, is_remote, mirror_folder, resolve
 
 if TYPE_CHECKING:
     from core.datasets.config import SourceConfig
+    from core.datasets.test_splits import TestProtocol
 
 
 class SourceAdapter(ABC):
@@ -35,6 +36,8 @@ class SourceAdapter(ABC):
     variants: ClassVar[tuple[str, ...]] = ()  # the `variant` values it reads; empty: it takes none
     accepts_generate: ClassVar[bool] = False  # `generate:` applies (the data is generated into `root` first)
     local_root_only: ClassVar[bool] = False  # it writes into `root`, so a URI (fetched, read-only) is refused
+    # how the DG literature draws query/gallery from it (`core.datasets.test_splits`); None: it has its own
+    test_protocol: ClassVar[TestProtocol | None] = None
 
     @abstractmethod
     def load(self, config: SourceConfig) -> ReidDataset:
