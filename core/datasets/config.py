@@ -8,12 +8,17 @@ importing this module does first.
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator, model_validator
+from typing import Any
+
+from pydantic import Field, SerializerFunctionWrapHandler, field_validator, model_serializer, model_validator
 
 from core.storage import is_remote
 
 from core.config import StrictModel, UriStr
 from core.datasets.registry import SOURCES
+
+
+DEFAULT_DOMAIN = "campus"
 
 
 class SyntheticSpec(StrictModel):
@@ -23,6 +28,29 @@ class SyntheticSpec(StrictModel):
     cameras: int = Field(4, ge=2, le=9, description="cameras; Market-style names allow c1..c9")
     seed: int = 0
     images_per_camera: int = Field(3, ge=1, description="consecutive frames per identity per camera")
+    domain: str = Field(
+        DEFAULT_DOMAIN,
+        description="capture conditions (scene, light, viewpoint, sensor): a registered synthetic domain "
+        "(core.datasets.synthetic.domains.DOMAINS); same seed, same identities in every domain. A domain "
+        "suggests a camera count (its `suggested_cameras`); `cameras` sets it",
+    )
+
+    @field_validator("domain")
+    @classmethod
+    def _registered_domain(cls, domain: str) -> str:
+        # imported on use: the synthetic package imports this module
+        from core.datasets.synthetic.domains import DOMAINS
+
+        return DOMAINS.check(domain)
+
+    @model_serializer(mode="wrap")
+    def _default_domain_unwritten(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # The default domain is the world of earlier versions: leaving it out of dumps keeps every
+        # digest made from a spec (finished downstream cells, builds, experiment chains) valid.
+        data = handler(self)
+        if data.get("domain") == DEFAULT_DOMAIN:
+            del data["domain"]
+        return data
 
 
 class SourceConfig(StrictModel):
@@ -32,6 +60,10 @@ class SourceConfig(StrictModel):
       `synthetic` (Market layout; generated into `root` from `generate` when absent)
     - `msmt17` (`variant: v1` with `list_*.txt`, or `v2` with `mask_train_v2/` folders)
     - `airport` (ALERT; `list_file` names the image list)
+    - DG sources read whole into train: `personx` (Market layout per background subset;
+      `variant: 1..6`, default all), `cuhk02` (`variant: all|p5-test`), `cuhk_sysu`
+      (`cropped_images/`), and the small test datasets `viper`, `prid`, `grid`, `ilids`, whose
+      random query/gallery splits `core.datasets.test_splits` draws by the adapter's `test_protocol`
     - `folder` (root/<pid>/<images>) and `csv` (`list_file` with columns path,pid,camid[,split])
     - any other kind a module registered in `SOURCES`
     """

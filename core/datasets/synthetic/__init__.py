@@ -6,6 +6,11 @@ colour cast, scale, position, viewpoint, blur, JPEG quality), and consecutive fr
 differ a little (walking pose, position). So matching across cameras needs the identity cues and
 ignores the camera ones: a real, if small, Re-ID task.
 
+A domain (`domains.DOMAINS`, `SyntheticSpec.domain`) sets the capture conditions every camera
+samples from: scene family, light, viewpoint and sensor resolution ("campus", the default, is the
+generator as it always was; "mall", "station", "street" differ as real datasets do). The same seed
+gives the same identities in every domain, so datasets of two domains pose a domain gap.
+
 Output under `out`::
 
     bounding_box_train/0001_c1s1_000123_00.jpg   train ids 1..N, `images_per_camera` frames/camera
@@ -19,10 +24,12 @@ Images are 128x64 (H x W) JPEGs. Every random choice comes from a generator seed
 (seed, stream, keys...), so the same spec gives byte-identical files, and an identity's
 attributes do not depend on how many identities come after it.
 
-Modules: `attributes` (identities and cameras), `render` (drawing), `dataset` (plan and write).
-CLI: `python -m core.datasets.synthetic --out DIR --ids N --cameras C --seed S`.
+Modules: `attributes` (identities and cameras), `domains` (capture conditions), `render` (drawing),
+`dataset` (plan and write).
+CLI: `python -m core.datasets.synthetic --out DIR --ids N --cameras C --seed S [--domain D]`.
 """
 
 from core.datasets.synthetic.attributes import ATTRIBUTES_FILE, PALETTE, CameraStyle, sequence_shots  # noqa: F401
+from core.datasets.synthetic.domains import DOMAINS, SyntheticDomain  # noqa: F401
 from core.datasets.synthetic.dataset import ensure_synthetic_dataset, generate_synthetic_dataset  # noqa: F401
 from core.datasets.synthetic.render import render_image  # noqa: F401

@@ -1,4 +1,4 @@
-"""`python -m core.datasets.synthetic --out DIR --ids N --cameras C --seed S`."""
+"""`python -m core.datasets.synthetic --out DIR --ids N --cameras C --seed S --domain D`."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from core.datasets.base import DatasetError
 from core.datasets.config import SyntheticSpec
 from core.datasets.market import load_market1501
 from core.datasets.synthetic.dataset import generate_synthetic_dataset
+from core.datasets.synthetic.domains import DOMAINS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         flag = "--" + field.replace("_", "-")
         parser.add_argument(flag, type=int, default=getattr(defaults, field), help=help_text)
+    domains = "; ".join(
+        f"{name}: {domain.description} ({domain.suggested_cameras} cameras suggested)" for name, domain in DOMAINS.items()
+    )
+    parser.add_argument(
+        "--domain", choices=DOMAINS.names(), default=defaults.domain,
+        help=f"capture conditions; the identities stay the same (default %(default)s). {domains}",
+    )
     return parser
 
 

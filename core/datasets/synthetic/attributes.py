@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
+
+from core.datasets.synthetic.domains import CAMPUS, SyntheticDomain
 
 
 RGB = tuple[int, int, int]
@@ -59,7 +61,6 @@ LOWER_TYPE_WEIGHTS = (0.6, 0.2, 0.2)
 BAGS = ("none", "backpack", "handbag", "shoulder bag")
 BAG_WEIGHTS = (0.4, 0.25, 0.175, 0.175)
 VIEWS = ("front", "back", "side")
-TEXTURES = ("plain", "panels", "tiles", "noise")
 
 # Independent random streams: (seed, stream, keys...) seeds one generator per decision group.
 _ATTRIBUTES, _CAMERA, _SEQUENCE, _IMAGE, _SPLIT, _EXTRA = range(1, 7)
@@ -146,7 +147,8 @@ class PersonAttributes:
 
 @dataclass(frozen=True)
 class CameraStyle:
-    """What one camera does to every image it takes."""
+    """What one camera does to every image it takes. The fields with defaults hold for the whole
+    domain (see `SyntheticDomain`); their defaults are the campus domain's."""
 
     wall_top: RGB
     wall_bottom: RGB
@@ -160,29 +162,49 @@ class CameraStyle:
     blur: float  # Gaussian radius in output pixels
     jpeg_quality: int
     view_weights: tuple[float, float, float]  # front, back, side
+    contrast: float = 1.0
+    shadow: float = 0.0  # darkening left of `shadow_edge` (0: no shadow)
+    shadow_edge: tuple[float, float] = (0.0, 0.0)  # x of the shadow's edge at the top and the bottom (of the width)
+    squash: float = 1.0  # vertical factor on the person
+    render_size: tuple[int, int] = (IMAGE_HEIGHT, IMAGE_WIDTH)  # (H, W) before resizing to the crop
 
     @classmethod
-    def sample(cls, rng: np.random.Generator) -> CameraStyle:
-        def color(low: int, high: int) -> RGB:
-            r, g, b = rng.integers(low, high, size=3)
-            return int(r), int(g), int(b)
+    def sample(cls, rng: np.random.Generator, domain: SyntheticDomain = CAMPUS) -> CameraStyle:
+        """One camera of `domain`. Every domain draws the same numbers in the same order (a
+        shadow's edge last, only where the domain casts shadows), so campus cameras are the
+        cameras of the generator before domains; the gains are exact no-ops at 1.0."""
+
+        def color(span: tuple[int, int]) -> RGB:
+            channels = rng.integers(span[0], span[1], size=3)
+            r, g, b = (int(min(255, c * tint)) for c, tint in zip(channels, domain.scene_tint))
+            return r, g, b
 
         front, back, side = (round(float(w), 3) for w in rng.dirichlet((1.5, 1.5, 1.5)) * 0.7 + 0.1)
-        r, g, b = (round(float(x), 3) for x in rng.uniform(0.88, 1.12, size=3))
-        return cls(
-            wall_top=color(50, 210),
-            wall_bottom=color(50, 210),
-            floor=color(40, 180),
-            horizon=round(float(rng.uniform(0.55, 0.8)), 3),
-            texture=_choice(rng, TEXTURES),
-            brightness=round(float(rng.uniform(0.78, 1.18)), 3),
+        channels = rng.uniform(*domain.cast_range, size=3)
+        r, g, b = (round(float(x) * tint, 3) for x, tint in zip(channels, domain.light_tint))
+        style = cls(
+            wall_top=color(domain.wall_range),
+            wall_bottom=color(domain.wall_range),
+            floor=color(domain.floor_range),
+            horizon=round(float(rng.uniform(*domain.horizon_range)), 3),
+            texture=_choice(rng, domain.textures),
+            brightness=round(float(rng.uniform(*domain.brightness_range)), 3),
             cast=(r, g, b),
-            person_scale=round(float(rng.uniform(0.78, 0.92)), 3),
+            person_scale=round(float(rng.uniform(*domain.person_scale_range)), 3),
             offset=round(float(rng.uniform(-0.06, 0.06)), 3),
-            blur=round(float(rng.uniform(0.0, 0.9)), 3),
-            jpeg_quality=int(rng.integers(60, 93)),
+            blur=round(float(rng.uniform(*domain.blur_range)), 3),
+            jpeg_quality=int(rng.integers(*domain.jpeg_range)),
             view_weights=(front, back, side),
+            contrast=domain.contrast,
+            squash=domain.squash,
+            render_size=domain.render_size,
         )
+        if domain.shadow <= 0:
+            return style
+        # a building's shadow: its edge crosses each camera's view at its own slant and place
+        top = float(rng.uniform(-0.2, 1.2))
+        bottom = top + float(rng.uniform(-0.6, 0.6))
+        return replace(style, shadow=domain.shadow, shadow_edge=(round(top, 3), round(bottom, 3)))
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from core.datasets.synthetic.attributes import (
     ATTRIBUTES_FILE, CameraStyle, MAX_PID, PersonAttributes, SPEC_FILE, Shot, _ATTRIBUTES, _CAMERA, _EXTRA,
     _IMAGE, _SEQUENCE, _SPLIT, _rng, sequence_shots,
 )
+from core.datasets.synthetic.domains import DOMAINS
 from core.datasets.synthetic.render import render_image
 
 
@@ -103,7 +104,8 @@ def _extra_images(spec: SyntheticSpec, cameras: list[CameraStyle]) -> Iterator[P
 
 
 def _write_images(out: Path, spec: SyntheticSpec, plans: list[IdentityPlan]) -> None:
-    cameras = [CameraStyle.sample(_rng(spec.seed, _CAMERA, c)) for c in range(spec.cameras)]
+    domain = DOMAINS.get(spec.domain)
+    cameras = [CameraStyle.sample(_rng(spec.seed, _CAMERA, c), domain) for c in range(spec.cameras)]
     for folder in MARKET_SPLIT_DIRS.values():
         (out / folder).mkdir(parents=True, exist_ok=True)
     images = [image for plan in plans for image in _identity_images(plan, spec, cameras)]
@@ -170,10 +172,14 @@ def ensure_synthetic_dataset(root: Path, spec: SyntheticSpec) -> Path:
         return generate_synthetic_dataset(root, spec)
     spec_file = root / SPEC_FILE
     if spec_file.is_file():
-        found = json.loads(spec_file.read_text())
-        if found != spec.model_dump():
+        # A folder written before a field existed was generated as that field's default does (the
+        # default domain draws what the generator drew before domains): a missing key reads as it.
+        defaults = {name: field.default for name, field in SyntheticSpec.model_fields.items()}
+        found = {**defaults, **json.loads(spec_file.read_text())}
+        wanted = {**defaults, **spec.model_dump()}  # the default domain is left out of dumps
+        if found != wanted:
             raise DatasetError(
                 f"{root} holds a synthetic dataset generated with {found}, but the config asks for "
-                f"{spec.model_dump()}; delete the folder or point 'root' elsewhere"
+                f"{wanted}; delete the folder or point 'root' elsewhere"
             )
     return root

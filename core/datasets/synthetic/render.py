@@ -1,10 +1,11 @@
-"""Drawing one person seen by one camera at 128x64, supersampled."""
+"""Drawing one person seen by one camera: at the camera's sensor resolution (128x64 unless its
+domain's sensor is coarser), supersampled, then lit and resized to the 128x64 crop."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -15,10 +16,20 @@ from core.datasets.synthetic.attributes import (
 )
 
 
+SKYLIGHT = (0.9, 0.97, 1.12)  # colour of a shadow: lit by the blue sky only, not the sun
+
+
+def _sensor_pixels(camera: CameraStyle, pixels: float) -> int:
+    """`pixels` of the 128x64 crop at the camera's sensor resolution (identity for a full-size sensor)."""
+    return max(1, round(pixels * camera.render_size[0] / IMAGE_HEIGHT))
+
+
 @lru_cache(maxsize=64)
 def _camera_background(camera: CameraStyle) -> np.ndarray:
-    """The camera's empty scene at drawing resolution (float32 HxWx3), cached per camera."""
-    height, width = IMAGE_HEIGHT * SUPERSAMPLE, IMAGE_WIDTH * SUPERSAMPLE
+    """The camera's empty scene at drawing resolution (float32 HxWx3), cached per camera. Texture
+    sizes are in drawing pixels of a full-size sensor and shrink with a coarser one."""
+    height, width = camera.render_size[0] * SUPERSAMPLE, camera.render_size[1] * SUPERSAMPLE
+    px = partial(_sensor_pixels, camera)
     t = np.linspace(0.0, 1.0, height, dtype=np.float32)[:, None, None]
     top, bottom = np.array(camera.wall_top, np.float32), np.array(camera.wall_bottom, np.float32)
     wall = (1 - t) * top + t * bottom
@@ -26,15 +37,51 @@ def _camera_background(camera: CameraStyle) -> np.ndarray:
     horizon = int(camera.horizon * height)
     image[horizon:] = np.array(camera.floor, np.float32)
     ys, xs = np.mgrid[0:height, 0:width]
+    wall_ys, wall_xs = ys[:horizon], xs[:horizon]
     if camera.texture == "panels":  # shop fronts / pillars on the wall
-        image[:horizon][(xs[:horizon] // 22) % 2 == 0] *= 0.8
+        image[:horizon][(wall_xs // px(22)) % 2 == 0] *= 0.8
     elif camera.texture == "tiles":  # floor tiles
-        lines = ((ys[horizon:] % 18) < 2) | ((xs[horizon:] % 26) < 2)
+        lines = ((ys[horizon:] % px(18)) < px(2)) | ((xs[horizon:] % px(26)) < px(2))
         image[horizon:][lines] *= 0.7
     elif camera.texture == "noise":  # gravel, foliage
         grain = np.random.default_rng([*camera.wall_top, *camera.floor])
         image += grain.normal(0.0, 14.0, size=(height, width, 1)).astype(np.float32)
+    elif camera.texture == "storefronts":  # lit shop windows between pillars over a glossy floor
+        windows = (wall_xs % px(40) >= px(8)) & (wall_ys >= 0.12 * height) & (wall_ys < horizon - 0.06 * height)
+        image[:horizon][windows] = image[:horizon][windows] * 0.45 + 130.0
+        image[horizon:] *= np.linspace(1.25, 1.0, height - horizon, dtype=np.float32)[:, None, None]
+    elif camera.texture == "columns":  # dark concrete pillars along the concourse
+        image[:horizon][wall_xs % px(48) < px(12)] *= 0.55
+    elif camera.texture == "platform":  # the yellow safety line along a platform edge
+        line = horizon + int(0.15 * (height - horizon))
+        image[line:line + px(4)] = np.array((200, 170, 40), np.float32)
+    elif camera.texture == "bricks":  # light mortar between brick courses of a facade
+        course = wall_ys // px(8)
+        joints = (wall_xs + (course % 2) * px(10)) % px(20) < px(2)
+        mortar = (wall_ys % px(8) < px(2)) | joints
+        image[:horizon][mortar] = image[:horizon][mortar] * 0.6 + 80.0
+    elif camera.texture == "skyline":  # open sky above rooftops of varying height
+        roofs = np.random.default_rng([*camera.wall_top, *camera.floor]).uniform(0.1, 0.55, width // px(24) + 1)
+        sky = wall_ys < roofs[wall_xs // px(24)] * horizon
+        t = (wall_ys / max(1, horizon))[..., None]
+        gradient = np.array((150, 190, 240), np.float32) * (1 - t) + np.array((205, 220, 235), np.float32) * t
+        image[:horizon][sky] = gradient[sky]
+    elif camera.texture != "plain":
+        raise ValueError(f"unknown scene texture {camera.texture!r}")
     return np.clip(image, 0, 255)
+
+
+@lru_cache(maxsize=64)
+def _shadow_gain(camera: CameraStyle) -> np.ndarray:
+    """Per-pixel gain (float32 HxWx3 at sensor resolution) of the camera's cast shadow: 1 in the
+    sun, darker and bluer left of the slanted edge, which is soft over about a pixel."""
+    height, width = camera.render_size
+    top, bottom = camera.shadow_edge
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    edge = (top + (bottom - top) * ys / max(1, height - 1)) * width
+    inside = np.clip(edge - xs + 0.5, 0.0, 1.0)[..., None]
+    shade = (1.0 - camera.shadow) * np.array(SKYLIGHT, np.float32)
+    return (1.0 + inside * (shade - 1.0)).astype(np.float32)
 
 
 class _Pen:
@@ -43,12 +90,14 @@ class _Pen:
     mirrored side view."""
 
     def __init__(
-        self, draw: ImageDraw.ImageDraw, center_x: float, top: float, height: float, facing: int
+        self, draw: ImageDraw.ImageDraw, center_x: float, top: float, height: float, facing: int,
+        squash: float = 1.0,
     ) -> None:
         self.draw, self.cx, self.top, self.h, self.facing = draw, center_x, top, height, facing
+        self.v = height * squash  # a camera looking down shortens the body, not its width
 
     def xy(self, dx: float, dy: float) -> Point:
-        return self.cx + self.facing * dx * self.h, self.top + dy * self.h
+        return self.cx + self.facing * dx * self.h, self.top + dy * self.v
 
     def rect(self, dx0: float, dy0: float, dx1: float, dy1: float, fill: RGB) -> None:
         (x0, y0), (x1, y1) = self.xy(dx0, dy0), self.xy(dx1, dy1)
@@ -181,13 +230,14 @@ def _draw_bag(
 
 
 def draw_person(
-    draw: ImageDraw.ImageDraw, person: PersonAttributes, shot: Shot, size: tuple[int, int]
+    draw: ImageDraw.ImageDraw, person: PersonAttributes, shot: Shot, size: tuple[int, int], squash: float = 1.0
 ) -> None:
-    """Paint `person` in `shot` onto a canvas of `size` (width, height), back to front."""
+    """Paint `person` in `shot` onto a canvas of `size` (width, height), back to front, its
+    height times `squash` (the camera's foreshortening)."""
     width, height = size
     person_height = shot.scale * person.height * height
-    top = shot.feet_y * height - person_height
-    pen = _Pen(draw, shot.center_x * width, top, person_height, shot.facing)
+    top = shot.feet_y * height - person_height * squash
+    pen = _Pen(draw, shot.center_x * width, top, person_height, shot.facing, squash)
     half_width = (0.085 if shot.view == "side" else 0.13) * person.width
     hair = HAIR_COLORS[person.hair_color]
     if person.hair_length == "long" and shot.view != "back":
@@ -204,15 +254,28 @@ def draw_person(
 def render_image(
     person: PersonAttributes | None, camera: CameraStyle, shot: Shot, rng: np.random.Generator
 ) -> Image.Image:
-    """One camera image (128x64) of `person` (None: the empty scene) before JPEG encoding."""
-    background = np.roll(_camera_background(camera), shot.shift, axis=1)
+    """One camera image (128x64) of `person` (None: the empty scene) before JPEG encoding.
+
+    Drawn at the camera's sensor resolution; the light (gain, cast shadow, contrast) acts on the
+    sensor's pixels, and a coarser sensor's image is then upsampled to the crop (soft, blocky).
+    """
+    height, width = camera.render_size
+    shift = round(shot.shift * height / IMAGE_HEIGHT)  # the scene's jitter, in sensor pixels
+    background = np.roll(_camera_background(camera), shift, axis=1)
     canvas = Image.fromarray(background.astype(np.uint8))
     if person is not None:
-        draw_person(ImageDraw.Draw(canvas), person, shot, canvas.size)
-    small = canvas.resize((IMAGE_WIDTH, IMAGE_HEIGHT), Image.Resampling.BOX)
+        draw_person(ImageDraw.Draw(canvas), person, shot, canvas.size, camera.squash)
+    small = canvas.resize((width, height), Image.Resampling.BOX)
     gain = np.array(camera.cast, np.float32) * camera.brightness * shot.light
-    sensor_noise = rng.normal(0.0, 3.0, size=(IMAGE_HEIGHT, IMAGE_WIDTH, 1))
+    sensor_noise = rng.normal(0.0, 3.0, size=(height, width, 1))
     pixels = np.asarray(small, np.float32) * gain + sensor_noise
+    if camera.shadow > 0:
+        pixels *= _shadow_gain(camera)
+    if camera.contrast != 1.0:  # around the image's own mean, so contrast does not shift brightness
+        mean = pixels.mean()
+        pixels = mean + camera.contrast * (pixels - mean)
     image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    if (height, width) != (IMAGE_HEIGHT, IMAGE_WIDTH):
+        image = image.resize((IMAGE_WIDTH, IMAGE_HEIGHT), Image.Resampling.BILINEAR)
     radius = camera.blur * float(rng.uniform(0.8, 1.2))
     return image.filter(ImageFilter.GaussianBlur(radius)) if radius > 0.15 else image
