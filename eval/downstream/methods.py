@@ -2,15 +2,20 @@
 
 A method turns an initialised backbone (random, ImageNet or the evaluated one; the runner owns
 initialisation, so every method is compared on the same footing) into a Re-ID model whose
-training-mode output is a `ReidOutput` and whose eval-mode output is the retrieval feature, and
-gives the loss for it; the runner trains it with the BoT trainer's loop, sampler and schedule.
-New methods (MGN, SBS, BDB, ...) are registered once in `METHODS` and named in
-`downstream.methods`; the runner never changes::
+training-mode output has the `logits` the loop's accuracy reads (a `ReidOutput`; multi-branch
+models a `BranchOutput`) and whose eval-mode output is the retrieval feature, and gives the loss
+for it; the runner trains it with the BoT trainer's loop, sampler and schedule.
+New methods are registered once in `METHODS` and named in `downstream.methods`; the runner
+never changes::
 
     METHODS.add("mgn", ReidMethod(
         description="Multiple Granularity Network",
         options_model=MgnOptions, build_model=build_mgn, build_loss=build_mgn_loss,
+        adjust_recipe=adjust_mgn_recipe,
     ))
+
+Registered: `bot`, `agw`, `mgn` (`eval.downstream.mgn`), `sbs` (`eval.downstream.sbs`) and `bdb`
+(`eval.downstream.bdb`).
 """
 
 from __future__ import annotations
@@ -28,6 +33,9 @@ from core.settings.reid import ReidTrainConfig
 from trainers.reid.losses import BotLoss
 from trainers.reid.model import ReidBaseline
 from eval.downstream.agw import AgwLoss, AgwModel, AgwOptions
+from eval.downstream.bdb import BdbOptions, adjust_bdb_recipe, build_bdb, build_bdb_loss
+from eval.downstream.mgn import MgnOptions, adjust_mgn_recipe, build_mgn, build_mgn_loss
+from eval.downstream.sbs import SbsOptions, adjust_sbs_recipe, build_sbs, build_sbs_loss
 
 
 class NoOptions(StrictModel):
@@ -91,4 +99,28 @@ METHODS.add("agw", ReidMethod(
     build_model=_build_agw,
     build_loss=_build_agw_loss,
     options_model=AgwOptions,
+))
+METHODS.add("mgn", ReidMethod(
+    description="MGN (Wang et al. 2018): a global and two part branches (2 and 3 stripes), max pooling, "
+    "256-d reductions, softmax on every feature + triplet on the whole-map ones",
+    build_model=build_mgn,
+    build_loss=build_mgn_loss,
+    options_model=MgnOptions,
+    adjust_recipe=adjust_mgn_recipe,
+))
+METHODS.add("sbs", ReidMethod(
+    description="fast-reid's stronger baseline: non-local blocks, GeM, BNNeck, CircleSoftmax + soft-margin "
+    "triplet; cosine schedule, backbone freeze, AutoAugment",
+    build_model=build_sbs,
+    build_loss=build_sbs_loss,
+    options_model=SbsOptions,
+    adjust_recipe=adjust_sbs_recipe,
+))
+METHODS.add("bdb", ReidMethod(
+    description="Batch DropBlock Network (Dai et al. 2019): a global branch and a feature-dropping branch "
+    "whose block is dropped batch-wide, softmax + triplet on each",
+    build_model=build_bdb,
+    build_loss=build_bdb_loss,
+    options_model=BdbOptions,
+    adjust_recipe=adjust_bdb_recipe,
 ))

@@ -35,7 +35,7 @@ from trainers.ray_train import fit, quiet_ray_train_reports, read_checkpoint, re
 from trainers.reid.data import TrainingSet, make_train_loader
 from trainers.reid.losses import BotLoss
 from trainers.reid.model import ReidOutput, build_reid_model
-from trainers.reid.schedule import build_lr_scheduler, build_optimizer
+from trainers.reid.schedule import build_lr_scheduler, build_optimizer, frozen_parameters
 from trainers.weights import save_backbone_safetensors, unwrap_model
 
 METRICS_FILE = "metrics.json"
@@ -159,11 +159,21 @@ def run_epoch(epoch: int, model: nn.Module, loader: torch.utils.data.DataLoader,
     """One epoch of the BoT loop shared by the Re-ID trainer and the downstream trials: the
     sampler's epoch, the pass over the data, the schedule's step; returns the epoch's metrics.
     `precision`: pass the same one every epoch (None: `Precision.for_device(device)`, whose fp16
-    scaler would start over each epoch); the model must already be in its memory format."""
+    scaler would start over each epoch); the model must already be in its memory format.
+    Parameters the optimiser holds frozen in this epoch (`build_optimizer`'s
+    `freeze_backbone_epochs`) stop requiring gradients for it, so they get none and the optimiser
+    leaves them and their moments alone (as fast-reid drops their gradients); not for DDP models."""
     loader.batch_sampler.set_epoch(epoch)
     lr = optimizer.param_groups[0]["lr"]
-    metrics = {"epoch": epoch + 1, "lr": lr,
-               **train_one_epoch(model, loader, loss_fn, optimizer, device, precision)}
+    frozen = frozen_parameters(optimizer, epoch)
+    for parameter in frozen:
+        parameter.requires_grad_(False)
+    try:
+        metrics = {"epoch": epoch + 1, "lr": lr,
+                   **train_one_epoch(model, loader, loss_fn, optimizer, device, precision)}
+    finally:
+        for parameter in frozen:
+            parameter.requires_grad_(True)
     scheduler.step(epoch + 1)
     return metrics
 

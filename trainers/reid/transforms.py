@@ -23,9 +23,13 @@ def _to_normalised_tensor() -> list[v2.Transform]:
 
 
 def build_train_transform(config: ReidTrainConfig) -> v2.Compose:
-    """Resize, random horizontal flip, pad + random crop back to size, normalise, Random Erasing."""
+    """Resize, (AutoAugment when `autoaugment_prob`), random horizontal flip, pad + random crop
+    back to size, normalise, Random Erasing."""
     size = list(config.image_size)
-    steps: list[v2.Transform] = [v2.Resize(size), v2.RandomHorizontalFlip(p=config.flip_prob)]
+    steps: list[v2.Transform] = [v2.Resize(size)]
+    if config.autoaugment_prob > 0:  # fast-reid's SBS: the ImageNet policy on 10 % of the images
+        steps.append(v2.RandomApply([v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET)], p=config.autoaugment_prob))
+    steps.append(v2.RandomHorizontalFlip(p=config.flip_prob))
     if config.pad > 0:
         steps += [v2.Pad(config.pad), v2.RandomCrop(size)]
     steps += _to_normalised_tensor()
