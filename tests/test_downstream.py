@@ -227,10 +227,10 @@ def test_center_loss_moves_centres_towards_their_features() -> None:
 
 def test_methods_registry() -> None:
     assert {"bot", "agw"} <= set(METHODS.names())
-    with pytest.raises(KeyError, match="unknown downstream method 'mgn'"):
-        METHODS.get("mgn")
-    with pytest.raises(ConfigError, match=r"downstream.methods: unknown downstream method 'mgn' \(registered: agw, bot"):
-        check_methods(DownstreamConfig(methods=["mgn"]))  # before Tune: the command's exit 2
+    with pytest.raises(KeyError, match="unknown downstream method 'pcb'"):
+        METHODS.get("pcb")
+    with pytest.raises(ConfigError, match=r"downstream.methods: unknown downstream method 'pcb' \(registered: agw, bdb, bot, mgn, sbs\)"):
+        check_methods(DownstreamConfig(methods=["pcb"]))  # before Tune: the command's exit 2
     with pytest.raises(ConfigError, match="method_options.agw"):
         METHODS.get("agw").options("agw", {"gem_p": 0.5})
     bot = METHODS.get("bot")
@@ -280,9 +280,18 @@ def test_paper_and_demo_presets_plan_their_grids() -> None:
 
     paper = load_run_config(REPO_ROOT / "configs" / "paper.yaml").downstream
     cells = plan_cells(paper)
-    fractions = [c for c in cells if c.setting.kind != "supervised"]
+    fractions = [c for c in cells if c.setting.kind in ("fs", "ss")]
     assert {c.dataset for c in fractions} == {"market1501"} and {c.method for c in fractions} == {"agw"}
-    assert len(fractions) == 10 * 3 and len(cells) - len(fractions) == 3 * 2 * 3
+    assert len(fractions) == 10 * 3
+    by_kind = {kind: [c for c in cells if c.setting.kind == kind] for kind in ("supervised", "unsupervised", "da", "dg")}
+    # Table 2: 4 datasets x MGN/AGW/SBS/BDB; Table 4: Market, MSMT17; Table 5: both directions; Table 6: one model
+    assert {c.dataset for c in by_kind["supervised"]} == {"cuhk03", "market1501", "personx", "msmt17"}
+    assert {c.method for c in by_kind["supervised"]} == {"mgn", "agw", "sbs", "bdb"}
+    assert [len(by_kind[k]) for k in by_kind] == [4 * 4 * 3, 2 * 3, 2 * 3, 3]
+    assert {c.dataset for c in by_kind["dg"]} == {"market1501+cuhk02+cuhk03+cuhk_sysu"}
+    protocol = load_run_config(REPO_ROOT / "configs" / "protocol-demo.yaml").downstream
+    assert {c.setting.kind for c in plan_cells(protocol)} == {"supervised", "unsupervised", "da", "dg"}
+    check_methods(protocol)  # every method builds on the demo's ResNet-18
     demo = load_run_config(REPO_ROOT / "configs" / "demo.yaml").downstream
     assert demo.datasets[0].generate.seed != 0  # held out from the factory's demo source (seed 0)
     assert len({c.key for c in plan_cells(demo)}) == len(plan_cells(demo))

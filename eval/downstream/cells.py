@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from core.storage import Location, resolve
-from core.settings.downstream import DownstreamConfig
+from core.settings.downstream import ADAPTATION, GENERALIZATION, DownstreamConfig
 from eval.downstream.inits import InitWeights
 from core.settings.downstream import Setting
 
@@ -46,19 +46,27 @@ class Cell:
                    int(params["seed"]))
 
     def directory(self, out_dir: Location | str) -> Location:
-        safe = [part.replace("/", "_") for part in (self.dataset, self.method, self.init, self.setting.name)]
+        safe = [part.replace("/", "_").replace("->", "-to-") for part in
+                (self.dataset, self.method, self.init, self.setting.name)]
         return resolve(out_dir) / "/".join(["cells", *safe, f"seed{self.seed}"])
 
 
 def plan_cells(config: DownstreamConfig) -> list[Cell]:
-    """The grid: dataset x method x init x setting x seed, with the Fs/Ss settings limited to
-    `fraction_datasets` / `fraction_methods` when those are given."""
-    return [Cell(source.source_name, method, init, setting, seed)
-            for source in config.datasets for method in config.methods for setting in config.setting_list
-            if setting.kind == "supervised" or (
-                (not config.fraction_datasets or source.source_name in config.fraction_datasets)
-                and (not config.fraction_methods or method in config.fraction_methods))
-            for init in config.inits for seed in config.seeds]
+    """The grid: per setting, its datasets x its methods x init x seed (`DownstreamConfig.datasets_for`
+    / `methods_for`: the supervised methods on the supervised datasets, Fs/Ss narrowed by
+    `fraction_datasets` / `fraction_methods`, the unsupervised methods on the unsupervised datasets
+    and the adaptation pairs, the DG methods on the merged DG sources)."""
+    labelled = [s for s in config.setting_list if s.trains_with_labels_of_the_dataset]
+    others = [s for s in config.setting_list if not s.trains_with_labels_of_the_dataset]
+    # The labelled settings in the order of earlier versions (dataset, method, setting, init, seed).
+    cells = [Cell(dataset, method, init, setting, seed)
+             for dataset in [d.source_name for d in config.datasets] for method in config.methods
+             for setting in labelled
+             if dataset in config.datasets_for(setting) and method in config.methods_for(setting)
+             for init in config.inits for seed in config.seeds]
+    return cells + [Cell(dataset, method, init, setting, seed)
+                    for setting in others for dataset in config.datasets_for(setting)
+                    for method in config.methods_for(setting) for init in config.inits for seed in config.seeds]
 
 
 def _digest(payload: Any) -> str:
@@ -67,16 +75,22 @@ def _digest(payload: Any) -> str:
 
 def cell_digest(cell: Cell, config: DownstreamConfig, init: InitWeights) -> str:
     """Changes whenever anything that determines the cell's result does."""
-    source = next(d for d in config.datasets if d.source_name == cell.dataset)
-    return _digest({
+    read = [d.model_dump(mode="json") for d in config.datasets_of_cell(cell.dataset, cell.setting)]
+    payload: dict[str, Any] = {
         "cell": cell.params(),
         "train": config.train.model_dump(mode="json"),
         "method_options": config.method_options.get(cell.method, {}),
-        "dataset": source.model_dump(mode="json"),
+        "dataset": read[0] if len(read) == 1 else read,  # one dataset: the digest of earlier versions
         "weights": init.digest,
         "fs_min_images_per_id": config.fs_min_images_per_id,
         "ss_min_identities": config.ss_min_identities,
-    })
+    }
+    if cell.setting.kind == ADAPTATION:  # the source model's recipe is part of the result
+        payload["source_method"] = [config.adaptation_source_method,
+                                    config.method_options.get(config.adaptation_source_method, {})]
+    if cell.setting.kind == GENERALIZATION and config.generalization is not None:
+        payload["generalization"] = config.generalization.model_dump(mode="json", exclude={"methods"})
+    return _digest(payload)
 
 
 def read_cell_result(out_dir: Location | str, cell: Cell, digest: str) -> dict[str, Any] | None:

@@ -5,6 +5,9 @@
 - `fraction_<dataset>_<method>_<fs|ss>.png`: mAP and Rank-1 against the percentage of training
   data kept, one line per initialisation, the supervised result drawn at 100 % when present
   (the paper's Fig. 7).
+- `bars_<unsupervised|da|dg>.png`: mAP and Rank-1 per method and dataset (DA: source→target
+  pair, DG: target), a bar per initialisation (mean over seeds, the std over seeds as error bar):
+  Tables 4 to 6 at a glance.
 """
 
 from __future__ import annotations
@@ -21,8 +24,15 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from core.settings.downstream import Setting  # noqa: E402
-from eval.downstream.tables import INIT_LABELS, INIT_ORDER, STATUS_DONE  # noqa: E402
+from eval.downstream.tables import (  # noqa: E402
+    DOMAIN_ADAPTATION,
+    DOMAIN_GENERALIZATION,
+    INIT_LABELS,
+    INIT_ORDER,
+    STATUS_DONE,
+    UNSUPERVISED,
+    setting_label,
+)
 
 _STYLE = {"ours": dict(color="tab:red", marker="o"), "imagenet": dict(color="tab:blue", marker="s"),
           "random": dict(color="tab:gray", marker="^")}
@@ -59,7 +69,7 @@ def plot_cmc(
             axis.plot(np.arange(1, length + 1), mean, label=f"{INIT_LABELS[init]} (R1 {mean[0]:.1f})",
                       markersize=3, **_STYLE[init])
         axis.set(xlabel="rank", ylabel="matching rate (%)", ylim=(0, 100),
-                 title=f"CMC: {dataset}, {method.upper()}, {Setting.parse(setting).label}")
+                 title=f"CMC: {dataset}, {method.upper()}, {setting_label(setting)}")
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.grid(alpha=0.3)
         axis.legend(loc="lower right", fontsize=8)
@@ -93,7 +103,42 @@ def plot_fraction_curves(frame: pd.DataFrame, out_dir: Path) -> list[Path]:
     return paths
 
 
+def _group_label(method: str, dataset: str) -> str:
+    """`market1501\n→msmt17\nCLUSTER_CONTRAST`: a DA pair broken at its arrow, so labels stay narrow."""
+    return "\n".join([dataset.replace("->", "\n→"), method.upper()])
+
+
+def plot_protocol_bars(frame: pd.DataFrame, out_dir: Path) -> list[Path]:
+    """Tables 4-6 as grouped bars: one figure per setting, a group per method x dataset."""
+    done = frame[frame["status"] == STATUS_DONE]
+    paths = []
+    for setting in (UNSUPERVISED, DOMAIN_ADAPTATION, DOMAIN_GENERALIZATION):
+        cells = done[done["kind"] == setting]
+        if cells.empty:
+            continue
+        groups = list(dict.fromkeys(zip(cells["method"], cells["dataset"])))
+        inits = [init for init in INIT_ORDER if (cells["init"] == init).any()]
+        width = 0.8 / len(inits)
+        figure, axes = plt.subplots(1, 2, figsize=(max(7.0, 2.0 * len(groups) + 2), 4.0))
+        for axis, metric, label in zip(axes, ("mAP", "rank1"), ("mAP (%)", "Rank-1 (%)")):
+            for offset, init in enumerate(inits):
+                per_group = [cells[(cells["method"] == m) & (cells["dataset"] == d) & (cells["init"] == init)][metric]
+                             for m, d in groups]
+                means = [values.mean() if len(values) else np.nan for values in per_group]
+                stds = [values.std() if len(values) > 1 else 0.0 for values in per_group]
+                axis.bar(np.arange(len(groups)) + (offset - (len(inits) - 1) / 2) * width, means, width, yerr=stds,
+                         capsize=2, label=INIT_LABELS[init], color=_STYLE[init]["color"])
+            axis.set_xticks(np.arange(len(groups)),
+                            [_group_label(m, d) for m, d in groups], fontsize=7)
+            axis.set(ylabel=label, ylim=(0, 100))
+            axis.grid(axis="y", alpha=0.3)
+            axis.legend(fontsize=8)
+        figure.suptitle(f"{setting_label(setting)}: mean over seeds, std as error bar", fontsize=10)
+        paths.append(save_figure(figure, out_dir / f"bars_{setting}.png"))
+    return paths
+
+
 def write_plots(frame: pd.DataFrame, cmc: Mapping[str, Sequence[float]], out_dir: str | Path) -> list[Path]:
     """All figures of the grid under `out_dir`; returns their paths."""
     out_dir = Path(out_dir)
-    return plot_cmc(frame, cmc, out_dir) + plot_fraction_curves(frame, out_dir)
+    return plot_cmc(frame, cmc, out_dir) + plot_fraction_curves(frame, out_dir) + plot_protocol_bars(frame, out_dir)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 from ray import tune
 
 from core.cluster import RayConfig, check_cluster, cluster_gpus, init_ray
@@ -44,7 +45,14 @@ from eval.downstream.cells import (
     plan_cells,
     read_cell_result,
 )
-from core.settings.downstream import INIT_IMAGENET, INIT_OURS, DownstreamConfig
+from core.settings.downstream import (
+    ADAPTATION,
+    GENERALIZATION,
+    INIT_IMAGENET,
+    INIT_OURS,
+    UNSUPERVISED,
+    DownstreamConfig,
+)
 from eval.downstream.inits import InitWeights, load_ours, random_init, resolve_imagenet
 from eval.downstream.methods import METHODS
 from eval.downstream.tables import (
@@ -89,19 +97,45 @@ def resolve_inits(config: DownstreamConfig, backbone: Path | None, hf_cache_dir:
     return inits
 
 
+def supervised_method_names(config: DownstreamConfig) -> list[str]:
+    """Every supervised method the grid trains: its `methods`, the DG methods and, for `da`, the
+    source method."""
+    kinds = {s.kind for s in config.setting_list}
+    names = list(config.methods)
+    if GENERALIZATION in kinds and config.generalization is not None:
+        names += config.generalization.methods
+    if ADAPTATION in kinds:
+        names.append(config.adaptation_source_method)
+    return list(dict.fromkeys(names))
+
+
 def check_methods(config: DownstreamConfig) -> None:
     """Unknown methods, bad options or an arch a method cannot use fail here, before Tune."""
-    for name in config.methods:
+    for name in supervised_method_names(config):
         if name not in METHODS:
             raise ConfigError(METHODS.unknown(name))
         method = METHODS.get(name)
         options = method.options(name, config.method_options.get(name))
-        recipe = method.adjust_recipe(config.train, options)
+        try:  # a recipe the method's adjustment makes invalid (pydantic's error is a ValueError too)
+            recipe = method.adjust_recipe(config.train, options)
+        except ValueError as err:
+            raise ConfigError(f"downstream.methods: {name}'s recipe does not fit downstream.train: {err}") from err
         try:
-            build_cell_model(method, options, recipe, random_init(), num_classes=2, seed=0)
+            model, _ = build_cell_model(method, options, recipe, random_init(), num_classes=2, seed=0)
         except ValueError as err:
             raise ConfigError(f"downstream.methods: {name} cannot be built on arch "
                               f"{recipe.arch!r}: {err}") from err
+        if name == config.adaptation_source_method and ADAPTATION in {s.kind for s in config.setting_list} \
+                and not isinstance(getattr(model, "backbone", None), torch.nn.Module):
+            raise ConfigError(f"downstream.adaptation_source_method: {name} has no single backbone to adapt "
+                              "(a multi-branch model); use bot, agw or sbs")
+    if {s.kind for s in config.setting_list} & {UNSUPERVISED, ADAPTATION}:
+        from eval.downstream.unsupervised import UNSUPERVISED_METHODS
+
+        for name in config.unsupervised_methods:
+            if name not in UNSUPERVISED_METHODS:
+                raise ConfigError(UNSUPERVISED_METHODS.unknown(name))
+            UNSUPERVISED_METHODS.get(name).options(name, config.method_options.get(name))
 
 
 def _fit(tuner: tune.Tuner, errors: dict[str, str]) -> None:
@@ -155,6 +189,11 @@ def _run_tune(cells: Sequence[Cell], context: TrialContext, name: str) -> dict[s
     return errors
 
 
+# Result fields that stay in result.json only; fractions shown in % like the metrics.
+_NOT_IN_ROWS = ("cmc", "history", "digest", "targets")
+_PERCENT_EXTRAS = ("before_mAP", "before_rank1", "direct_mAP", "direct_rank1", "source_mAP", "source_rank1")
+
+
 def collect_rows(
     cells: Sequence[Cell], context: TrialContext, errors: dict[str, str] | None = None
 ) -> list[dict[str, Any]]:
@@ -164,9 +203,17 @@ def collect_rows(
         init = context.inits[cell.init]
         result = read_cell_result(context.out_dir, cell, context.digests[cell.key])
         base = {**cell.params(), "kind": cell.setting.kind, "percent": cell.setting.percent}
+        if result is not None and "targets" in result:  # dg: one row per unseen target
+            for target, metrics in result["targets"].items():
+                rows.append({**base, **{k: v for k, v in result.items() if k not in _NOT_IN_ROWS},
+                             "dataset": target, "splits": metrics["splits"],
+                             **{k: 100.0 * float(metrics[k]) for k in ("mAP", "rank1", "mAP_std", "rank1_std")}})
+            continue
         if result is not None:
-            row = {**base, **{k: v for k, v in result.items() if k not in ("cmc", "history", "digest")},
-                   **{metric: 100.0 * float(result[metric]) for metric in METRICS}, "cmc": result["cmc"]}
+            row = {**base, **{k: v for k, v in result.items() if k not in _NOT_IN_ROWS},
+                   **{metric: 100.0 * float(result[metric]) for metric in METRICS if metric in result},
+                   **{key: 100.0 * float(result[key]) for key in _PERCENT_EXTRAS if result.get(key) is not None},
+                   "cmc": result.get("cmc")}
         elif not init.available:
             row = {**base, "status": STATUS_UNAVAILABLE, "reason": init.reason}
         elif errors and cell.key in errors:
@@ -175,6 +222,25 @@ def collect_rows(
             row = {**base, "status": STATUS_MISSING, "reason": "not run"}
         rows.append(row)
     return rows
+
+
+def load_datasets(config: DownstreamConfig, cells: Sequence[Cell]) -> dict[str, ReidDataset]:
+    """The datasets the grid's cells read (a listed dataset no cell uses is not generated or
+    read). Every dataset a cell evaluates on its own query/gallery must have them; DG datasets
+    are split by their test protocol instead (`core.datasets.test_splits`)."""
+    used: dict[str, bool] = {}  # name -> evaluated on its own query/gallery
+    for cell in cells:
+        for source in config.datasets_of_cell(cell.dataset, cell.setting):
+            name = source.source_name
+            used[name] = used.get(name, False) or cell.setting.kind != GENERALIZATION
+    datasets = {}
+    for name, own_split in used.items():
+        dataset = datasets[name] = load_source(config.source_config(name))
+        if own_split and (not dataset.query or not dataset.gallery):
+            raise ConfigError(f"downstream.datasets: {name} has no query/gallery split to evaluate on "
+                              "(small datasets such as VIPeR or PRID are split at random in the dg setting only)")
+        print(dataset.summary(), flush=True)
+    return datasets
 
 
 def read_dataset_images(datasets: Mapping[str, ReidDataset]) -> dict[str, dict[str, bytes]]:
@@ -211,21 +277,18 @@ def run_downstream(
     if unknown:
         raise ConfigError(f"downstream.debug_fail_cells: {unknown} are not cells of this grid")
     inits = resolve_inits(config, config.backbone, hf_cache_dir)
-    datasets = {source.source_name: load_source(source) for source in config.datasets}
-    for name, dataset in datasets.items():
-        if not dataset.query or not dataset.gallery:
-            raise ConfigError(f"downstream.datasets: {name} has no query/gallery split to evaluate on")
-        print(dataset.summary(), flush=True)
+    cells = plan_cells(config)
+    datasets = load_datasets(config, cells)
     for init in inits.values():
         if not init.available:
             print(f"{init.name} weights unavailable, cells reported as such: {init.reason}", flush=True)
     (out / CONFIG_FILE).write_text(config_to_yaml(config))
 
-    cells = plan_cells(config)
-    if any(s.kind != "supervised" for s in config.setting_list) and all(c.setting.kind == "supervised" for c in cells):
+    if any(s.kind in ("fs", "ss") for s in config.setting_list) and not any(c.setting.kind in ("fs", "ss")
+                                                                            for c in cells):
         print("note: fraction_datasets / fraction_methods leave no Fs/Ss cell to run", flush=True)
     digests = {cell.key: cell_digest(cell, config, inits[cell.init]) for cell in cells}
-    methods = {name: METHODS.get(name) for name in config.methods}
+    methods = {name: METHODS.get(name) for name in supervised_method_names(config)}
     context = TrialContext(config, out, datasets, inits, methods=methods, digests=digests)
     runnable = [c for c in cells if inits[c.init].available]
     pending = [c for c in runnable if read_cell_result(out, c, digests[c.key]) is None]
@@ -267,5 +330,5 @@ def _write_report_files(config: DownstreamConfig, frame: pd.DataFrame, cells: Se
         return []
     from eval.downstream.plots import write_plots  # matplotlib only when plotting
 
-    cmc = {cell.key: row["cmc"] for cell, row in zip(cells, rows) if "cmc" in row}
+    cmc = {Cell.from_params(row).key: row["cmc"] for row in rows if row.get("cmc")}
     return write_plots(frame, cmc, folder / "plots")

@@ -20,7 +20,7 @@ from core.datasets.base import ReidDataset
 from core.device import actor_device
 from core.storage import Location
 from eval.downstream.cells import EXECUTIONS_FILE, RESULT_FILE, Cell, read_cell_result
-from core.settings.downstream import INIT_RANDOM, DownstreamConfig
+from core.settings.downstream import ADAPTATION, GENERALIZATION, INIT_RANDOM, UNSUPERVISED, DownstreamConfig
 from eval.downstream.inits import InitWeights, build_initialised_backbone
 from eval.downstream.methods import METHODS, ReidMethod
 from eval.downstream.settings import training_subset
@@ -53,6 +53,51 @@ def build_cell_model(
     return model, method.build_loss(model, num_classes, recipe, options)
 
 
+def train_supervised(
+    method: ReidMethod,
+    options: Any,
+    recipe: ReidTrainConfig,
+    init: InitWeights,
+    training: TrainingSet,
+    seed: int,
+    device: torch.device,
+    restored: TrainingState | None = None,
+    report: EpochReporter | None = None,
+    checkpoint_every: int = 0,
+) -> tuple[nn.Module, list[dict[str, Any]]]:
+    """(trained model, per-epoch history): `method` fine-tuned from `init` on `training` with
+    `recipe` (the PK sampler's P capped at the identities there are: a small Ss subset can have
+    fewer than `ids_per_batch`). Resumes from `restored`; `report` sees every epoch, with the state
+    to checkpoint every `checkpoint_every` epochs."""
+    if training.num_classes < 2:
+        raise ValueError(f"{training.num_classes} training identities; metric learning needs 2")
+    recipe = recipe.model_copy(update={"seed": seed, "init": INIT_RANDOM,
+                                       "ids_per_batch": min(recipe.ids_per_batch, training.num_classes)})
+    model, loss_fn = build_cell_model(method, options, recipe, init, training.num_classes, seed)
+    precision = Precision.for_device(device)  # one for the whole run: the fp16 scaler adapts over it
+    model.to(device, memory_format=precision.memory_format)
+    loss_fn.to(device)
+    optimizer = build_optimizer(model, recipe)
+    start_epoch, history = 0, []
+    if restored is not None:
+        model.load_state_dict(restored.model)
+        loss_fn.load_state_dict(restored.loss)
+        optimizer.load_state_dict(restored.optimizer)
+        start_epoch, history = restored.epoch, list(restored.history)
+    scheduler = build_lr_scheduler(optimizer, recipe, start_epoch)
+    torch.manual_seed(seed + 1000 + start_epoch)  # augmentation draws
+    loader = make_train_loader(training, recipe, device=device)
+    for epoch in range(start_epoch, recipe.epochs):
+        metrics = run_epoch(epoch, model, loader, loss_fn, optimizer, scheduler, device, precision)
+        history.append(metrics)
+        if report is not None:
+            checkpoint = checkpoint_every and ((epoch + 1) % checkpoint_every == 0) and epoch + 1 < recipe.epochs
+            state = TrainingState(model=cpu_state(model), loss=cpu_state(loss_fn), optimizer=optimizer.state_dict(),
+                                  epoch=epoch + 1, history=list(history)) if checkpoint else None
+            report(metrics, state)
+    return model, history
+
+
 def fine_tune_cell(
     cell: Cell,
     dataset: ReidDataset,
@@ -64,7 +109,8 @@ def fine_tune_cell(
     report: EpochReporter | None = None,
     images: Mapping[str, bytes] | None = None,
 ) -> dict[str, Any]:
-    """Fine-tune `cell` on its training subset of `dataset` and evaluate on query/gallery.
+    """Fine-tune `cell` (a supervised, Fs or Ss cell) on its training subset of `dataset` and
+    evaluate on query/gallery.
 
     Returns the result record (metrics as fractions in [0, 1], the CMC curve, subset sizes,
     timings, per-epoch history). `method` defaults to the registered `cell.method`. `report` is
@@ -82,36 +128,10 @@ def fine_tune_cell(
     training = TrainingSet.from_records(records, images)
     if training.num_classes < 2:
         raise ValueError(f"{cell.key}: {training.num_classes} training identities; metric learning needs 2")
-    # The shared recipe as the method adjusts it, with the cell's seed, and the PK sampler's P
-    # capped at the identities there are (a small Ss subset can have fewer than `ids_per_batch`).
     recipe = method.adjust_recipe(config.train, options)
-    recipe = recipe.model_copy(update={
-        "seed": cell.seed, "init": INIT_RANDOM, "ids_per_batch": min(recipe.ids_per_batch, training.num_classes),
-    })
-    model, loss_fn = build_cell_model(method, options, recipe, init, training.num_classes, cell.seed)
-    precision = Precision.for_device(device)  # one for the whole run: the fp16 scaler adapts over it
-    model.to(device, memory_format=precision.memory_format)
-    loss_fn.to(device)
-    optimizer = build_optimizer(model, recipe)
-    start_epoch, history = 0, []
-    if restored is not None:
-        model.load_state_dict(restored.model)
-        loss_fn.load_state_dict(restored.loss)
-        optimizer.load_state_dict(restored.optimizer)
-        start_epoch, history = restored.epoch, list(restored.history)
-    scheduler = build_lr_scheduler(optimizer, recipe, start_epoch)
-    torch.manual_seed(cell.seed + 1000 + start_epoch)  # augmentation draws
-    loader = make_train_loader(training, recipe, device=device)
     train_start = time.perf_counter()
-    for epoch in range(start_epoch, recipe.epochs):
-        metrics = run_epoch(epoch, model, loader, loss_fn, optimizer, scheduler, device, precision)
-        history.append(metrics)
-        if report is not None:
-            every = config.checkpoint_every
-            checkpoint = every and ((epoch + 1) % every == 0) and epoch + 1 < recipe.epochs
-            state = TrainingState(model=cpu_state(model), loss=cpu_state(loss_fn), optimizer=optimizer.state_dict(),
-                                  epoch=epoch + 1, history=list(history)) if checkpoint else None
-            report(metrics, state)
+    model, history = train_supervised(method, options, recipe, init, training, cell.seed, device, restored,
+                                      report, config.checkpoint_every)
     train_seconds = time.perf_counter() - train_start
     metrics = evaluate_reid(model, dataset, recipe, device=device, images=images)
     return {
@@ -125,7 +145,7 @@ def fine_tune_cell(
         "train_ids": training.num_classes,
         "image_fraction": len(training.paths) / max(1, len(all_train)),
         "id_fraction": training.num_classes / max(1, len({(r.source, r.pid) for r in all_train})),
-        "ids_per_batch": recipe.ids_per_batch,
+        "ids_per_batch": min(recipe.ids_per_batch, training.num_classes),
         "epochs": recipe.epochs,
         "train_seconds": train_seconds,
         "total_seconds": time.perf_counter() - start,
@@ -184,17 +204,46 @@ def run_trial(params: dict[str, Any], context: TrialContext) -> None:
                           f"from_epoch={restored.epoch if restored else 0}\n")
     if cell.key in context.config.debug_fail_cells:
         raise RuntimeError(f"injected failure of {cell.key} (downstream.debug_fail_cells)")
-    result = fine_tune_cell(cell, context.datasets[cell.dataset], context.config, context.inits[cell.init],
-                            method=context.methods.get(cell.method), device=device, restored=restored,
-                            report=_report_epoch, images=context.images.get(cell.dataset))
+    result = run_cell(cell, context, device, restored)
     result["digest"] = digest
     (cell_dir / RESULT_FILE).write_bytes(json.dumps(result, indent=2).encode())
-    tune.report({k: result[k] for k in ("mAP", "rank1", "mINP", "train_seconds")})
+    tune.report({k: result[k] for k in ("mAP", "rank1", "train_seconds")})
+
+
+def _report_metrics(metrics: dict[str, Any]) -> None:
+    tune.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+
+
+def run_cell(cell: Cell, context: TrialContext, device: torch.device,
+             restored: TrainingState | None = None) -> dict[str, Any]:
+    """The cell's result record, by its setting: supervised / Fs / Ss fine-tune one dataset (and
+    resume from checkpoints), `unsupervised` and `da` train without target labels, `dg` trains on
+    the merged sources and tests on unseen targets."""
+    from eval.downstream.generalization import run_generalization_cell
+    from eval.downstream.unsupervised import run_adaptation_cell, run_unsupervised_cell
+
+    config, init, kind = context.config, context.inits[cell.init], cell.setting.kind
+    if kind == UNSUPERVISED:
+        return run_unsupervised_cell(cell, context.datasets[cell.dataset], config, init, device,
+                                     images=context.images.get(cell.dataset), report=_report_metrics)
+    if kind == ADAPTATION:
+        pair = next(p for p in config.adaptation if p.name == cell.dataset)
+        return run_adaptation_cell(cell, context.datasets[pair.source], context.datasets[pair.target], config, init,
+                                   device, context.images, report=_report_metrics)
+    if kind == GENERALIZATION:
+        kinds = {d.source_name: d.kind for d in config.datasets}
+        return run_generalization_cell(cell, context.datasets, kinds, config, init, device, context.images,
+                                       method=context.methods.get(cell.method),
+                                       report=lambda metrics, state: _report_metrics(metrics))
+    return fine_tune_cell(cell, context.datasets[cell.dataset], config, init, method=context.methods.get(cell.method),
+                          device=device, restored=restored, report=_report_epoch,
+                          images=context.images.get(cell.dataset))
 
 
 def trial_dirname(trial: Any) -> str:
     params = trial.config["cell"]
-    return "_".join(str(params[k]) for k in ("dataset", "method", "init", "setting")) + f"_seed{params['seed']}"
+    name = "_".join(str(params[k]) for k in ("dataset", "method", "init", "setting")) + f"_seed{params['seed']}"
+    return name.replace("->", "-to-").replace("/", "_")
 
 
 def trial_name(trial: Any) -> str:
