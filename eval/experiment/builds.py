@@ -39,10 +39,11 @@ def _build_payload(config: RunConfig) -> dict[str, Any]:
 
 
 def build_configs(config: RunConfig, origin: str) -> dict[str, RunConfig]:
-    """The builds the arms need: `main` (the preset as it is) and one per ablation, validated."""
+    """The builds the arms need: `main` (the preset as it is; also the data-scale study's source)
+    and one per ablation, validated."""
     exp = config.experiment
     builds = {}
-    if {ARM_GENERATED, ARM_BOTH} & set(exp.arms):
+    if {ARM_GENERATED, ARM_BOTH} & set(exp.arms) or exp.data_scale is not None:
         builds[MAIN_BUILD] = config
     base = config.model_dump(mode="json")
     for name, overrides in exp.ablations.items():

@@ -2,8 +2,10 @@
 Ray Train's workers and Tune's trials ask for their own CPUs / GPUs) that pre-trains into
 `OUT/chains/<arm>/seed-<s>/pretrain` and fine-tunes into `.../downstream`; a finished chain leaves
 `done.json` with its digest and metrics, and a rerun reads that instead of training. Their
-pre-training sets are under `OUT/data/`: the source identities' real images (`source`) and real
-plus generated (`source+<build>`); the generated-only set is the build's own shards.
+pre-training sets are under `OUT/data/`: the source identities' real images (`source`), real
+plus generated (`source+<build>`) and the data-scale study's shares of the main build
+(`scale-images-<P>-seed-<s>`, `scale-ids-<P>-seed-<s>`: `eval.experiment.scale`); the
+generated-only set, 100 % of the study included, is the build's own shards.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import functools
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from core.settings.experiment import ARM_BOTH, ARM_GENERATED, ARM_RANDOM, ARM_SO
 from core.settings.run import RunConfig
 from core.storage import Location, has_scheme, resolve
 from eval.experiment.builds import MAIN_BUILD, MARKER, digest
+from eval.experiment.scale import SCALE_GROUP, SUBSET_SCHEME, ScaleRun, plan_scale_runs, scale_subset
 
 DONE = "done.json"
 
@@ -31,7 +34,7 @@ class Chain:
     """One arm x seed: pre-train on `data` (None: random init), then the downstream grid."""
 
     arm: str
-    group: str  # "main" or "ablation"
+    group: str  # "main", "ablation" or "scale"
     seed: int
     data: str | None = None  # URI of a folder holding shards/
 
@@ -92,6 +95,38 @@ def pretraining_sets(config: RunConfig, out: Location, build_markers: Mapping[st
             data[name] = ensure_data(
                 name, out, data_digests[name],
                 lambda: pa.concat_tables([source_rows(), read_shard_table(data[MAIN_BUILD])]), rows_per_shard, log)
+    if exp.data_scale is not None:
+        scale_data, scale_digests = scale_sets(plan_scale_runs(exp), out, data[MAIN_BUILD], data_digests[MAIN_BUILD],
+                                               config.output.rows_per_shard, log)
+        data.update(scale_data)
+        data_digests.update(scale_digests)
+    return data, data_digests
+
+
+def scale_sets(runs: Sequence[ScaleRun], out: Location, build: str, build_digest: str, rows_per_shard: int,
+               log: Callable[[str], None]) -> tuple[dict[str, str], dict[str, str]]:
+    """The data-scale study's pre-training sets, name -> folder URI and digest: each point below
+    100 % written once under `OUT/data/<name>` from the main build's shards at `build` (a rerun
+    whose digest matches writes nothing); 100 % is the build itself and writes nothing. A build
+    with no shards leaves the folders unwritten: their chains report "no pre-training data"."""
+    from trainers.pretrain.shards import ShardError, read_shard_table
+
+    build_rows = functools.cache(lambda: read_shard_table(build))  # read once, only if a set is written
+
+    def subset_of(run: ScaleRun) -> Any:
+        return scale_subset(build_rows(), run.kind, run.percent, run.seed)
+
+    data, data_digests = {}, {}
+    for run in runs:
+        if run.data_name is None or run.data_name in data:
+            continue
+        data_digests[run.data_name] = digest([build_digest, run.kind, float(run.percent), run.seed, SUBSET_SCHEME])
+        try:
+            data[run.data_name] = ensure_data(run.data_name, out, data_digests[run.data_name],
+                                              functools.partial(subset_of, run), rows_per_shard, log)
+        except ShardError as err:
+            log(f"[data {run.data_name}] not written: {err}")
+            data[run.data_name] = (out / "data" / run.data_name).uri
     return data, data_digests
 
 
@@ -182,4 +217,15 @@ def plan_chains(config: RunConfig, data: Mapping[str, str]) -> list[Chain]:
                 ARM_BOTH: data.get(f"{ARM_SOURCE}+{MAIN_BUILD}")}
     chains = [Chain(arm, "main", seed, arm_data[arm]) for seed in exp.seeds for arm in exp.arms]
     chains += [Chain(name, "ablation", seed, data[name]) for seed in exp.ablation_seeds for name in exp.ablations]
-    return chains
+    return chains + scale_chains(plan_scale_runs(exp), data, {c.key for c in chains})
+
+
+def scale_chains(runs: Sequence[ScaleRun], data: Mapping[str, str], planned: Collection[str] = ()) -> list[Chain]:
+    """One chain per arm x seed of the data-scale study, skipping those in `planned` (the
+    `generated` arm's, which are the 100 % point); the 100 % point pre-trains on the main build."""
+    chains = {}
+    for run in runs:
+        chain = Chain(run.arm, SCALE_GROUP, run.seed, data[run.data_name or MAIN_BUILD])
+        if chain.key not in planned:
+            chains.setdefault(chain.key, chain)
+    return list(chains.values())

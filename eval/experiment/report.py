@@ -1,16 +1,23 @@
 """The experiment's report: `results.csv` (one row per arm x setting), `runs.csv` (one row per arm
-x seed x setting), `results.md` and `plots/map_<dataset>_<method>.png`."""
+x seed x setting), `results.md` and `plots/map_<dataset>_<method>.png`; with the data-scale study,
+`scale.csv` (one row per scale point x setting), its Table 8 section in `results.md` and
+`plots/scale_<dataset>_<method>.png`."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from core.settings.downstream import Setting
+from eval.experiment.scale import IDENTITIES, IMAGES, ScaleRun
+from eval.experiment.stats import CELL
+
+_GROUP_COLOURS = {"ablation": "tab:gray", "scale": "tab:olive"}  # the main arms: tab:blue
+_SCALE_LINES = {IMAGES: ("images per identity", "o-"), IDENTITIES: ("identities", "s--")}
 
 
 def _mean_std(mean: float, std: float) -> str:
@@ -40,7 +47,7 @@ def results_markdown(summary: pd.DataFrame, baseline: str, meta: Mapping[str, st
             size = ("-" if pd.isna(row["pretrain_images"]) else
                     f"{int(row['pretrain_images'])} images, {int(row['pretrain_ids'])} ids")
             seeds = f"{row['seeds']}" + (f" ({row['errors']} failed)" if row["errors"] else "")
-            label = row["arm"] + (" (ablation)" if row["group"] == "ablation" else "")
+            label = row["arm"] + (f" ({row['group']})" if row["group"] != "main" else "")
             lines.append(f"| {label} | {size} | {seeds} | {_mean_std(row['mAP_mean'], row['mAP_std'])} | "
                          f"{_mean_std(row['rank1_mean'], row['rank1_std'])} | {_difference(row, 'mAP')} | "
                          f"{_difference(row, 'rank1')} | {_difference(row, 'mAP', 'dm')} |")
@@ -73,10 +80,104 @@ def write_plots(summary: pd.DataFrame, folder: Path) -> list[Path]:
         figure, axes = plt.subplots(1, len(settings), figsize=(4.5 * len(settings), 3.6), squeeze=False)
         for axis, setting in zip(axes[0], settings):
             rows = group[group["setting"] == setting]
-            colours = ["tab:gray" if g == "ablation" else "tab:blue" for g in rows["group"]]
+            colours = [_GROUP_COLOURS.get(g, "tab:blue") for g in rows["group"]]
             axis.bar(range(len(rows)), rows["mAP_mean"], yerr=rows["mAP_std"].fillna(0), color=colours, capsize=3)
             axis.set_xticks(range(len(rows)), rows["arm"], rotation=45, ha="right", fontsize=8)
             axis.set_title(f"{method.upper()} {dataset}, {Setting.parse(setting).label}", fontsize=9)
             axis.set_ylabel("mAP (%)")
         paths.append(save_figure(figure, folder / f"map_{dataset}_{method}.png"))
+    return paths
+
+
+def scale_table(runs: pd.DataFrame, points: Sequence[ScaleRun]) -> pd.DataFrame:
+    """The data-scale study from the runs frame (one row per arm x seed x cell): one row per
+    scale point (kind, percent) x cell, over the point's own seeds only (the `generated` arm
+    standing for 100 % may run more seeds than the study), with the pre-training set's size range
+    over those seeds."""
+    rows = []
+    by_point: dict[tuple[str, float], set[tuple[str, int]]] = {}
+    for point in points:
+        by_point.setdefault((point.kind, point.percent), set()).add((point.arm, point.seed))
+    for (kind, percent), chains in by_point.items():
+        mine = runs[[(arm, seed) in chains for arm, seed in zip(runs["arm"], runs["seed"])]]
+        for cell, group in mine.groupby(CELL, sort=False):
+            ok = group[group["status"] == "done"]
+            row = {"kind": kind, "percent": percent, "arms": ",".join(sorted({a for a, _ in chains})),
+                   **dict(zip(CELL, cell)), "seeds": len(ok), "chains": len(chains)}
+            for column in ("pretrain_images", "pretrain_ids"):
+                sizes = pd.to_numeric(group[column], errors="coerce")
+                row[f"{column}_min"], row[f"{column}_max"] = sizes.min(), sizes.max()
+            for metric in ("mAP", "rank1"):
+                values = pd.to_numeric(ok[metric], errors="coerce")
+                row[f"{metric}_mean"] = values.mean() if len(ok) else math.nan
+                row[f"{metric}_std"] = values.std(ddof=1) if len(ok) > 1 else math.nan
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _size_range(row: Mapping[str, Any], column: str) -> str:
+    low, high = row[f"{column}_min"], row[f"{column}_max"]
+    if pd.isna(low):
+        return "-"
+    return f"{int(low)}" if low == high else f"{int(low)}-{int(high)}"
+
+
+def scale_markdown(table: pd.DataFrame, seeds: Sequence[int]) -> str:
+    """The "Data scale (Table 8 layout)" section: a row per scale point (images %, then
+    identities %), the pre-training set's size, and mAP / Rank-1 per downstream cell."""
+    lines = ["## Data scale (Table 8 layout)", "",
+             "Pre-training on a share of the main build's generated images, then the same fine-tuning as every "
+             "arm. *images P %*: every identity keeps P % of its images (half up, at least one); *identities P %*: "
+             "P % of the identities keep all their images. For one seed a smaller share lies within every larger "
+             "one; 100 % is the main build itself (the `generated` arm's chain where it runs the seed). Cells: "
+             f"mAP / Rank-1 (%), mean over seeds {list(seeds)} (± std with more than one).", ""]
+    if table.empty:
+        return "\n".join([*lines, "No scale chain has results yet."]) + "\n"
+    cells = list(dict.fromkeys(zip(table["dataset"], table["method"], table["setting"])))
+    lines += ["| pre-training data | images | identities | "
+              + " | ".join(f"{m.upper()} {d}, {Setting.parse(s).label}" for d, m, s in cells) + " |",
+              "|---|---|---|" + "---|" * len(cells)]
+    for (kind, percent), group in table.groupby(["kind", "percent"], sort=False):
+        by_cell = {(r["dataset"], r["method"], r["setting"]): r for r in group.to_dict("records")}
+        first = next(iter(by_cell.values()))
+        values = []
+        for cell in cells:
+            row = by_cell.get(cell)
+            if row is None or not row["seeds"]:
+                values.append("-")
+                continue
+            text = f"{_mean_std(row['mAP_mean'], row['mAP_std'])} / {_mean_std(row['rank1_mean'], row['rank1_std'])}"
+            partial = row["seeds"] < row["chains"]
+            values.append(text + (f" ({row['seeds']} of {row['chains']} seeds)" if partial else ""))
+        lines.append(f"| {kind} {percent:g} % | {_size_range(first, 'pretrain_images')} | "
+                     f"{_size_range(first, 'pretrain_ids')} | " + " | ".join(values) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_scale_plots(table: pd.DataFrame, folder: Path) -> list[Path]:
+    """mAP (mean ± std over seeds) against the percent kept, one line per axis (images per
+    identity, identities), one panel per setting, one file per dataset x method."""
+    from eval.downstream.plots import plt, save_figure
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for (dataset, method), group in table.groupby(["dataset", "method"], sort=False):
+        settings = list(dict.fromkeys(group["setting"]))
+        figure, axes = plt.subplots(1, len(settings), figsize=(4.5 * len(settings), 3.6), squeeze=False)
+        for axis, setting in zip(axes[0], settings):
+            for kind, rows in group[group["setting"] == setting].groupby("kind", sort=False):
+                rows = rows.sort_values("percent")
+                label, style = _SCALE_LINES[kind]
+                axis.errorbar(rows["percent"], rows["mAP_mean"], yerr=rows["mAP_std"].fillna(0), fmt=style,
+                              capsize=3, label=label)
+            # The paper's shares halve (12.5, 25, 50, 100 %): even steps on a log axis.
+            percents = sorted(set(group["percent"]))
+            axis.set_xscale("log", base=2)
+            axis.set_xticks(percents, [f"{p:g}" for p in percents])
+            axis.minorticks_off()
+            axis.set_title(f"{method.upper()} {dataset}, {Setting.parse(setting).label}", fontsize=9)
+            axis.set_xlabel("share of the generated data kept (%)")
+            axis.set_ylabel("mAP (%)")
+            axis.legend(fontsize=8)
+        paths.append(save_figure(figure, folder / f"scale_{dataset}_{method}.png"))
     return paths

@@ -25,6 +25,7 @@ from eval.experiment.builds import (MAIN_BUILD, build_configs, check_builds, ens
                                     place_build, refuse_changed_builds, share_filter_models, share_samples)
 from eval.experiment.chains import (DONE, Chain, absolute_local_roots, chain_spec, plan_chains, pretraining_sets,
                                     run_chains)
+from eval.experiment.scale import plan_scale_runs
 from factory.build import FAILED as BUILD_FAILED, REFUSED as BUILD_REFUSED
 
 RUN_COLUMNS = ("arm", "group", "seed", "dataset", "method", "setting", "status", "mAP", "rank1",
@@ -151,7 +152,7 @@ def _runs_frame(chains: Sequence[Chain], results: Mapping[str, Any], sizes: Mapp
 
 def _write_report(config: RunConfig, out: Location, runs: pd.DataFrame,
                   build_markers: Mapping[str, Any]) -> pd.DataFrame:
-    from eval.experiment.report import results_markdown, write_plots
+    from eval.experiment.report import results_markdown, scale_markdown, scale_table, write_plots, write_scale_plots
     from eval.experiment.stats import summarize
 
     exp = config.experiment
@@ -159,15 +160,25 @@ def _write_report(config: RunConfig, out: Location, runs: pd.DataFrame,
     runs["rank1"] = pd.to_numeric(runs["rank1"], errors="coerce")
     summary = summarize(runs, exp.baseline)
     consistency = {name: dict(marker) for name, marker in build_markers.items()}
-    meta = {"command": "python -m eval.experiment", "seeds": f"main arms {exp.seeds}, ablations {exp.ablation_seeds}",
+    scale_seeds = f", data scale {exp.data_scale.seeds}" if exp.data_scale else ""
+    meta = {"command": "python -m eval.experiment",
+            "seeds": f"main arms {exp.seeds}, ablations {exp.ablation_seeds}{scale_seeds}",
             "pre-training": f"{config.pretrain.arch}, {config.pretrain.epochs} epochs",
             "fine-tuning": f"{config.downstream.train.arch}, {config.downstream.train.epochs} epochs",
             "sources": ", ".join(f"{s.source_name} ({s.kind})" for s in config.sources),
             "benchmark": ", ".join(s.source_name for s in config.downstream.datasets),
             "paired differences": f"vs `{exp.baseline}`, per seed; 95 % t interval over seeds"}
+    markdown = results_markdown(summary, exp.baseline, meta, consistency)
+    scale = scale_table(runs, plan_scale_runs(exp)) if exp.data_scale else None
+    if scale is not None:
+        markdown += "\n" + scale_markdown(scale, exp.data_scale.seeds)
     with local_folder(out) as folder:
         runs.to_csv(folder / "runs.csv", index=False, float_format="%.2f")
         summary.to_csv(folder / "results.csv", index=False, float_format="%.3f")
-        (folder / "results.md").write_text(results_markdown(summary, exp.baseline, meta, consistency))
+        (folder / "results.md").write_text(markdown)
         write_plots(summary, folder / "plots")
+        if scale is not None:
+            scale.to_csv(folder / "scale.csv", index=False, float_format="%.3f")
+            if not scale.empty:
+                write_scale_plots(scale, folder / "plots")
     return summary
