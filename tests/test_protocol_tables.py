@@ -53,12 +53,11 @@ def supervised_rows() -> list[dict[str, Any]]:
     rows = []
     for method, bump in (("bot", 0.0), ("agw", 1.0)):
         for seed in SEEDS:
-            rows.append(cell("market1501", method, "imagenet", "supervised", seed, mAP=80 + 2 * seed + bump,
-                             rank1=90 + 2 * seed + bump, rank5=97.0, rank10=98.0, mINP=50.0, train_images=12936,
-                             train_ids=751, image_fraction=1.0, id_fraction=1.0, epochs=120))
-            rows.append(cell("market1501", method, "ours", "supervised", seed, mAP=84 + 2 * seed + bump,
-                             rank1=93 + 2 * seed + bump, rank5=98.0, rank10=99.0, mINP=55.0, train_images=12936,
-                             train_ids=751, image_fraction=1.0, id_fraction=1.0, epochs=120))
+            for init, m, r1, r5, r10, minp in (("imagenet", 80, 90, 97.0, 98.0, 50.0),
+                                                ("ours", 84, 93, 98.0, 99.0, 55.0)):
+                rows.append(cell("market1501", method, init, "supervised", seed, mAP=m + 2 * seed + bump,
+                                 rank1=r1 + 2 * seed + bump, rank5=r5, rank10=r10, mINP=minp, train_images=12936,
+                                 train_ids=751, image_fraction=1.0, id_fraction=1.0, epochs=120))
         rows += unavailable("market1501", method, "supervised")
     return rows
 
@@ -161,7 +160,8 @@ OLD_CSV_COLUMNS = (
     "reason",
 )
 
-PINNED_SUPERVISED = "\n".join([
+# The pinned output in its parts: the supervised frame's, then what the fractions add to it.
+PINNED_HEAD = [
     "# Downstream Re-ID evaluation",
     "",
     "- seeds: 0, 1",
@@ -172,51 +172,24 @@ PINNED_SUPERVISED = "\n".join([
     "",
     "| Dataset | Method | Setting | Init | mAP/Rank-1 | Seeds | Δ vs ImageNet | Δ vs random |",
     "|---|---|---|---|---|---|---|---|",
+]
+PINNED_SUPERVISED_CELLS = [
     "| market1501 | BOT | supervised | IN | 81.0/91.0 | 2 |  |  |",
     "| market1501 | BOT | supervised | Ours | 85.0/94.0 | 2 | +4.0/+3.0 | n/a |",
     "| market1501 | BOT | supervised | Random | unavailable | 0 |  |  |",
     "| market1501 | AGW | supervised | IN | 82.0/92.0 | 2 |  |  |",
     "| market1501 | AGW | supervised | Ours | 86.0/95.0 | 2 | +4.0/+3.0 | n/a |",
     "| market1501 | AGW | supervised | Random | unavailable | 0 |  |  |",
-    "",
-    "## Supervised (Table 2 layout)",
-    "",
-    "| Dataset | Init | BOT | AGW |",
-    "|---|---|---|---|",
-    "| market1501 | IN | 81.0/91.0 | 82.0/92.0 |",
-    "| market1501 | Ours | 85.0/94.0 | 86.0/95.0 |",
-    "|  | Δ vs IN | +4.0/+3.0 | +4.0/+3.0 |",
-    "| market1501 | Random | unavailable | unavailable |",
-    "|  | Δ vs random | n/a | n/a |",
-    "",
-    "## Notes",
-    "",
-    "- random / unavailable: random weights withheld",
-]) + "\n"
-
-PINNED_SUPERVISED_AND_FRACTIONS = "\n".join([
-    "# Downstream Re-ID evaluation",
-    "",
-    "- seeds: 0, 1",
-    "",
-    "Entries are mAP/Rank-1 in % (Market-1501 protocol), averaged over seeds; deltas are ours minus the baseline in points, as in the paper's Tables 2 and 3. `unavailable`: those weights could not be had (see the notes); the cell was not run.",
-    "",
-    "## All cells",
-    "",
-    "| Dataset | Method | Setting | Init | mAP/Rank-1 | Seeds | Δ vs ImageNet | Δ vs random |",
-    "|---|---|---|---|---|---|---|---|",
-    "| market1501 | BOT | supervised | IN | 81.0/91.0 | 2 |  |  |",
-    "| market1501 | BOT | supervised | Ours | 85.0/94.0 | 2 | +4.0/+3.0 | n/a |",
-    "| market1501 | BOT | supervised | Random | unavailable | 0 |  |  |",
-    "| market1501 | AGW | supervised | IN | 82.0/92.0 | 2 |  |  |",
-    "| market1501 | AGW | supervised | Ours | 86.0/95.0 | 2 | +4.0/+3.0 | n/a |",
-    "| market1501 | AGW | supervised | Random | unavailable | 0 |  |  |",
+]
+PINNED_FRACTION_CELLS = [
     "| market1501 | AGW | Fs 10% | IN | 30.5/50.5 | 2 |  |  |",
     "| market1501 | AGW | Fs 10% | Ours | 40.5/55.5 | 2 | +10.0/+5.0 | n/a |",
     "| market1501 | AGW | Fs 10% | Random | unavailable | 0 |  |  |",
     "| market1501 | AGW | Ss 50% | IN | 60.5/80.5 | 2 |  |  |",
     "| market1501 | AGW | Ss 50% | Ours | 70.5/85.5 | 2 | +10.0/+5.0 | n/a |",
     "| market1501 | AGW | Ss 50% | Random | unavailable | 0 |  |  |",
+]
+PINNED_TABLE_2 = [
     "",
     "## Supervised (Table 2 layout)",
     "",
@@ -227,6 +200,8 @@ PINNED_SUPERVISED_AND_FRACTIONS = "\n".join([
     "|  | Δ vs IN | +4.0/+3.0 | +4.0/+3.0 |",
     "| market1501 | Random | unavailable | unavailable |",
     "|  | Δ vs random | n/a | n/a |",
+]
+PINNED_TABLE_3 = [
     "",
     "## Fs / Ss on market1501 with AGW (Table 3 layout)",
     "",
@@ -244,11 +219,17 @@ PINNED_SUPERVISED_AND_FRACTIONS = "\n".join([
     "| Ss | Random | - | unavailable |",
     "| Ss | Δ vs random | - | n/a |",
     "| Ss | data kept | - | 100% imgs, 50% ids |",
+]
+PINNED_NOTES = [
     "",
     "## Notes",
     "",
     "- random / unavailable: random weights withheld",
-]) + "\n"
+]
+PINNED_SUPERVISED = "\n".join(PINNED_HEAD + PINNED_SUPERVISED_CELLS + PINNED_TABLE_2 + PINNED_NOTES) + "\n"
+PINNED_SUPERVISED_AND_FRACTIONS = "\n".join(
+    PINNED_HEAD + PINNED_SUPERVISED_CELLS + PINNED_FRACTION_CELLS + PINNED_TABLE_2 + PINNED_TABLE_3 + PINNED_NOTES
+) + "\n"
 
 
 # ------------------------------------------------------------------------------------------

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from core.datasets.base import DatasetError, ImageRecord, ReidDataset, Split, confined_path, require_dir
-from core.datasets.generic import ProblemCollector, assemble, list_images, make_record
+from core.datasets.base import DatasetError, ImageRecord, ReidDataset, Split
+from core.datasets.generic import ProblemCollector, folder_images, load_layout, make_record
 from core.datasets.registry import SOURCES, SourceAdapter
 
 if TYPE_CHECKING:
@@ -65,14 +66,13 @@ def _cuhk02_record(root: Path, image: Path, pair: int, cam: int, split: Split, s
 
 
 def _cuhk02_records(
-    root: Path, base: Path, variant: str, source: str, problems: ProblemCollector
+    root: Path, base: Path, source: str, problems: ProblemCollector, *, variant: str
 ) -> Iterator[ImageRecord | None]:
     for pair in CUHK02_PAIRS:
         for cam in CUHK02_CAMERAS:
-            directory = require_dir(base / f"P{pair}" / f"cam{cam}", f"{source} camera folder")
-            confined_path(root, directory.relative_to(root))  # a folder linked outside is refused
+            images = folder_images(root, base / f"P{pair}" / f"cam{cam}", f"{source} camera folder")
             split = _split_of(pair, cam, variant)
-            for image in list_images(directory):
+            for image in images:
                 yield problems.check(_cuhk02_record, root, image, pair, cam, split, source)
 
 
@@ -82,10 +82,7 @@ def load_cuhk02(root: Path, variant: str | None = None, source: str = "cuhk02") 
     chosen = variant or "all"
     if chosen not in CUHK02_VARIANTS:
         raise DatasetError(f"{root}: CUHK02 variant must be one of {list(CUHK02_VARIANTS)}, got {variant!r}")
-    root = require_dir(Path(root), f"{source} dataset root")
-    base = _cuhk02_base(root)
-    problems = ProblemCollector(source)
-    return assemble(problems, root, _cuhk02_records(root, base, chosen, source, problems), base)
+    return load_layout(root, source, _cuhk02_base, partial(_cuhk02_records, variant=chosen))
 
 
 @SOURCES.register("cuhk02")

@@ -18,8 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from core.datasets.base import DatasetError, ImageRecord, ReidDataset, confined_path, require_dir
-from core.datasets.generic import ProblemCollector, assemble, list_images
+from core.datasets.base import DatasetError, ImageRecord, ReidDataset, confined_path
+from core.datasets.generic import ProblemCollector, folder_images, load_layout
 from core.datasets.registry import SOURCES, SourceAdapter
 
 if TYPE_CHECKING:
@@ -48,17 +48,13 @@ def _cuhk_sysu_record(root: Path, image: Path, source: str) -> ImageRecord:
 def _cuhk_sysu_records(
     root: Path, folder: Path, source: str, problems: ProblemCollector
 ) -> Iterator[ImageRecord | None]:
-    confined_path(root, folder.relative_to(root))  # a crops folder linked outside is refused
-    for image in list_images(folder):
+    for image in folder_images(root, folder, f"{source} {CUHK_SYSU_FOLDER} folder"):
         yield problems.check(_cuhk_sysu_record, root, image, source)
 
 
 def load_cuhk_sysu(root: Path, source: str = "cuhk_sysu") -> ReidDataset:
     """Read the CUHK-SYSU crops from `root` (layout in the module docstring); every image is in `train`."""
-    root = require_dir(Path(root), f"{source} dataset root")
-    folder = _cuhk_sysu_folder(root)
-    problems = ProblemCollector(source)
-    return assemble(problems, root, _cuhk_sysu_records(root, folder, source, problems), folder)
+    return load_layout(root, source, _cuhk_sysu_folder, _cuhk_sysu_records)
 
 
 @SOURCES.register("cuhk_sysu")

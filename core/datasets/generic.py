@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import csv
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, ParamSpec, TypeVar, get_args
@@ -108,6 +108,17 @@ def list_images(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
 
 
+def folder_images(root: Path, directory: Path, what: str) -> list[Path]:
+    """The images of a folder the layout requires (`what` names it when it is missing), sorted.
+
+    A folder linked outside `root` is refused before it is listed: a structural error, raised at
+    once, not a per-entry problem.
+    """
+    directory = require_dir(directory, what)
+    confined_path(root, directory.relative_to(root))
+    return list_images(directory)
+
+
 def make_record(
     root: Path,
     relative: str | Path,
@@ -177,6 +188,34 @@ def assemble(
     if not dataset.train_identities:
         raise DatasetError(f"{empty_where or where}: no training identities found (dataset is empty)")
     return dataset
+
+
+# (root, the layout's folder, source name, problems) -> the records of every entry in the layout
+LayoutRecords = Callable[[Path, Path, str, ProblemCollector], Iterable[ImageRecord | None]]
+
+
+def load_layout(root: Path, source: str, locate: Callable[[Path], Path], records: LayoutRecords) -> ReidDataset:
+    """Read a dataset whose files lie in one folder found under `root`: `root` must be a folder,
+    `locate(root)` finds the layout's folder (raising `DatasetError` when it is absent) and
+    `records` lists it; the load's problems and an empty train split name that folder."""
+    root = require_dir(Path(root), f"{source} dataset root")
+    base = locate(root)
+    problems = ProblemCollector(source)
+    return assemble(problems, root, records(root, base, source, problems), base)
+
+
+def camera_folder_records(
+    folders: Sequence[str], record: Callable[[Path, Path, int, str], ImageRecord | None]
+) -> LayoutRecords:
+    """The records of a layout with one folder per camera, all required: camid is the folder's
+    position in `folders`, and `record(root, image, camid, source)` reads each image."""
+
+    def records(root: Path, base: Path, source: str, problems: ProblemCollector) -> Iterator[ImageRecord | None]:
+        for camid, folder in enumerate(folders):
+            for image in folder_images(root, base / folder, f"{source} {folder} folder"):
+                yield problems.check(record, root, image, camid, source)
+
+    return records
 
 
 def resolve_list_file(root: Path, list_file: str | Path | None, default_name: str) -> Path:

@@ -23,8 +23,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from core.datasets.base import DatasetError, ImageRecord, ReidDataset, confined_path, require_dir
-from core.datasets.generic import DISTRACTOR_PID, ProblemCollector, assemble, list_images, make_record
+from core.datasets.base import DatasetError, ImageRecord, ReidDataset
+from core.datasets.generic import DISTRACTOR_PID, ProblemCollector, folder_images, load_layout, make_record
 from core.datasets.registry import SOURCES, SourceAdapter
 from core.datasets.test_splits import TestProtocol
 
@@ -60,19 +60,14 @@ def _grid_record(root: Path, image: Path, source: str) -> ImageRecord | None:
 
 def _grid_records(root: Path, base: Path, source: str, problems: ProblemCollector) -> Iterator[ImageRecord | None]:
     for folder in GRID_FOLDERS:
-        directory = require_dir(base / folder, f"{source} {folder} folder")
-        confined_path(root, directory.relative_to(root))  # a folder linked outside is refused
-        for image in list_images(directory):
+        for image in folder_images(root, base / folder, f"{source} {folder} folder"):
             yield problems.check(_grid_record, root, image, source)
 
 
 def load_grid(root: Path, source: str = "grid") -> ReidDataset:
     """Read GRID from `root` (layout in the module docstring): paired people in `train`, the
     0000 distractors in `gallery`."""
-    root = require_dir(Path(root), f"{source} dataset root")
-    base = _grid_base(root)
-    problems = ProblemCollector(source)
-    return assemble(problems, root, _grid_records(root, base, source, problems), base)
+    return load_layout(root, source, _grid_base, _grid_records)
 
 
 @SOURCES.register("grid")

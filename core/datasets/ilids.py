@@ -24,8 +24,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from core.datasets.base import DatasetError, ImageRecord, ReidDataset, confined_path, require_dir
-from core.datasets.generic import ProblemCollector, assemble, list_images, make_record
+from core.datasets.base import DatasetError, ImageRecord, ReidDataset
+from core.datasets.generic import ProblemCollector, folder_images, load_layout, make_record
 from core.datasets.registry import SOURCES, SourceAdapter
 from core.datasets.test_splits import TestProtocol
 
@@ -59,9 +59,9 @@ def _ilids_name(image: Path) -> tuple[int, int]:
 def _ilids_records(
     root: Path, folder: Path, source: str, problems: ProblemCollector
 ) -> Iterator[ImageRecord | None]:
-    confined_path(root, folder.relative_to(root))  # a Persons folder linked outside is refused
     seen: dict[int, int] = defaultdict(int)  # images of each person so far: the next pseudo-camera
-    for image in list_images(folder):  # sorted: a person's images in index order
+    # sorted by name: a person's images in index order
+    for image in folder_images(root, folder, f"{source} Persons folder"):
         parsed = problems.check(_ilids_name, image)
         if parsed is None:
             continue
@@ -75,10 +75,7 @@ def _ilids_records(
 
 def load_ilids(root: Path, source: str = "ilids") -> ReidDataset:
     """Read QMUL i-LIDS from `root` (layout in the module docstring); every image is in `train`."""
-    root = require_dir(Path(root), f"{source} dataset root")
-    folder = _ilids_folder(root)
-    problems = ProblemCollector(source)
-    return assemble(problems, root, _ilids_records(root, folder, source, problems), folder)
+    return load_layout(root, source, _ilids_folder, _ilids_records)
 
 
 @SOURCES.register("ilids")

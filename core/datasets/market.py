@@ -20,9 +20,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from core.datasets.base import ImageRecord, ReidDataset, Split, confined_path, require_dir
+from core.datasets.base import ImageRecord, ReidDataset, Split, require_dir
 from core.datasets.config import SourceConfig, SyntheticSpec
-from core.datasets.generic import ProblemCollector, assemble, image_record, list_images
+from core.datasets.generic import ProblemCollector, assemble, folder_images, image_record
 from core.datasets.registry import SOURCES, SourceAdapter
 
 MARKET_SPLIT_DIRS: dict[Split, str] = {
@@ -40,10 +40,7 @@ def _market_records(
     Per-image problems go to `problems` (the caller raises them all at the end of the load).
     """
     for split, folder in MARKET_SPLIT_DIRS.items():
-        directory = require_dir(layout_dir / folder, f"{source} {split} folder")
-        # structural: a split folder symlinked outside `root` is refused before it is listed
-        confined_path(root, directory.relative_to(root))
-        for image in list_images(directory):
+        for image in folder_images(root, layout_dir / folder, f"{source} {split} folder"):
             yield problems.check(image_record, root, image, split, source)
 
 

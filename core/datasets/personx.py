@@ -19,8 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from core.datasets.base import DatasetError, ImageRecord, ReidDataset, Split, confined_path, require_dir
-from core.datasets.generic import ProblemCollector, assemble, list_images, make_record, parse_market_name
+from core.datasets.base import DatasetError, ImageRecord, ReidDataset, Split, require_dir
+from core.datasets.generic import ProblemCollector, assemble, folder_images, make_record, parse_market_name
 from core.datasets.market import MARKET_SPLIT_DIRS
 from core.datasets.registry import SOURCES, SourceAdapter
 
@@ -62,9 +62,8 @@ def _personx_records(
 ) -> Iterator[ImageRecord | None]:
     for subset in subsets:
         for split, folder in MARKET_SPLIT_DIRS.items():
-            directory = require_dir(base / subset / folder, f"{source} subset {subset} {split} folder")
-            confined_path(root, directory.relative_to(root))  # a folder linked outside is refused
-            for image in list_images(directory):
+            what = f"{source} subset {subset} {split} folder"
+            for image in folder_images(root, base / subset / folder, what):
                 yield problems.check(_personx_record, root, image, int(subset), split, source)
 
 

@@ -17,12 +17,11 @@ cam_b with the 549 cam_b-only people (`core.datasets.test_splits`).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from core.datasets.base import DatasetError, ImageRecord, ReidDataset, confined_path, require_dir
-from core.datasets.generic import ProblemCollector, assemble, list_images, make_record
+from core.datasets.base import DatasetError, ImageRecord, ReidDataset
+from core.datasets.generic import camera_folder_records, load_layout, make_record
 from core.datasets.registry import SOURCES, SourceAdapter
 from core.datasets.test_splits import TestProtocol
 
@@ -55,20 +54,9 @@ def _prid_record(root: Path, image: Path, camid: int, source: str) -> ImageRecor
     return make_record(root, image.relative_to(root), source=source, pid=pid, camid=camid, split="train")
 
 
-def _prid_records(root: Path, base: Path, source: str, problems: ProblemCollector) -> Iterator[ImageRecord | None]:
-    for camid, folder in enumerate(PRID_CAMERAS):
-        directory = require_dir(base / folder, f"{source} {folder} folder")
-        confined_path(root, directory.relative_to(root))  # a camera folder linked outside is refused
-        for image in list_images(directory):
-            yield problems.check(_prid_record, root, image, camid, source)
-
-
 def load_prid(root: Path, source: str = "prid") -> ReidDataset:
     """Read PRID2011 single-shot from `root` (layout in the module docstring); every image is in `train`."""
-    root = require_dir(Path(root), f"{source} dataset root")
-    base = _prid_base(root)
-    problems = ProblemCollector(source)
-    return assemble(problems, root, _prid_records(root, base, source, problems), base)
+    return load_layout(root, source, _prid_base, camera_folder_records(PRID_CAMERAS, _prid_record))
 
 
 @SOURCES.register("prid")

@@ -15,12 +15,11 @@ draws 316 identities, query cam_a, gallery cam_b (`core.datasets.test_splits`).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from core.datasets.base import DatasetError, ImageRecord, ReidDataset, confined_path, require_dir
-from core.datasets.generic import ProblemCollector, assemble, list_images, make_record
+from core.datasets.base import DatasetError, ImageRecord, ReidDataset
+from core.datasets.generic import camera_folder_records, load_layout, make_record
 from core.datasets.registry import SOURCES, SourceAdapter
 from core.datasets.test_splits import TestProtocol
 
@@ -46,20 +45,9 @@ def _viper_record(root: Path, image: Path, camid: int, source: str) -> ImageReco
     return make_record(root, image.relative_to(root), source=source, pid=pid, camid=camid, split="train")
 
 
-def _viper_records(root: Path, base: Path, source: str, problems: ProblemCollector) -> Iterator[ImageRecord | None]:
-    for camid, folder in enumerate(VIPER_CAMERAS):
-        directory = require_dir(base / folder, f"{source} {folder} folder")
-        confined_path(root, directory.relative_to(root))  # a camera folder linked outside is refused
-        for image in list_images(directory):
-            yield problems.check(_viper_record, root, image, camid, source)
-
-
 def load_viper(root: Path, source: str = "viper") -> ReidDataset:
     """Read VIPeR from `root` (layout in the module docstring); every image is in `train`."""
-    root = require_dir(Path(root), f"{source} dataset root")
-    base = _viper_base(root)
-    problems = ProblemCollector(source)
-    return assemble(problems, root, _viper_records(root, base, source, problems), base)
+    return load_layout(root, source, _viper_base, camera_folder_records(VIPER_CAMERAS, _viper_record))
 
 
 @SOURCES.register("viper")

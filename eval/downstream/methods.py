@@ -54,6 +54,12 @@ def _same_recipe(config: ReidTrainConfig, options: Any) -> ReidTrainConfig:
     return config
 
 
+def validated_options(options_model: type[BaseModel], name: str, raw: dict[str, Any] | None) -> BaseModel:
+    """The options of the method registered as `name`, validated from `downstream.method_options.<name>`
+    (`raw`; None: the defaults). Supervised and unsupervised methods share the one options section."""
+    return validate_config(options_model, raw or {}, f"downstream.method_options.{name}")
+
+
 @dataclass(frozen=True)
 class ReidMethod:
     """A fine-tuning method, registered in `METHODS` under its name. `build_model` receives the
@@ -67,7 +73,7 @@ class ReidMethod:
 
     def options(self, name: str, raw: dict[str, Any] | None) -> BaseModel:
         """Validated options of this method, registered as `name`, from `downstream.method_options.<name>`."""
-        return validate_config(self.options_model, raw or {}, f"downstream.method_options.{name}")
+        return validated_options(self.options_model, name, raw)
 
 
 METHODS: Registry[ReidMethod] = Registry("downstream method", "downstream.methods")

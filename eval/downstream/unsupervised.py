@@ -30,7 +30,6 @@ import torch
 from pydantic import BaseModel
 from torch import nn
 
-from core.config import validate_config
 from core.datasets.base import ImageRecord, ReidDataset
 from core.registry import Registry
 from core.settings.downstream import DownstreamConfig
@@ -38,7 +37,7 @@ from core.settings.reid import ReidTrainConfig
 from eval.downstream.cells import Cell
 from eval.downstream.cluster_contrast import ClusterContrastModel, ClusterContrastOptions, train_cluster_contrast
 from eval.downstream.inits import InitWeights, build_initialised_backbone
-from eval.downstream.methods import METHODS
+from eval.downstream.methods import METHODS, validated_options
 from eval.downstream.tables import METRICS, STATUS_DONE
 from trainers.reid.data import TrainingSet
 from trainers.reid.evaluate import evaluate_reid
@@ -59,7 +58,8 @@ class UnsupervisedMethod:
     options_model: type[BaseModel]
 
     def options(self, name: str, raw: dict[str, Any] | None) -> BaseModel:
-        return validate_config(self.options_model, raw or {}, f"downstream.method_options.{name}")
+        """Validated options of this method, registered as `name`, from `downstream.method_options.<name>`."""
+        return validated_options(self.options_model, name, raw)
 
 
 UNSUPERVISED_METHODS: Registry[UnsupervisedMethod] = Registry("unsupervised method", "downstream.unsupervised_methods")

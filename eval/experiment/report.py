@@ -6,15 +6,18 @@ x seed x setting), `results.md` and `plots/map_<dataset>_<method>.png`; with the
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from core.settings.downstream import Setting
 from eval.experiment.scale import IDENTITIES, IMAGES, ScaleRun
 from eval.experiment.stats import CELL
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 _GROUP_COLOURS = {"ablation": "tab:gray", "scale": "tab:olive"}  # the main arms: tab:blue
 _SCALE_LINES = {IMAGES: ("images per identity", "o-"), IDENTITIES: ("identities", "s--")}
@@ -69,24 +72,37 @@ def results_markdown(summary: pd.DataFrame, baseline: str, meta: Mapping[str, st
     return "\n".join(lines) + "\n"
 
 
-def write_plots(summary: pd.DataFrame, folder: Path) -> list[Path]:
-    """Bar chart of mAP (mean ± std over seeds) per arm, one panel per setting."""
+# (a panel's axis, the rows of its setting, every row of its dataset x method) -> draws the panel
+PanelDrawer = Callable[["Axes", pd.DataFrame, pd.DataFrame], None]
+
+
+def _plot_per_cell(frame: pd.DataFrame, folder: Path, prefix: str, draw: PanelDrawer) -> list[Path]:
+    """One figure per dataset x method, `<folder>/<prefix>_<dataset>_<method>.png`, with a panel per
+    setting that `draw` fills, titled with its cell."""
     from eval.downstream.plots import plt, save_figure  # matplotlib (Agg: files only) just when plotting
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for (dataset, method), group in summary.groupby(["dataset", "method"], sort=False):
+    for (dataset, method), group in frame.groupby(["dataset", "method"], sort=False):
         settings = list(dict.fromkeys(group["setting"]))
         figure, axes = plt.subplots(1, len(settings), figsize=(4.5 * len(settings), 3.6), squeeze=False)
         for axis, setting in zip(axes[0], settings):
-            rows = group[group["setting"] == setting]
-            colours = [_GROUP_COLOURS.get(g, "tab:blue") for g in rows["group"]]
-            axis.bar(range(len(rows)), rows["mAP_mean"], yerr=rows["mAP_std"].fillna(0), color=colours, capsize=3)
-            axis.set_xticks(range(len(rows)), rows["arm"], rotation=45, ha="right", fontsize=8)
+            draw(axis, group[group["setting"] == setting], group)
             axis.set_title(f"{method.upper()} {dataset}, {Setting.parse(setting).label}", fontsize=9)
-            axis.set_ylabel("mAP (%)")
-        paths.append(save_figure(figure, folder / f"map_{dataset}_{method}.png"))
+        paths.append(save_figure(figure, folder / f"{prefix}_{dataset}_{method}.png"))
     return paths
+
+
+def _draw_map_bars(axis: Axes, rows: pd.DataFrame, cell: pd.DataFrame) -> None:
+    colours = [_GROUP_COLOURS.get(g, "tab:blue") for g in rows["group"]]
+    axis.bar(range(len(rows)), rows["mAP_mean"], yerr=rows["mAP_std"].fillna(0), color=colours, capsize=3)
+    axis.set_xticks(range(len(rows)), rows["arm"], rotation=45, ha="right", fontsize=8)
+    axis.set_ylabel("mAP (%)")
+
+
+def write_plots(summary: pd.DataFrame, folder: Path) -> list[Path]:
+    """Bar chart of mAP (mean ± std over seeds) per arm, one panel per setting."""
+    return _plot_per_cell(summary, folder, "map", _draw_map_bars)
 
 
 def scale_table(runs: pd.DataFrame, points: Sequence[ScaleRun]) -> pd.DataFrame:
@@ -154,30 +170,23 @@ def scale_markdown(table: pd.DataFrame, seeds: Sequence[int]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _draw_scale_lines(axis: Axes, rows: pd.DataFrame, cell: pd.DataFrame) -> None:
+    for kind, line in rows.groupby("kind", sort=False):
+        line = line.sort_values("percent")
+        label, style = _SCALE_LINES[kind]
+        axis.errorbar(line["percent"], line["mAP_mean"], yerr=line["mAP_std"].fillna(0), fmt=style,
+                      capsize=3, label=label)
+    # The paper's shares halve (12.5, 25, 50, 100 %): even steps on a log axis, the same in every panel.
+    percents = sorted(set(cell["percent"]))
+    axis.set_xscale("log", base=2)
+    axis.set_xticks(percents, [f"{p:g}" for p in percents])
+    axis.minorticks_off()
+    axis.set_xlabel("share of the generated data kept (%)")
+    axis.set_ylabel("mAP (%)")
+    axis.legend(fontsize=8)
+
+
 def write_scale_plots(table: pd.DataFrame, folder: Path) -> list[Path]:
     """mAP (mean ± std over seeds) against the percent kept, one line per axis (images per
     identity, identities), one panel per setting, one file per dataset x method."""
-    from eval.downstream.plots import plt, save_figure
-
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for (dataset, method), group in table.groupby(["dataset", "method"], sort=False):
-        settings = list(dict.fromkeys(group["setting"]))
-        figure, axes = plt.subplots(1, len(settings), figsize=(4.5 * len(settings), 3.6), squeeze=False)
-        for axis, setting in zip(axes[0], settings):
-            for kind, rows in group[group["setting"] == setting].groupby("kind", sort=False):
-                rows = rows.sort_values("percent")
-                label, style = _SCALE_LINES[kind]
-                axis.errorbar(rows["percent"], rows["mAP_mean"], yerr=rows["mAP_std"].fillna(0), fmt=style,
-                              capsize=3, label=label)
-            # The paper's shares halve (12.5, 25, 50, 100 %): even steps on a log axis.
-            percents = sorted(set(group["percent"]))
-            axis.set_xscale("log", base=2)
-            axis.set_xticks(percents, [f"{p:g}" for p in percents])
-            axis.minorticks_off()
-            axis.set_title(f"{method.upper()} {dataset}, {Setting.parse(setting).label}", fontsize=9)
-            axis.set_xlabel("share of the generated data kept (%)")
-            axis.set_ylabel("mAP (%)")
-            axis.legend(fontsize=8)
-        paths.append(save_figure(figure, folder / f"scale_{dataset}_{method}.png"))
-    return paths
+    return _plot_per_cell(table, folder, "scale", _draw_scale_lines)
