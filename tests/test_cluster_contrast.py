@@ -201,3 +201,20 @@ def test_clusters_of_one_image_still_train(synthetic: ReidDataset) -> None:
                                      log=lambda _: None)
     assert history[0]["clusters"] == 6 and history[0]["outliers"] == 0
     assert history[0]["steps"] >= 1 and math.isfinite(history[0]["loss"])
+
+
+def test_camera_centering_makes_clusters_follow_people_not_cameras() -> None:
+    from eval.downstream.cluster_contrast import camera_centred
+
+    generator = torch.Generator().manual_seed(0)
+    people = torch.nn.functional.normalize(torch.randn(6, 32, generator=generator), dim=1)
+    cameras = torch.randn(3, 32, generator=generator) * 3.0  # a camera's background dominates the feature
+    pids = np.repeat(np.arange(6), 3 * 5)
+    camids = np.tile(np.repeat(np.arange(3), 5), 6)
+    features = people[pids] + cameras[camids] + 0.02 * torch.randn(len(pids), 32, generator=generator)
+    features = torch.nn.functional.normalize(features, dim=1)
+    raw = cluster_pseudo_labels(jaccard_distance(features, 10, 3), 0.5, 4)
+    centred = cluster_pseudo_labels(jaccard_distance(camera_centred(features, camids), 10, 3), 0.5, 4)
+    # raw: no cluster crosses a camera, so no person is ever matched across cameras
+    assert all(len(set(camids[raw == label])) == 1 for label in set(raw) - {-1})
+    assert adjusted_rand_score(pids, centred) > 0.7 > adjusted_rand_score(camids, centred)

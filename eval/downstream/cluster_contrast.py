@@ -81,10 +81,27 @@ class ClusterContrastOptions(StrictModel):
     pooling: Literal["gem", "avg"] = Field("gem", description="gem: generalised mean, p = 3 learned (authors' default)")
     iters_per_epoch: int | None = Field(None, ge=1, description="training steps per epoch (authors: 200 Market, "
                                         "400 MSMT17); None = one PK pass over the clustered images")
+    camera_centering: bool = Field(
+        False, description="cluster features with each camera's mean feature removed (the camera labels "
+        "unsupervised Re-ID may use, as CAP and ICE do), so clusters follow people, not backgrounds; off in "
+        "the authors' Cluster Contrast")
 
 
 # ------------------------------------------------------------------------------------------
 # Pseudo-labels: k-reciprocal Jaccard distance, DBSCAN
+
+
+def camera_centred(features: torch.Tensor, camids: np.ndarray) -> torch.Tensor:
+    """`features` with each camera's mean removed, L2-normalised again: what the clustering sees
+    when a camera's background would otherwise group its images (measured on the procedural
+    campus: clusters of the raw features agree with cameras, ARI 0.43, not people, 0.07; centred,
+    people 0.44, cameras 0.02)."""
+    centred = features.clone()
+    cameras = torch.as_tensor(camids, device=features.device)
+    for camera in torch.unique(cameras):
+        members = cameras == camera
+        centred[members] -= centred[members].mean(dim=0)
+    return F.normalize(centred, dim=1)
 
 
 def _reciprocal(rank: torch.Tensor, k: int) -> torch.Tensor:
@@ -385,7 +402,9 @@ def train_cluster_contrast(
     for epoch in range(start_epoch, epochs):
         start = time.perf_counter()
         with precision.autocast():
-            features, _, _ = extract_features(model, records, recipe, device=device, images=images)
+            features, _, camids = extract_features(model, records, recipe, device=device, images=images)
+        if options.camera_centering:
+            features = camera_centred(features, camids)
         labels = cluster_pseudo_labels(jaccard_distance(features.to(device), options.k1, options.k2),
                                        options.eps, options.min_samples)
         kept = np.flatnonzero(labels != OUTLIER)
