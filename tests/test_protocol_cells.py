@@ -97,3 +97,14 @@ def test_generalization_cell_trains_on_every_source_image_and_tests_each_target_
     assert rows[0]["mAP"] == pytest.approx(100 * target["mAP"]) and rows[0]["sources"] == "campus+mall"
     markdown = results_markdown(results_frame(rows), ["bot"], ["dg"])
     assert "Domain generalization (Table 6 layout)" in markdown and "trained on campus+mall" in markdown
+
+
+def test_a_dg_cell_without_a_result_still_has_a_row_per_target(config, datasets) -> None:
+    from eval.downstream.inits import InitWeights
+
+    cell = Cell("campus+mall", "bot", "imagenet", Setting.parse("dg"), 0)
+    unavailable = InitWeights("imagenet", False, reason="offline")
+    context = TrialContext(config, resolve(Path(config.datasets[0].root).parent / "none"), datasets,
+                           {"imagenet": unavailable}, digests={cell.key: "x"})
+    rows = collect_rows([cell], context)
+    assert [(r["dataset"], r["status"], r["reason"]) for r in rows] == [("station", "unavailable", "offline")]

@@ -197,31 +197,38 @@ _PERCENT_EXTRAS = ("before_mAP", "before_rank1", "direct_mAP", "direct_rank1", "
 def collect_rows(
     cells: Sequence[Cell], context: TrialContext, errors: dict[str, str] | None = None
 ) -> list[dict[str, Any]]:
-    """One row per cell: its result, or why there is none."""
+    """One row per cell (per unseen target for a dg cell): its result, or why there is none."""
     rows = []
     for cell in cells:
-        init = context.inits[cell.init]
         result = read_cell_result(context.out_dir, cell, context.digests[cell.key])
         base = {**cell.params(), "kind": cell.setting.kind, "percent": cell.setting.percent}
-        if result is not None and "targets" in result:  # dg: one row per unseen target
-            for target, metrics in result["targets"].items():
-                rows.append({**base, **{k: v for k, v in result.items() if k not in _NOT_IN_ROWS},
-                             "dataset": target, "splits": metrics["splits"],
-                             **{k: 100.0 * float(metrics[k]) for k in ("mAP", "rank1", "mAP_std", "rank1_std")}})
-            continue
-        if result is not None:
-            row = {**base, **{k: v for k, v in result.items() if k not in _NOT_IN_ROWS},
-                   **{metric: 100.0 * float(result[metric]) for metric in METRICS if metric in result},
-                   **{key: 100.0 * float(result[key]) for key in _PERCENT_EXTRAS if result.get(key) is not None},
-                   "cmc": result.get("cmc")}
-        elif not init.available:
-            row = {**base, "status": STATUS_UNAVAILABLE, "reason": init.reason}
-        elif errors and cell.key in errors:
-            row = {**base, "status": STATUS_ERROR, "reason": errors[cell.key]}
+        if cell.setting.kind == GENERALIZATION and context.config.generalization is not None:
+            targets = result["targets"] if result is not None else dict.fromkeys(context.config.generalization.targets)
+            rows += [_row({**base, "dataset": target}, result, cell, context, errors, metrics)
+                     for target, metrics in targets.items()]
         else:
-            row = {**base, "status": STATUS_MISSING, "reason": "not run"}
-        rows.append(row)
+            rows.append(_row(base, result, cell, context, errors))
     return rows
+
+
+def _row(base: dict[str, Any], result: dict[str, Any] | None, cell: Cell, context: TrialContext,
+         errors: dict[str, str] | None, target_metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A results row from a cell's result (and, for dg, one target's metrics), or its status."""
+    if result is not None:
+        kept = {k: v for k, v in result.items() if k not in _NOT_IN_ROWS and k != "dataset"}
+        if target_metrics is not None:  # dg: the target's mean and spread over its splits
+            return {**base, **kept, "splits": target_metrics["splits"],
+                    **{k: 100.0 * float(target_metrics[k]) for k in ("mAP", "rank1", "mAP_std", "rank1_std")}}
+        return {**base, **kept,
+                **{metric: 100.0 * float(result[metric]) for metric in METRICS if metric in result},
+                **{key: 100.0 * float(result[key]) for key in _PERCENT_EXTRAS if result.get(key) is not None},
+                "cmc": result.get("cmc")}
+    init = context.inits[cell.init]
+    if not init.available:
+        return {**base, "status": STATUS_UNAVAILABLE, "reason": init.reason}
+    if errors and cell.key in errors:
+        return {**base, "status": STATUS_ERROR, "reason": errors[cell.key]}
+    return {**base, "status": STATUS_MISSING, "reason": "not run"}
 
 
 def load_datasets(config: DownstreamConfig, cells: Sequence[Cell]) -> dict[str, ReidDataset]:
