@@ -8,6 +8,8 @@ which the factory loads like hub ids (the demo presets point `generation.base_mo
     out/captioner/       Blip2ForConditionalGeneration + Blip2Processor
     out/clip/            CLIPModel + CLIPProcessor
     out/recipe.json      the `DemoRecipe` they were trained with
+    out/imagenet-standin/  only when asked for (`components`): a backbone pre-trained on procedural
+                         objects, the downstream `imagenet` init's stand-in (`demo.imagenet_standin`)
     out/VERSION          written last; a build is complete when it matches DEMO_MODELS_VERSION
 
 The weights committed with the package (`demo/weights/`, fp16 safetensors made by
@@ -45,7 +47,11 @@ DEMO_MODELS_VERSION = "demo-models-1"
 VERSION_FILE = "VERSION"
 RECIPE_FILE = "recipe.json"
 TEXT_TO_IMAGE, CAPTIONER, CLIP = "text-to-image", "captioner", "clip"
-COMPONENTS = (TEXT_TO_IMAGE, CAPTIONER, CLIP)
+COMPONENTS = (TEXT_TO_IMAGE, CAPTIONER, CLIP)  # the model folders the demo presets load
+IMAGENET_STANDIN = "imagenet-standin"
+# Everything `build_demo_models` can build: the stand-in is built on request only (a complete
+# build, `is_complete`, is the three model folders).
+BUILDABLE_COMPONENTS = (*COMPONENTS, IMAGENET_STANDIN)
 COMMITTED_WEIGHTS = Path(__file__).resolve().parent / "weights"
 # Where the procedural training pedestrians are generated unless told otherwise.
 DEFAULT_TRAIN_SOURCE = Path(".cache/demo-models/pedestrians")
@@ -65,7 +71,12 @@ class DemoModelPaths:
 
 
 # Seconds per training step of each phase, one CPU thread (measured on the 2-core dev machine).
-SECONDS_PER_STEP = {"clip_steps": 0.09, "autoencoder_steps": 0.15, "text_to_image_steps": 0.21, "captioner_steps": 0.45}
+SECONDS_PER_STEP = {"clip_steps": 0.09, "autoencoder_steps": 0.15, "text_to_image_steps": 0.21, "captioner_steps": 0.45,
+                    "standin_steps": 0.55}
+# The phases of the model folders, timed and scaled together whichever of them are built (so a
+# subset built with `--minutes` equals that subset of a full build), and the stand-in's own.
+PEDESTRIAN_PHASES = ("clip_steps", "autoencoder_steps", "text_to_image_steps", "captioner_steps")
+STANDIN_PHASES = ("standin_steps",)
 
 
 @dataclass(frozen=True)
@@ -83,24 +94,40 @@ class DemoRecipe:
     captioner_steps: int = 1500
     batch_size: int = 32
     autoencoder_batch_size: int = 16
+    # the ImageNet stand-in (`demo.imagenet_standin`): procedural object classes, seed `seed`
+    standin_classes: int = 64
+    standin_images_per_class: int = 200
+    standin_steps: int = 540
 
     @property
     def estimated_minutes(self) -> float:
-        """Training time on one thread of the reference machine (excluding data and saving)."""
-        return sum(getattr(self, k) * seconds for k, seconds in SECONDS_PER_STEP.items()) / 60
+        """Training time of the model folders (`COMPONENTS`) on one thread of the reference
+        machine (excluding data and saving)."""
+        return self.minutes_for(COMPONENTS)
 
-    def scaled(self, minutes: float) -> DemoRecipe:
-        """This recipe with every phase's steps scaled to take about `minutes` on the reference
-        machine. The steps are a function of `minutes` alone, so equal arguments give equal
-        weights on any machine."""
-        factor = minutes / self.estimated_minutes
-        return replace(self, **{k: max(1, round(getattr(self, k) * factor)) for k in SECONDS_PER_STEP})
+    def minutes_for(self, components: Sequence[str]) -> float:
+        """Training time of the phases behind `components` (all the model folders' if any is
+        named, the stand-in's if named) on one thread of the reference machine, excluding data
+        and saving; `minutes_for([IMAGENET_STANDIN])` is the stand-in's."""
+        return sum(getattr(self, k) * SECONDS_PER_STEP[k] for k in _phases(components)) / 60
+
+    def scaled(self, minutes: float, components: Sequence[str] = COMPONENTS) -> DemoRecipe:
+        """This recipe with the steps of the phases behind `components` scaled so that they take
+        about `minutes` on the reference machine (the other phases unchanged). The steps are a
+        function of the arguments alone, so equal arguments give equal weights on any machine."""
+        factor = minutes / self.minutes_for(components)
+        return replace(self, **{k: max(1, round(getattr(self, k) * factor)) for k in _phases(components)})
 
     @property
     def synthetic_spec(self) -> SyntheticSpec:
         return SyntheticSpec(
             ids=self.ids, cameras=self.cameras, seed=self.seed, images_per_camera=self.images_per_camera
         )
+
+
+def _phases(components: Sequence[str]) -> tuple[str, ...]:
+    pedestrians = PEDESTRIAN_PHASES if set(components) & set(COMPONENTS) else ()
+    return pedestrians + (STANDIN_PHASES if IMAGENET_STANDIN in components else ())
 
 
 def is_complete(root: Path) -> bool:
@@ -128,7 +155,33 @@ def build_demo_models(
     from features that already separate them. `components` rebuilds a subset (each component is
     trained from the same seed whatever else is built, so subsets built separately equal a full
     build); VERSION is written once all components are present. `half` saves fp16 weights.
+    `IMAGENET_STANDIN` (on request only) needs no pedestrians: built alone, none are generated.
     """
+    unknown = sorted(set(components) - set(BUILDABLE_COMPONENTS))
+    if unknown:
+        raise ValueError(f"unknown components {unknown}; choose from {list(BUILDABLE_COMPONENTS)}")
+    start = time.perf_counter()
+    with _staging(out) as staging:
+        if set(components) & set(COMPONENTS):
+            _train_pedestrian_models(staging, train_source, recipe, half, components, log)
+        if IMAGENET_STANDIN in components:
+            # imported on call, like the other training code (torch, timm)
+            from demo.imagenet_standin import StandinRecipe, train_imagenet_standin
+
+            log(f"[demo-models] imagenet-standin: ~{recipe.minutes_for([IMAGENET_STANDIN]):.0f} min on one "
+                "thread of the reference machine")
+            standin = StandinRecipe(classes=recipe.standin_classes, images_per_class=recipe.standin_images_per_class,
+                                    steps=recipe.standin_steps, seed=recipe.seed)
+            train_imagenet_standin(standin, staging / IMAGENET_STANDIN, half=half, log=log)
+        (staging / RECIPE_FILE).write_text(json.dumps(asdict(recipe), indent=2) + "\n")
+    log(f"[demo-models] built {', '.join(components)} into {out} in {time.perf_counter() - start:.0f}s")
+    return DemoModelPaths.under(out)
+
+
+def _train_pedestrian_models(
+    staging: Path, train_source: Path, recipe: DemoRecipe, half: bool, components: Sequence[str], log: Log
+) -> None:
+    """The model folders of `components` (of `COMPONENTS`), trained on the procedural pedestrians."""
     # The training code (torch, diffusers, transformers) is imported on call: `DemoRecipe` and
     # `is_complete` stay light for the CLI's argument parsing and the tests that only check folders.
     from core.datasets.synthetic import ensure_synthetic_dataset
@@ -139,10 +192,6 @@ def build_demo_models(
     from demo.train_text_to_image import pipeline_pixels, train_autoencoder, train_text_to_image
     from demo.training import PedestrianCorpus
 
-    unknown = sorted(set(components) - set(COMPONENTS))
-    if unknown:
-        raise ValueError(f"unknown components {unknown}; choose from {list(COMPONENTS)}")
-    start = time.perf_counter()
     ensure_synthetic_dataset(train_source, recipe.synthetic_spec)
     corpus = PedestrianCorpus.from_market_folder(train_source)
     log(
@@ -150,39 +199,35 @@ def build_demo_models(
         f"recipe ~{recipe.estimated_minutes:.0f} min on one thread of the reference machine"
     )
     seed = recipe.seed
-    with _staging(out) as staging:
-        clip_tokenizer = train_clip_tokenizer(corpus.descriptions)
-        if CLIP in components or TEXT_TO_IMAGE in components:
-            clip_model, clip_processor = tiny_clip(seed=seed, tokenizer=clip_tokenizer)
-            train_clip(
-                clip_model, clip_processor, corpus.images, corpus.descriptions, recipe.clip_steps,
-                batch_size=recipe.batch_size + recipe.batch_size // 2, seed=seed, log=log,
-            )
-            if CLIP in components:
-                _save((clip_model, clip_processor), staging / CLIP, half)
-        if TEXT_TO_IMAGE in components:
-            pipeline = tiny_stable_diffusion(seed=seed, tokenizer=clip_tokenizer)
-            pipeline.text_encoder.load_state_dict(clip_model.text_model.state_dict())
-            pixels = pipeline_pixels(corpus)
-            train_autoencoder(
-                pipeline.vae, pixels, recipe.autoencoder_steps, recipe.autoencoder_batch_size, seed=seed, log=log
-            )
-            train_text_to_image(
-                pipeline, pixels, corpus.descriptions, recipe.text_to_image_steps, recipe.batch_size,
-                seed=seed, log=log,
-            )
-            _save(pipeline, staging / TEXT_TO_IMAGE, half)
-            del pixels, pipeline
-        if CAPTIONER in components:
-            model, processor = tiny_blip2(seed=seed, tokenizer=train_opt_tokenizer(corpus.descriptions))
-            train_captioner(
-                model, processor, corpus.images, corpus.descriptions, recipe.captioner_steps, recipe.batch_size,
-                attributes=corpus.attributes, seed=seed, log=log,
-            )
-            _save((model, processor), staging / CAPTIONER, half)
-        (staging / RECIPE_FILE).write_text(json.dumps(asdict(recipe), indent=2) + "\n")
-    log(f"[demo-models] built {', '.join(components)} into {out} in {time.perf_counter() - start:.0f}s")
-    return DemoModelPaths.under(out)
+    clip_tokenizer = train_clip_tokenizer(corpus.descriptions)
+    if CLIP in components or TEXT_TO_IMAGE in components:
+        clip_model, clip_processor = tiny_clip(seed=seed, tokenizer=clip_tokenizer)
+        train_clip(
+            clip_model, clip_processor, corpus.images, corpus.descriptions, recipe.clip_steps,
+            batch_size=recipe.batch_size + recipe.batch_size // 2, seed=seed, log=log,
+        )
+        if CLIP in components:
+            _save((clip_model, clip_processor), staging / CLIP, half)
+    if TEXT_TO_IMAGE in components:
+        pipeline = tiny_stable_diffusion(seed=seed, tokenizer=clip_tokenizer)
+        pipeline.text_encoder.load_state_dict(clip_model.text_model.state_dict())
+        pixels = pipeline_pixels(corpus)
+        train_autoencoder(
+            pipeline.vae, pixels, recipe.autoencoder_steps, recipe.autoencoder_batch_size, seed=seed, log=log
+        )
+        train_text_to_image(
+            pipeline, pixels, corpus.descriptions, recipe.text_to_image_steps, recipe.batch_size,
+            seed=seed, log=log,
+        )
+        _save(pipeline, staging / TEXT_TO_IMAGE, half)
+        del pixels, pipeline
+    if CAPTIONER in components:
+        model, processor = tiny_blip2(seed=seed, tokenizer=train_opt_tokenizer(corpus.descriptions))
+        train_captioner(
+            model, processor, corpus.images, corpus.descriptions, recipe.captioner_steps, recipe.batch_size,
+            attributes=corpus.attributes, seed=seed, log=log,
+        )
+        _save((model, processor), staging / CAPTIONER, half)
 
 
 def _save(model, directory: Path, half: bool = False) -> None:
@@ -217,7 +262,7 @@ def _staging(out: Path) -> Iterator[Path]:
     try:
         yield staging
         (out / VERSION_FILE).unlink(missing_ok=True)  # incomplete from here on
-        for name in (*COMPONENTS, RECIPE_FILE):
+        for name in (*BUILDABLE_COMPONENTS, RECIPE_FILE):
             target, built = out / name, staging / name
             if not built.exists():
                 continue
@@ -233,9 +278,11 @@ def _staging(out: Path) -> Iterator[Path]:
 
 
 __all__ = [
+    "BUILDABLE_COMPONENTS",
     "DEMO_MODELS_VERSION",
     "DemoModelPaths",
     "DemoRecipe",
+    "IMAGENET_STANDIN",
     "build_demo_models",
     "is_complete",
 ]

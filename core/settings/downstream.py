@@ -194,7 +194,14 @@ class DownstreamConfig(StrictModel):
         "download",
         description="where `imagenet` weights may come from: the local Hugging Face cache only, "
         "or also downloaded when missing where downloads are allowed (HF_HUB_OFFLINE=0, the hub "
-        "rule every model follows); unavailable weights are reported, never replaced",
+        "rule every model follows); unavailable weights are reported, never replaced (unless "
+        "`imagenet_standin` names a stand-in)",
+    )
+    imagenet_standin: UriStr | None = Field(
+        None,
+        description="a backbone file (or URI) used for the `imagenet` init when timm's real ImageNet weights "
+        "are not available (e.g. demo/weights/imagenet-standin/backbone.safetensors: `python -m demo "
+        "--components imagenet-standin`); it must fit `train.arch`, and the report names it as the stand-in",
     )
     cpus_per_trial: float = Field(1.0, gt=0)
     gpus_per_trial: float | Literal["auto"] = Field(

@@ -83,7 +83,8 @@ class DownstreamReport:
 
 
 def resolve_inits(config: DownstreamConfig, backbone: Path | None, hf_cache_dir: str | Path | None = None) -> dict[str, InitWeights]:
-    """The initialisations the grid names; `ours` is checked against `train.arch` here."""
+    """The initialisations the grid names; `ours` (and the `imagenet` stand-in, when timm's
+    weights are unavailable and `imagenet_standin` is set) is checked against `train.arch` here."""
     inits: dict[str, InitWeights] = {}
     for name in config.inits:
         if name == INIT_OURS:
@@ -91,7 +92,8 @@ def resolve_inits(config: DownstreamConfig, backbone: Path | None, hf_cache_dir:
                 raise ConfigError("init 'ours' needs a backbone: pass --backbone FILE (or set downstream.backbone)")
             inits[name] = load_ours(backbone, config.train.arch)
         elif name == INIT_IMAGENET:
-            inits[name] = resolve_imagenet(config.train.arch, config.imagenet_weights, hf_cache_dir)
+            inits[name] = resolve_imagenet(config.train.arch, config.imagenet_weights, hf_cache_dir,
+                                           standin=config.imagenet_standin)
         else:
             inits[name] = random_init()
     return inits
@@ -289,6 +291,9 @@ def run_downstream(
     for init in inits.values():
         if not init.available:
             print(f"{init.name} weights unavailable, cells reported as such: {init.reason}", flush=True)
+        elif init.stand_in:
+            print(f"{init.name} weights unavailable ({init.reason}); its cells train from the {init.source}",
+                  flush=True)
     (out / CONFIG_FILE).write_text(config_to_yaml(config))
 
     if any(s.kind in ("fs", "ss") for s in config.setting_list) and not any(c.setting.kind in ("fs", "ss")
@@ -320,6 +325,14 @@ def run_downstream(
                             trained, errors, time.perf_counter() - start)
 
 
+def _imagenet_meta(init: InitWeights) -> str:
+    if not init.available:
+        return "unavailable"
+    if init.stand_in:
+        return f"{init.source} (in place of timm's ImageNet weights, unavailable here)"
+    return init.source
+
+
 def _write_report_files(config: DownstreamConfig, frame: pd.DataFrame, cells: Sequence[Cell], rows: list[dict],
                         inits: dict[str, InitWeights], folder: Path) -> list[Path]:
     """results.md and the plots into `folder`; returns the plot paths."""
@@ -327,8 +340,7 @@ def _write_report_files(config: DownstreamConfig, frame: pd.DataFrame, cells: Se
         "backbone (ours)": inits[INIT_OURS].source if INIT_OURS in inits else "not evaluated",
         "arch": f"{config.train.arch}, input {config.train.image_size[0]}x{config.train.image_size[1]}, "
                 f"{config.train.epochs} epochs",
-        "ImageNet weights": (inits[INIT_IMAGENET].source if inits[INIT_IMAGENET].available else "unavailable")
-                            if INIT_IMAGENET in inits else "not evaluated",
+        "ImageNet weights": _imagenet_meta(inits[INIT_IMAGENET]) if INIT_IMAGENET in inits else "not evaluated",
         "seeds": ", ".join(map(str, config.seeds)),
         "cells": f"{len(cells)} ({int((frame['status'] == STATUS_DONE).sum())} done)",
     }
