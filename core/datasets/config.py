@@ -34,6 +34,12 @@ class SyntheticSpec(StrictModel):
         "(core.datasets.synthetic.domains.DOMAINS); same seed, same identities in every domain. A domain "
         "suggests a camera count (its `suggested_cameras`); `cameras` sets it",
     )
+    identity_traits: bool = Field(
+        False,
+        description="give every identity traits no caption names (a print on the top, body proportions, a fine "
+        "texture on the lower garment; core.datasets.synthetic.traits), stable across its cameras, so identities "
+        "with equal descriptions still differ; written per pid to traits.jsonl. Off: the world as it was",
+    )
 
     @field_validator("domain")
     @classmethod
@@ -44,12 +50,15 @@ class SyntheticSpec(StrictModel):
         return DOMAINS.check(domain)
 
     @model_serializer(mode="wrap")
-    def _default_domain_unwritten(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        # The default domain is the world of earlier versions: leaving it out of dumps keeps every
-        # digest made from a spec (finished downstream cells, builds, experiment chains) valid.
+    def _earlier_world_unwritten(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # The default domain without identity traits is the world of earlier versions: leaving those
+        # defaults out of dumps keeps every digest made from a spec (finished downstream cells, builds,
+        # experiment chains) valid.
         data = handler(self)
         if data.get("domain") == DEFAULT_DOMAIN:
             del data["domain"]
+        if data.get("identity_traits") is False:
+            del data["identity_traits"]
         return data
 
 

@@ -11,6 +11,10 @@ samples from: scene family, light, viewpoint and sensor resolution ("campus", th
 generator as it always was; "mall", "station", "street" differ as real datasets do). The same seed
 gives the same identities in every domain, so datasets of two domains pose a domain gap.
 
+Identity traits (`traits.IdentityTraits`, `SyntheticSpec.identity_traits`, off by default) add
+what no caption names: a print on the top, body proportions, a fine texture on the lower garment,
+the same in every camera, so two identities with equal descriptions still differ in the images.
+
 Output under `out`::
 
     bounding_box_train/0001_c1s1_000123_00.jpg   train ids 1..N, `images_per_camera` frames/camera
@@ -18,6 +22,7 @@ Output under `out`::
     bounding_box_test/                           the other test images, plus distractors (0000_*)
                                                  and junk (-1_*) to exercise the conventions
     attributes.jsonl                             per pid: attributes and an English description
+    traits.jsonl                                 per pid: its identity traits (only with them on)
     synthetic.json                               the spec that produced the folder
 
 Images are 128x64 (H x W) JPEGs. Every random choice comes from a generator seeded by
@@ -25,11 +30,12 @@ Images are 128x64 (H x W) JPEGs. Every random choice comes from a generator seed
 attributes do not depend on how many identities come after it.
 
 Modules: `attributes` (identities and cameras), `domains` (capture conditions), `render` (drawing),
-`dataset` (plan and write).
-CLI: `python -m core.datasets.synthetic --out DIR --ids N --cameras C --seed S [--domain D]`.
+`traits` (what no caption names), `dataset` (plan and write).
+CLI: `python -m core.datasets.synthetic --out DIR --ids N --cameras C --seed S [--domain D] [--identity-traits]`.
 """
 
 from core.datasets.synthetic.attributes import ATTRIBUTES_FILE, PALETTE, CameraStyle, sequence_shots  # noqa: F401
 from core.datasets.synthetic.domains import DOMAINS, SyntheticDomain  # noqa: F401
 from core.datasets.synthetic.dataset import ensure_synthetic_dataset, generate_synthetic_dataset  # noqa: F401
 from core.datasets.synthetic.render import render_image  # noqa: F401
+from core.datasets.synthetic.traits import TRAITS_FILE, IdentityTraits  # noqa: F401

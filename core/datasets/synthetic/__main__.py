@@ -1,4 +1,4 @@
-"""`python -m core.datasets.synthetic --out DIR --ids N --cameras C --seed S --domain D`."""
+"""`python -m core.datasets.synthetic --out DIR --ids N --cameras C --seed S --domain D [--identity-traits]`."""
 
 from __future__ import annotations
 
@@ -37,6 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--domain", choices=DOMAINS.names(), default=defaults.domain,
         help=f"capture conditions; the identities stay the same (default %(default)s). {domains}",
+    )
+    parser.add_argument(
+        "--identity-traits", action="store_true",
+        help="give every identity traits no caption names (a print on its top, body proportions, a fine texture "
+        "on its lower garment), the same in every camera, written per pid to traits.jsonl; the words stay as "
+        "without them (default: off, the world as it was)",
     )
     return parser
 

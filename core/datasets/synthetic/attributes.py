@@ -64,6 +64,7 @@ VIEWS = ("front", "back", "side")
 
 # Independent random streams: (seed, stream, keys...) seeds one generator per decision group.
 _ATTRIBUTES, _CAMERA, _SEQUENCE, _IMAGE, _SPLIT, _EXTRA = range(1, 7)
+_TRAITS = 7  # identity traits (`traits`): a stream no earlier draw uses, so turning them on changes no other draw
 
 
 def _rng(seed: int, stream: int, *keys: int) -> np.random.Generator:

@@ -15,10 +15,11 @@ from core.datasets.config import SyntheticSpec
 from core.datasets.market import MARKET_SPLIT_DIRS
 from core.datasets.synthetic.attributes import (
     ATTRIBUTES_FILE, CameraStyle, MAX_PID, PersonAttributes, SPEC_FILE, Shot, _ATTRIBUTES, _CAMERA, _EXTRA,
-    _IMAGE, _SEQUENCE, _SPLIT, _rng, sequence_shots,
+    _IMAGE, _SEQUENCE, _SPLIT, _TRAITS, _rng, sequence_shots,
 )
 from core.datasets.synthetic.domains import DOMAINS
 from core.datasets.synthetic.render import render_image
+from core.datasets.synthetic.traits import TRAITS_FILE, IdentityTraits
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class IdentityPlan:
     split: str  # "train" or "test"
     cameras: tuple[int, ...]  # 0-based
     attributes: PersonAttributes
+    traits: IdentityTraits | None = None  # what no caption names; None where the spec turns traits off
 
 
 @dataclass(frozen=True)
@@ -41,11 +43,19 @@ class PlannedImage:
     camera: int
     shot: Shot
     seed_keys: tuple[int, ...]
+    traits: IdentityTraits | None = None
+
+
+def _traits(spec: SyntheticSpec, key: int, person: PersonAttributes) -> IdentityTraits | None:
+    """The traits of the person drawn under `key` (a pid, or an extra image's key), from a stream
+    of their own: whether the spec turns them on changes no other draw."""
+    return IdentityTraits.sample(_rng(spec.seed, _TRAITS, key), person) if spec.identity_traits else None
 
 
 def plan_identities(spec: SyntheticSpec) -> list[IdentityPlan]:
     """Train ids 1..N and test ids N+1..2N; each appears in a random subset of >= 2 cameras.
-    Clothing signatures are unique so no two identities are indistinguishable twins."""
+    Clothing signatures are unique so no two identities are indistinguishable twins (with identity
+    traits on, equal signatures would still differ; they stay unique so the words do not change)."""
     plans: list[IdentityPlan] = []
     seen: set[tuple[str | None, ...]] = set()
     for pid in range(1, 2 * spec.ids + 1):
@@ -60,7 +70,8 @@ def plan_identities(spec: SyntheticSpec) -> list[IdentityPlan]:
         count = int(split_rng.integers(2, spec.cameras + 1))
         chosen = split_rng.choice(spec.cameras, size=count, replace=False)
         cameras = tuple(sorted(int(c) for c in chosen))
-        plans.append(IdentityPlan(pid, "train" if pid <= spec.ids else "test", cameras, attributes))
+        split = "train" if pid <= spec.ids else "test"
+        plans.append(IdentityPlan(pid, split, cameras, attributes, _traits(spec, pid, attributes)))
     return plans
 
 
@@ -83,7 +94,7 @@ def _identity_images(
             split = "query" if k == query_index else "train" if plan.split == "train" else "gallery"
             folder = MARKET_SPLIT_DIRS[split]
             name = _market_name(plan.pid, camera, start + k * step)
-            yield PlannedImage(folder, name, plan.attributes, camera, shot, (plan.pid, camera, k))
+            yield PlannedImage(folder, name, plan.attributes, camera, shot, (plan.pid, camera, k), plan.traits)
 
 
 def _extra_images(spec: SyntheticSpec, cameras: list[CameraStyle]) -> Iterator[PlannedImage]:
@@ -100,7 +111,9 @@ def _extra_images(spec: SyntheticSpec, cameras: list[CameraStyle]) -> Iterator[P
             shot = Shot(**{**asdict(shot), "center_x": float(rng.choice((-0.1, 1.1)))})
         name = _market_name(pid, camera, 100000 + i * 10)
         keys = (MAX_PID + 1 + i, camera, 0)  # clear of every identity's image keys
-        yield PlannedImage(gallery, name, PersonAttributes.sample(rng), camera, shot, keys)
+        person = PersonAttributes.sample(rng)
+        # strangers have traits too, so a print does not tell an identity from a distractor
+        yield PlannedImage(gallery, name, person, camera, shot, keys, _traits(spec, keys[0], person))
 
 
 def _write_images(out: Path, spec: SyntheticSpec, plans: list[IdentityPlan]) -> None:
@@ -112,7 +125,7 @@ def _write_images(out: Path, spec: SyntheticSpec, plans: list[IdentityPlan]) -> 
     for item in images + list(_extra_images(spec, cameras)):
         style = cameras[item.camera]
         rng = _rng(spec.seed, _IMAGE, *item.seed_keys)
-        image = render_image(item.person, style, item.shot, rng)
+        image = render_image(item.person, style, item.shot, rng, item.traits)
         image.save(out / item.folder / item.filename, "JPEG", quality=style.jpeg_quality)
 
 
@@ -127,6 +140,14 @@ def _write_attributes(out: Path, plans: list[IdentityPlan]) -> None:
                 "cameras": [c + 1 for c in plan.cameras],
             }
             handle.write(json.dumps(row) + "\n")
+
+
+def _write_traits(out: Path, plans: list[IdentityPlan]) -> None:
+    """Per pid, the trait parameters (for probes and tests; no caption names them)."""
+    with (out / TRAITS_FILE).open("w", encoding="utf-8") as handle:
+        for plan in plans:
+            if plan.traits is not None:
+                handle.write(json.dumps({"pid": plan.pid, **plan.traits.to_json()}) + "\n")
 
 
 def _is_empty(path: Path) -> bool:
@@ -152,6 +173,8 @@ def generate_synthetic_dataset(out: Path, spec: SyntheticSpec) -> Path:
         plans = plan_identities(spec)
         _write_images(staging, spec, plans)
         _write_attributes(staging, plans)
+        if spec.identity_traits:
+            _write_traits(staging, plans)
         (staging / SPEC_FILE).write_text(json.dumps(spec.model_dump(), sort_keys=True) + "\n")
         try:
             os.replace(staging, out)  # onto an absent or empty directory: atomic
@@ -176,7 +199,7 @@ def ensure_synthetic_dataset(root: Path, spec: SyntheticSpec) -> Path:
         # default domain draws what the generator drew before domains): a missing key reads as it.
         defaults = {name: field.default for name, field in SyntheticSpec.model_fields.items()}
         found = {**defaults, **json.loads(spec_file.read_text())}
-        wanted = {**defaults, **spec.model_dump()}  # the default domain is left out of dumps
+        wanted = {**defaults, **spec.model_dump()}  # the defaults of earlier worlds are left out of dumps
         if found != wanted:
             raise DatasetError(
                 f"{root} holds a synthetic dataset generated with {found}, but the config asks for "

@@ -1,5 +1,7 @@
 """Drawing one person seen by one camera: at the camera's sensor resolution (128x64 unless its
-domain's sensor is coarser), supersampled, then lit and resized to the 128x64 crop."""
+domain's sensor is coarser), supersampled, then lit and resized to the 128x64 crop. An identity's
+traits (`traits.IdentityTraits`), where it has them, change its proportions and add a print on its
+top and hatching on its lower garment; without them every body is drawn as it always was."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from core.datasets.synthetic.attributes import (
     CameraStyle, HAIR_COLORS, IMAGE_HEIGHT, IMAGE_WIDTH, PALETTE, PersonAttributes, Point, RGB, SKIN_TONES,
     SUPERSAMPLE, Shot,
 )
+from core.datasets.synthetic.traits import NEUTRAL_SHAPE, BodyShape, GarmentPrint, Hatching, IdentityTraits
 
 
 SKYLIGHT = (0.9, 0.97, 1.12)  # colour of a shadow: lit by the blue sky only, not the sun
@@ -94,7 +97,13 @@ class _Pen:
         squash: float = 1.0,
     ) -> None:
         self.draw, self.cx, self.top, self.h, self.facing = draw, center_x, top, height, facing
+        self.squash = squash
         self.v = height * squash  # a camera looking down shortens the body, not its width
+
+    def unmirrored(self) -> _Pen:
+        """This pen drawing as if facing +1: for what reads the same whichever way the person
+        walks (a print)."""
+        return _Pen(self.draw, self.cx, self.top, self.h, 1, self.squash)
 
     def xy(self, dx: float, dy: float) -> Point:
         return self.cx + self.facing * dx * self.h, self.top + dy * self.v
@@ -110,18 +119,49 @@ class _Pen:
     def polygon(self, points: Sequence[Point], fill: RGB) -> None:
         self.draw.polygon([self.xy(dx, dy) for dx, dy in points], fill=fill)
 
-    def limb(self, start: Point, end: Point, width: float, fill: RGB) -> None:
-        """A straight limb of `width` (person units) from `start` to `end`."""
+    def limb(self, start: Point, end: Point, width: float, fill: RGB) -> list[Point]:
+        """A straight limb of `width` (person units) from `start` to `end`; returns its corners."""
         (ax, ay), (bx, by) = start, end
         length = math.hypot(bx - ax, by - ay) or 1.0
         nx, ny = -(by - ay) / length * width / 2, (bx - ax) / length * width / 2
         corners = [(ax + nx, ay + ny), (bx + nx, by + ny), (bx - nx, by - ny), (ax - nx, ay - ny)]
         self.polygon(corners, fill)
+        return corners
+
+    def hatch(self, polygon: Sequence[Point], hatching: Hatching, garment: RGB) -> None:
+        """Lines of `hatching` across the convex `polygon` (person units) of a `garment`-coloured
+        area. The lines lie at the same angle in the image whichever way the person faces, on a grid
+        anchored at the person's axis, so they move and scale with the person."""
+        corners = [self.xy(dx, dy) for dx, dy in polygon]
+        angle = math.radians(hatching.angle)
+        normal = (math.sin(angle), math.cos(angle))  # of lines rising at `angle` (image y points down)
+        spacing = max(1.0, hatching.spacing * self.h)
+        origin = self.cx * normal[0] + self.top * normal[1]
+        reach = [x * normal[0] + y * normal[1] - origin for x, y in corners]
+        target = 0.0 if sum(garment) > 300 else 255.0  # darker lines on light cloth, lighter on dark
+        line = tuple(round(c + hatching.strength * (target - c)) for c in garment)
+        width = max(1, round(hatching.width * self.h))
+        for k in range(math.floor(min(reach) / spacing), math.ceil(max(reach) / spacing) + 1):
+            segment = _clip_line(corners, normal, origin + k * spacing)
+            if segment is not None:
+                self.draw.line(segment, fill=line, width=width)
 
 
-def _draw_top(pen: _Pen, person: PersonAttributes, half_width: float) -> None:
+def _clip_line(polygon: Sequence[Point], normal: Point, offset: float) -> tuple[Point, Point] | None:
+    """Where the line {p: normal . p = offset} crosses the convex `polygon`, if it does."""
+    crossings = []
+    for (ax, ay), (bx, by) in zip(polygon, [*polygon[1:], polygon[0]]):
+        a = ax * normal[0] + ay * normal[1] - offset
+        b = bx * normal[0] + by * normal[1] - offset
+        if (a < 0) != (b < 0):
+            t = a / (a - b)
+            crossings.append((ax + t * (bx - ax), ay + t * (by - ay)))
+    return (crossings[0], crossings[1]) if len(crossings) >= 2 else None
+
+
+def _draw_top(pen: _Pen, person: PersonAttributes, half_width: float, shape: BodyShape) -> None:
     """The torso with its pattern, clipped to the torso box."""
-    x0, x1, y0, y1 = -half_width, half_width, 0.15, 0.52
+    x0, x1, y0, y1 = -half_width, half_width, 0.15, 0.52 + shape.waist
     first = PALETTE[person.upper_color]
     second = PALETTE[person.upper_color2] if person.upper_color2 else first
     pen.rect(x0, y0, x1, y1, first)
@@ -138,50 +178,95 @@ def _draw_top(pen: _Pen, person: PersonAttributes, half_width: float) -> None:
                     pen.rect(x, y, min(x + width, x1), min(y + height, y1), second)
 
 
-def _draw_legs(pen: _Pen, person: PersonAttributes, shot: Shot, half_width: float) -> None:
-    """Legs (walking), shoes and the lower garment."""
+def _draw_legs(
+    pen: _Pen, person: PersonAttributes, shot: Shot, half_width: float, shape: BodyShape,
+    hatching: Hatching | None,
+) -> None:
+    """Legs (walking), shoes and the lower garment (hatched where the identity's traits say so)."""
     skin, lower = SKIN_TONES[person.skin_tone], PALETTE[person.lower_color]
     shoes = PALETTE[person.shoe_color]
     width = 0.085 * person.width
     swing = math.sin(shot.phase)
+    waist, length = 0.5 + shape.waist, 0.465 - shape.waist  # the feet stay on the ground
     if shot.view == "side":
         angle = 0.38 * swing
-        legs = [((0.0, 0.5), (0.465 * math.sin(a), 0.5 + 0.465 * math.cos(a))) for a in (angle, -angle)]
+        legs = [((0.0, waist), (length * math.sin(a), waist + length * math.cos(a))) for a in (angle, -angle)]
     else:  # front/back: the stepping foot lifts a little
         spread = 0.055 * person.width
         legs = [
-            ((-spread, 0.5), (-spread * 1.1, 0.965 - 0.03 * max(0.0, swing))),
-            ((spread, 0.5), (spread * 1.1, 0.965 - 0.03 * max(0.0, -swing))),
+            ((-spread, waist), (-spread * 1.1, 0.965 - 0.03 * max(0.0, swing))),
+            ((spread, waist), (spread * 1.1, 0.965 - 0.03 * max(0.0, -swing))),
         ]
     for hip, foot in legs:
         if person.lower_type == "trousers":
-            pen.limb(hip, foot, width, lower)
+            garment = pen.limb(hip, foot, width, lower)
         else:
             pen.limb(hip, foot, width * 0.85, skin)
+            garment = []
             if person.lower_type == "shorts":
                 knee = hip[0] + (foot[0] - hip[0]) * 0.42, hip[1] + (foot[1] - hip[1]) * 0.42
-                pen.limb(hip, knee, width * 1.05, lower)
+                garment = pen.limb(hip, knee, width * 1.05, lower)
+        if hatching is not None and garment:
+            pen.hatch(garment, hatching, lower)
         toe = 0.05 if shot.view == "side" else 0.0  # shoes point where the person walks
         pen.rect(foot[0] - 0.04, foot[1] - 0.012, foot[0] + 0.04 + toe, foot[1] + 0.03, shoes)
     if person.lower_type == "skirt":
         flare = 1.35 if shot.view != "side" else 1.6
-        waist, hem = half_width * 0.95, half_width * flare
-        pen.polygon([(-waist, 0.49), (waist, 0.49), (hem, 0.73), (-hem, 0.73)], lower)
+        top, hem = half_width * 0.95, half_width * flare
+        y0, y1 = 0.49 + shape.waist, 0.73 + shape.waist
+        skirt = [(-top, y0), (top, y0), (hem, y1), (-hem, y1)]
+        pen.polygon(skirt, lower)
+        if hatching is not None:
+            pen.hatch(skirt, hatching, lower)
 
 
-def _draw_head(pen: _Pen, person: PersonAttributes, view: str) -> None:
+CHIN = 0.144  # where the face ends: a bigger or smaller head grows or shrinks about it
+
+
+def _head_y(y: float, scale: float) -> float:
+    """Height `y` of a head `scale` times the usual size (exactly `y` at 1.0)."""
+    return y + (1.0 - scale) * (CHIN - y)
+
+
+def _draw_head(pen: _Pen, person: PersonAttributes, view: str, scale: float = 1.0) -> None:
     skin, hair = SKIN_TONES[person.skin_tone], HAIR_COLORS[person.hair_color]
     pen.rect(-0.025, 0.12, 0.025, 0.16, skin)  # neck
+
+    def ellipse(dx: float, dy: float, rx: float, ry: float, fill: RGB) -> None:
+        pen.ellipse(dx * scale, _head_y(dy, scale), rx * scale, ry * scale, fill)
+
     if view == "back":
-        pen.ellipse(0.0, 0.075, 0.056, 0.068, hair)
+        ellipse(0.0, 0.075, 0.056, 0.068, hair)
         if person.hair_length == "long":
-            pen.rect(-0.06, 0.07, 0.06, 0.25, hair)
+            pen.rect(-0.06 * scale, _head_y(0.07, scale), 0.06 * scale, 0.25, hair)
     elif view == "front":
-        pen.ellipse(0.0, 0.07, 0.058, 0.068, hair)
-        pen.ellipse(0.0, 0.088, 0.05, 0.056, skin)
+        ellipse(0.0, 0.07, 0.058, 0.068, hair)
+        ellipse(0.0, 0.088, 0.05, 0.056, skin)
     else:
-        pen.ellipse(-0.008, 0.07, 0.056, 0.066, hair)
-        pen.ellipse(0.014, 0.088, 0.046, 0.054, skin)
+        ellipse(-0.008, 0.07, 0.056, 0.066, hair)
+        ellipse(0.014, 0.088, 0.046, 0.054, skin)
+
+
+def print_rect(logo: GarmentPrint, view: str, half_width: float) -> tuple[float, float, float, float]:
+    """(x0, y0, x1, y1) of the print in person units as an unmirrored pen draws it, on a torso of
+    `half_width`: seen from the side it is foreshortened to 60 % of its width."""
+    width = logo.size * (0.6 if view == "side" else 1.0)
+    room = max(0.0, half_width - width / 2 - 0.012)  # a hem's width clear of the torso's edge
+    x = logo.x * room
+    return x - width / 2, logo.y - logo.size / 2, x + width / 2, logo.y + logo.size / 2
+
+
+def _draw_print(pen: _Pen, logo: GarmentPrint, view: str, half_width: float) -> None:
+    """The glyph, cell by cell, reading the same whichever way the person faces."""
+    x0, y0, x1, y1 = print_rect(logo, view, half_width)
+    rows, columns = len(logo.glyph), len(logo.glyph[0])
+    cell_w, cell_h = (x1 - x0) / columns, (y1 - y0) / rows
+    flat = pen.unmirrored()
+    for i, row in enumerate(logo.glyph):
+        for j, cell in enumerate(row):
+            if cell == "1":
+                x, y = x0 + j * cell_w, y0 + i * cell_h
+                flat.rect(x, y, x + cell_w, y + cell_h, logo.color)
 
 
 def _draw_arms(pen: _Pen, person: PersonAttributes, shot: Shot, half_width: float) -> Point:
@@ -229,32 +314,63 @@ def _draw_bag(
         pen.rect(half_width * 0.55, 0.40, half_width + 0.07, 0.51, color)
 
 
-def draw_person(
-    draw: ImageDraw.ImageDraw, person: PersonAttributes, shot: Shot, size: tuple[int, int], squash: float = 1.0
-) -> None:
-    """Paint `person` in `shot` onto a canvas of `size` (width, height), back to front, its
-    height times `squash` (the camera's foreshortening)."""
+def _person_pen(
+    draw: ImageDraw.ImageDraw | None, person: PersonAttributes, shot: Shot, size: tuple[int, int], squash: float
+) -> _Pen:
     width, height = size
     person_height = shot.scale * person.height * height
     top = shot.feet_y * height - person_height * squash
-    pen = _Pen(draw, shot.center_x * width, top, person_height, shot.facing, squash)
-    half_width = (0.085 if shot.view == "side" else 0.13) * person.width
+    return _Pen(draw, shot.center_x * width, top, person_height, shot.facing, squash)  # type: ignore[arg-type]
+
+
+def _hip_half_width(person: PersonAttributes, view: str) -> float:
+    return (0.085 if view == "side" else 0.13) * person.width
+
+
+def draw_person(
+    draw: ImageDraw.ImageDraw, person: PersonAttributes, shot: Shot, size: tuple[int, int], squash: float = 1.0,
+    traits: IdentityTraits | None = None,
+) -> None:
+    """Paint `person` in `shot` onto a canvas of `size` (width, height), back to front, its
+    height times `squash` (the camera's foreshortening), with its `traits` where it has them."""
+    pen = _person_pen(draw, person, shot, size, squash)
+    shape = NEUTRAL_SHAPE if traits is None else traits.shape
+    hips = _hip_half_width(person, shot.view)
+    half_width = hips * shape.shoulders  # the torso, the arms and what hangs from the shoulders
     hair = HAIR_COLORS[person.hair_color]
     if person.hair_length == "long" and shot.view != "back":
-        behind = -0.065 if shot.view == "side" else -0.068
-        pen.rect(behind, 0.05, 0.0 if shot.view == "side" else 0.068, 0.24, hair)
+        behind = (-0.065 if shot.view == "side" else -0.068) * shape.head
+        pen.rect(behind, _head_y(0.05, shape.head), (0.0 if shot.view == "side" else 0.068) * shape.head, 0.24, hair)
     _draw_bag(pen, person, shot.view, half_width, (0.0, 0.0), behind=True)
-    _draw_legs(pen, person, shot, half_width)
-    _draw_top(pen, person, half_width)
+    _draw_legs(pen, person, shot, hips, shape, None if traits is None else traits.hatching)
+    _draw_top(pen, person, half_width, shape)
+    if traits is not None:
+        _draw_print(pen, traits.logo, shot.view, half_width)
     hand = _draw_arms(pen, person, shot, half_width)
-    _draw_head(pen, person, shot.view)
+    _draw_head(pen, person, shot.view, shape.head)
     _draw_bag(pen, person, shot.view, half_width, hand, behind=False)
 
 
+def print_box(
+    person: PersonAttributes, traits: IdentityTraits, shot: Shot, camera: CameraStyle
+) -> tuple[float, float, float, float]:
+    """(x0, y0, x1, y1) of the identity's print in pixels of the 128x64 crop `render_image` makes
+    of `person` in `shot` by `camera` (where a probe looks for it; an arm or a bag may cover part)."""
+    height, width = camera.render_size
+    pen = _person_pen(None, person, shot, (width * SUPERSAMPLE, height * SUPERSAMPLE), camera.squash).unmirrored()
+    half_width = _hip_half_width(person, shot.view) * traits.shape.shoulders
+    x0, y0, x1, y1 = print_rect(traits.logo, shot.view, half_width)
+    (left, upper), (right, lower) = pen.xy(x0, y0), pen.xy(x1, y1)
+    sx, sy = IMAGE_WIDTH / (width * SUPERSAMPLE), IMAGE_HEIGHT / (height * SUPERSAMPLE)
+    return left * sx, upper * sy, right * sx, lower * sy
+
+
 def render_image(
-    person: PersonAttributes | None, camera: CameraStyle, shot: Shot, rng: np.random.Generator
+    person: PersonAttributes | None, camera: CameraStyle, shot: Shot, rng: np.random.Generator,
+    traits: IdentityTraits | None = None,
 ) -> Image.Image:
-    """One camera image (128x64) of `person` (None: the empty scene) before JPEG encoding.
+    """One camera image (128x64) of `person` (None: the empty scene) with its identity `traits`
+    (None: none, the world without traits) before JPEG encoding.
 
     Drawn at the camera's sensor resolution; the light (gain, cast shadow, contrast) acts on the
     sensor's pixels, and a coarser sensor's image is then upsampled to the crop (soft, blocky).
@@ -264,7 +380,7 @@ def render_image(
     background = np.roll(_camera_background(camera), shift, axis=1)
     canvas = Image.fromarray(background.astype(np.uint8))
     if person is not None:
-        draw_person(ImageDraw.Draw(canvas), person, shot, canvas.size, camera.squash)
+        draw_person(ImageDraw.Draw(canvas), person, shot, canvas.size, camera.squash, traits)
     small = canvas.resize((width, height), Image.Resampling.BOX)
     gain = np.array(camera.cast, np.float32) * camera.brightness * shot.light
     sensor_noise = rng.normal(0.0, 3.0, size=(height, width, 1))
