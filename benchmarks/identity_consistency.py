@@ -30,7 +30,7 @@ def main() -> int:
     parser.add_argument("--identities", type=int, default=8)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    from eval.experiment.consistency import identity_consistency
+    from eval.experiment.consistency import consistency_gain, identity_consistency
 
     config = load_run_config(args.config, args.overrides)
     rates = identity_consistency(config, resolve(args.build_dir) / "filter_models", args.identities)
@@ -39,6 +39,9 @@ def main() -> int:
     for label, rate in (("base model (no fine-tune)", rates["base_model"]), ("fine-tuned (DI)", rates["fine_tuned"])):
         print(f"  {label:<28} pass rate {100 * rate.rate:5.1f}%   mean score {rate.mean_score:.3f}   "
               f"(n={rate.samples})")
+    gain = consistency_gain(rates)
+    print(f"  gain (fine-tuned - base)     {100 * gain.mean:+5.1f} points, 95 % {gain.method} interval over "
+          f"{gain.identities} identities [{100 * gain.low:+.1f}, {100 * gain.high:+.1f}]")
     return 0
 
 

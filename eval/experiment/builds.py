@@ -3,11 +3,13 @@ and one per ablation) into `OUT/builds/<name>`, checked before the first starts,
 `experiment.json` holds the same config digest (a build resumes by itself too; digests hash
 locations under OUT relative to it, so a moved experiment folder reuses its work). An ablation
 shares what it would make alike with the main build: its Re-ID filter model, or its very samples
-when only the filter changed. Each build's identity consistency is measured once, into its marker.
+when only the filter changed. Each build's identity consistency (with its paired gain) and the
+diversity of its kept images against its source are measured once, into its marker.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -22,7 +24,11 @@ from factory.filters import FILTERS
 
 MAIN_BUILD = "main"
 MARKER = "experiment.json"
-CONSISTENCY_KEYS = ("consistency_identities", "fine_tuned", "base_model")  # what a build's marker adds
+# What a build's marker adds: the pass rates, then (since the paired gain) the gain and its interval.
+GAIN_KEYS = ("consistency_gain", "consistency_gain_low", "consistency_gain_high", "consistency_gain_identities",
+             "consistency_gain_method", "consistency_per_identity")
+CONSISTENCY_KEYS = ("consistency_identities", "fine_tuned", "base_model", *GAIN_KEYS)
+DIVERSITY_KEY = "diversity"  # `eval.experiment.diversity.build_condition_coverage`, per build (its own kept images)
 
 
 def digest(payload: Any, out: Location | None = None) -> str:
@@ -132,7 +138,8 @@ def ensure_build(name: str, placed: tuple[Location, RunConfig, str], log: Callab
 def measure_consistency(placed: Mapping[str, tuple[Location, RunConfig, str]], build_markers: dict[str, Any],
                         identities: int, log: Callable[[str], None]) -> None:
     """Every build's identity consistency (`ensure_consistency`) into its marker in
-    `build_markers`; a build replaying the main build's samples takes the main build's rates."""
+    `build_markers`; a build replaying the main build's samples takes the main build's rates.
+    With it (seconds more) the diversity of every build's kept images (`ensure_diversity`)."""
     if identities and placed:
         judge = placed[MAIN_BUILD if MAIN_BUILD in placed else next(iter(placed))][0] / "filter_models"
         for name, place in placed.items():
@@ -141,6 +148,8 @@ def measure_consistency(placed: Mapping[str, tuple[Location, RunConfig, str]], b
                 build_markers[name] = {**build_markers[name], **rates, "consistency_source": MAIN_BUILD}
                 continue
             build_markers[name] = ensure_consistency(name, place, judge, build_markers[name], identities, log)
+        for name, place in placed.items():
+            build_markers[name] = ensure_diversity(name, place, build_markers[name], condition_probe, log)
 
 
 def ensure_consistency(name: str, placed: tuple[Location, RunConfig, str], judge: Location, marker: dict[str, Any],
@@ -148,9 +157,10 @@ def ensure_consistency(name: str, placed: tuple[Location, RunConfig, str], judge
     """The build's fine-tuned vs base-model pass rates, scored by the Re-ID models in `judge` (the
     main build's, so every build is judged alike), computed once and kept in its marker. A
     failure here is reported in the table, never the end of the experiment."""
-    if marker.get("consistency_identities") == identities:
+    # A marker from before the paired gain is measured again (same seeds: the same rates), for its gain.
+    if marker.get("consistency_identities") == identities and "consistency_gain_identities" in marker:
         return marker
-    from eval.experiment.consistency import identity_consistency
+    from eval.experiment.consistency import consistency_entries, identity_consistency
 
     location, config, _ = placed
     try:
@@ -158,9 +168,44 @@ def ensure_consistency(name: str, placed: tuple[Location, RunConfig, str], judge
     except Exception as err:  # noqa: BLE001 - a side measurement: the chains still run
         log(f"[build {name}] identity consistency not measured: {type(err).__name__}: {err}")
         return marker
-    marker = {**marker, "consistency_identities": identities, "fine_tuned": rates["fine_tuned"].rate,
-              "base_model": rates["base_model"].rate}
+    marker = {**marker, "consistency_identities": identities, **consistency_entries(rates)}
+    low, high = marker["consistency_gain_low"], marker["consistency_gain_high"]
+    interval = f" [{100 * low:+.1f}, {100 * high:+.1f}]" if low is not None else " (one identity: no interval)"
+    gain = marker["consistency_gain"]
     log(f"[build {name}] Re-ID pass rate over {identities} identities: fine-tuned "
-        f"{100 * marker['fine_tuned']:.1f} %, base model {100 * marker['base_model']:.1f} %")
+        f"{100 * marker['fine_tuned']:.1f} %, base model {100 * marker['base_model']:.1f} %"
+        + (f", gain {100 * gain:+.1f} points{interval}" if gain is not None else ""))
+    (location / MARKER).write_json(marker)
+    return marker
+
+
+@functools.cache
+def condition_probe() -> Any:
+    """The diversity probe (`fit_condition_probe`), fitted once per process, when a build first needs it."""
+    from eval.experiment.diversity import fit_condition_probe
+
+    return fit_condition_probe()
+
+
+def ensure_diversity(name: str, placed: tuple[Location, RunConfig, str], marker: dict[str, Any],
+                     probe: Callable[[], Any], log: Callable[[str], None]) -> dict[str, Any]:
+    """The build's kept images against its source (`build_condition_coverage`, read by `probe()`),
+    computed once and kept in its marker. Like consistency, a failure is logged, never the
+    experiment's end."""
+    if DIVERSITY_KEY in marker or not marker.get("kept"):
+        return marker
+    from eval.experiment.diversity import build_condition_coverage
+
+    location, config, _ = placed
+    try:
+        coverage = build_condition_coverage(location, probe(), config)
+    except Exception as err:  # noqa: BLE001 - a side measurement: the chains still run
+        log(f"[build {name}] diversity not measured: {type(err).__name__}: {err}")
+        return marker
+    marker = {**marker, DIVERSITY_KEY: coverage}
+    beyond_identity = coverage.get("coverage_beyond_identity")
+    log(f"[build {name}] diversity: {100 * coverage['coverage_beyond_source']:.1f} % of kept images in a condition "
+        f"the source lacks" + (f", {100 * beyond_identity:.1f} % in a condition their identity's source images lack"
+                               if beyond_identity is not None else ""))
     (location / MARKER).write_json(marker)
     return marker
