@@ -21,15 +21,15 @@ from typing import Any
 import pandas as pd
 
 from core.storage import atomic_local_path
-from core.settings.downstream import INIT_IMAGENET, INIT_OURS, INIT_RANDOM
-from core.settings.downstream import Setting
+from core.settings.downstream import ADAPTATION as DOMAIN_ADAPTATION
+from core.settings.downstream import GENERALIZATION as DOMAIN_GENERALIZATION
+from core.settings.downstream import INIT_IMAGENET, INIT_OURS, INIT_RANDOM, UNSUPERVISED, Setting
 
 STATUS_DONE, STATUS_UNAVAILABLE, STATUS_ERROR, STATUS_MISSING = "done", "unavailable", "error", "missing"
 INIT_ORDER = (INIT_IMAGENET, INIT_OURS, INIT_RANDOM)
 INIT_LABELS = {INIT_IMAGENET: "IN", INIT_OURS: "Ours", INIT_RANDOM: "Random"}
 BASELINES = (INIT_IMAGENET, INIT_RANDOM)  # ours minus these: columns delta_<metric>_vs_<init>
 METRICS = ("mAP", "rank1", "rank5", "rank10", "mINP")
-UNSUPERVISED, DOMAIN_ADAPTATION, DOMAIN_GENERALIZATION = "unsupervised", "da", "dg"
 # Per-setting columns (see the module docstring); empty on the rows of other settings.
 # Averaged over seeds in the summary:
 PROTOCOL_MEANS = ("before_mAP", "before_rank1", "direct_mAP", "direct_rank1", "source_mAP", "source_rank1",
@@ -45,19 +45,16 @@ CSV_COLUMNS = (
 )
 _INTEGER_COLUMNS = ("percent", "seed", "train_images", "train_ids", "epochs", "clusters", "outliers", "splits")
 _TEXT_COLUMNS = ("source", "target", "sources", "reason")
-# Labels of the settings `Setting.parse` may not know yet (core/settings/downstream.py is being
-# extended to parse them); looked up here first so the tables never depend on that.
-_PROTOCOL_LABELS = {UNSUPERVISED: "unsupervised", DOMAIN_ADAPTATION: "DA", DOMAIN_GENERALIZATION: "DG"}
 
 
 def setting_label(setting: str) -> str:
     """How the paper writes a setting: `supervised`, `Fs 30%`, `unsupervised`, `DA`, `DG`."""
-    return _PROTOCOL_LABELS.get(setting) or Setting.parse(setting).label
+    return Setting.parse(setting).label
 
 
 def setting_kind(setting: str) -> str:
     """`supervised`, `fs`, `ss`, `unsupervised`, `da` or `dg`."""
-    return setting if setting in _PROTOCOL_LABELS else Setting.parse(setting).kind
+    return Setting.parse(setting).kind
 
 
 def results_frame(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
