@@ -31,7 +31,7 @@ from core.settings.downstream import Setting
 _FS_STREAM, _SS_STREAM = 1, 2
 
 
-def _kept_count(total: int, percent: int, minimum: int) -> int:
+def kept_count(total: int, percent: float, minimum: int) -> int:
     """`percent` % of `total` rounded half up, at least `minimum`, at most `total`."""
     return min(total, max(minimum, int(np.floor(percent / 100 * total + 0.5))))
 
@@ -57,7 +57,7 @@ def few_shot_images(
         raise ValueError(f"min_images_per_id must be >= 1, got {min_images_per_id}")
     kept: list[ImageRecord] = []
     for (source, pid), images in sorted(_by_identity(records).items()):
-        count = _kept_count(len(images), percent, min_images_per_id)
+        count = kept_count(len(images), percent, min_images_per_id)
         # crc32, not `hash`: Python salts the hash of a str per process.
         rng = np.random.default_rng([seed % 2**32, _FS_STREAM, zlib.crc32(f"{source}\0{pid}".encode("utf-8"))])
         kept.extend(images[i] for i in rng.permutation(len(images))[:count])
@@ -72,7 +72,7 @@ def small_scale_identities(
     if not 1 <= percent <= 100:
         raise ValueError(f"percent must be in 1..100, got {percent}")
     identities = sorted(_by_identity(records))
-    count = _kept_count(len(identities), percent, min_identities)
+    count = kept_count(len(identities), percent, min_identities)
     order = np.random.default_rng([seed % 2**32, _SS_STREAM]).permutation(len(identities))
     chosen = {identities[i] for i in order[:count]}
     return [r for r in records if not r.distractor and (r.source, r.pid) in chosen]

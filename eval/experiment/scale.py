@@ -17,7 +17,6 @@ arm runs the seed.
 
 from __future__ import annotations
 
-import math
 import zlib
 from collections import defaultdict
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from core.settings.experiment import ARM_GENERATED, ExperimentConfig
+from eval.downstream.settings import kept_count as fraction_count
 
 ScaleKind = Literal["images", "identities"]
 IMAGES, IDENTITIES = "images", "identities"
@@ -88,8 +88,8 @@ def plan_scale_runs(exp: ExperimentConfig) -> list[ScaleRun]:
 
 
 def kept_count(total: int, percent: float) -> int:
-    """`percent` % of `total`, rounded half up, at least 1, at most `total`."""
-    return min(total, max(1, math.floor(percent * total / 100 + 0.5)))
+    """`percent` % of `total`, rounded half up, at least 1, at most `total` (the Fs/Ss rule)."""
+    return fraction_count(total, percent, minimum=1)
 
 
 def image_subset(table: pa.Table, percent: float, seed: int) -> pa.Table:
