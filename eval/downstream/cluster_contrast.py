@@ -404,6 +404,8 @@ def train_cluster_contrast(
         with precision.autocast():
             features, _, camids = extract_features(model, records, recipe, device=device, images=images)
         if options.camera_centering:
+            # The memory below starts from these centred features too: its centroids are the
+            # camera-free targets the model's features are pulled towards.
             features = camera_centred(features, camids)
         labels = cluster_pseudo_labels(jaccard_distance(features.to(device), options.k1, options.k2),
                                        options.eps, options.min_samples)

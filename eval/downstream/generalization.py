@@ -36,6 +36,7 @@ from eval.downstream.cells import Cell
 from eval.downstream.inits import InitWeights
 from eval.downstream.methods import METHODS, ReidMethod
 from eval.downstream.tables import STATUS_DONE
+from eval.downstream.trial import train_supervised
 from trainers.reid.data import TrainingSet
 from trainers.reid.evaluate import evaluate_reid
 
@@ -68,8 +69,6 @@ def run_generalization_cell(cell: Cell, datasets: Mapping[str, ReidDataset], kin
                             report: Any = None) -> dict[str, Any]:
     """A `dg` cell: train `cell.method` on the merged sources, then every target over its splits.
     The result holds one entry per target under `targets`; `runner.collect_rows` makes them rows."""
-    from eval.downstream.trial import train_supervised
-
     assert config.generalization is not None
     start = time.perf_counter()
     method = method or METHODS.get(cell.method)

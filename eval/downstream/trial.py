@@ -219,6 +219,7 @@ def run_cell(cell: Cell, context: TrialContext, device: torch.device,
     """The cell's result record, by its setting: supervised / Fs / Ss fine-tune one dataset (and
     resume from checkpoints), `unsupervised` and `da` train without target labels, `dg` trains on
     the merged sources and tests on unseen targets."""
+    # Imported here: those modules build on this one's supervised loop (`train_supervised`).
     from eval.downstream.generalization import run_generalization_cell
     from eval.downstream.unsupervised import run_adaptation_cell, run_unsupervised_cell
 
