@@ -19,7 +19,7 @@ from demo.imagenet_standin import BACKBONE_FILE, CARD_FILE, StandinRecipe, train
 from demo.models import IMAGENET_STANDIN, VERSION_FILE, DemoRecipe, build_demo_models
 from demo.objects import MAX_CLASSES, SHAPES, Pose, object_class, object_images, shape_mask
 from eval.downstream.inits import load_ours, resolve_imagenet
-from eval.downstream.runner import _imagenet_meta, resolve_inits
+from eval.downstream.runner import imagenet_meta, resolve_inits
 from trainers.weights import WeightsMismatchError, WeightsUnavailableError
 
 
@@ -145,13 +145,13 @@ def test_the_standin_takes_the_place_of_unavailable_imagenet_weights(
     expected = load_file(backbones["standin"])
     assert set(init.state) == set(expected)
     assert torch.equal(init.state["layer4.1.conv2.weight"], expected["layer4.1.conv2.weight"])
-    assert "stand-in" in _imagenet_meta(init) and "in place of timm's ImageNet weights" in _imagenet_meta(init)
+    assert "stand-in" in imagenet_meta(init) and "in place of timm's ImageNet weights" in imagenet_meta(init)
 
 
 def test_without_a_standin_imagenet_stays_unavailable(tmp_path: Path) -> None:
     init = resolve_inits(_config(imagenet_weights="cache"), None, hf_cache_dir=tmp_path / "empty")["imagenet"]
     assert not init.available and not init.stand_in and "not in the local" in init.reason
-    assert _imagenet_meta(init) == "unavailable"
+    assert imagenet_meta(init) == "unavailable"
 
 
 def test_real_imagenet_weights_win_over_the_standin(backbones: dict[str, Path], tmp_path: Path) -> None:

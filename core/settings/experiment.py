@@ -4,7 +4,10 @@ An arm is an initialisation of the downstream backbone:
 - `random`: timm's initialisation (no pre-training);
 - `source`: pre-trained on the real training images of the identities the factory was given;
 - `generated`: pre-trained on the build's kept images only;
-- `source+generated`: both, one label per identity.
+- `source+generated`: both, one label per identity;
+- `imagenet`: no pre-training, fine-tuned from the downstream `imagenet` init (timm's ImageNet
+  weights, or the `downstream.imagenet_standin` backbone file where those cannot be had): the
+  paper's reference initialisation. Not among the default arms: a config opts in.
 An ablation is a build with `--set` style overrides (e.g. `generation.prior_loss_weight=0`),
 pre-trained on its generated images only. Every build, data set and pre-training run is made
 once and shared by every arm that uses it.
@@ -22,8 +25,10 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from core.config import StrictModel, UriStr, require_unique
 
 ARM_RANDOM, ARM_SOURCE, ARM_GENERATED, ARM_BOTH = "random", "source", "generated", "source+generated"
-MAIN_ARMS = (ARM_RANDOM, ARM_SOURCE, ARM_GENERATED, ARM_BOTH)
-ArmName = Literal["random", "source", "generated", "source+generated"]
+ARM_IMAGENET = "imagenet"
+MAIN_ARMS = (ARM_RANDOM, ARM_SOURCE, ARM_GENERATED, ARM_BOTH)  # the default arms
+ARM_NAMES = (*MAIN_ARMS, ARM_IMAGENET)  # every arm a config may name
+ArmName = Literal["random", "source", "generated", "source+generated", "imagenet"]
 # The build sections an ablation may change; the recipe downstream of the build stays the arms'.
 ABLATION_SECTIONS = ("sequences", "caption", "generation", "filter")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
@@ -111,7 +116,7 @@ class ExperimentConfig(StrictModel):
     @classmethod
     def _ablations(cls, ablations: dict[str, list[str]]) -> dict[str, list[str]]:
         for name, overrides in ablations.items():
-            if not _NAME.match(name) or name in MAIN_ARMS:
+            if not _NAME.match(name) or name in ARM_NAMES:
                 raise ValueError(f"ablation name {name!r}: lowercase letters, digits, '-' and '_', not an arm's name")
             for override in overrides:
                 key = override.partition("=")[0]

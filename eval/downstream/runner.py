@@ -326,7 +326,7 @@ def run_downstream(
                             trained, errors, time.perf_counter() - start)
 
 
-def _imagenet_meta(init: InitWeights) -> str:
+def imagenet_meta(init: InitWeights) -> str:
     if not init.available:
         return "unavailable"
     if init.stand_in:
@@ -341,7 +341,7 @@ def _write_report_files(config: DownstreamConfig, frame: pd.DataFrame, cells: Se
         "backbone (ours)": inits[INIT_OURS].source if INIT_OURS in inits else "not evaluated",
         "arch": f"{config.train.arch}, input {config.train.image_size[0]}x{config.train.image_size[1]}, "
                 f"{config.train.epochs} epochs",
-        "ImageNet weights": _imagenet_meta(inits[INIT_IMAGENET]) if INIT_IMAGENET in inits else "not evaluated",
+        "ImageNet weights": imagenet_meta(inits[INIT_IMAGENET]) if INIT_IMAGENET in inits else "not evaluated",
         "seeds": ", ".join(map(str, config.seeds)),
         "cells": f"{len(cells)} ({done_cells} done)",  # by cell, not by row: a dg cell has a row per target
     }

@@ -19,7 +19,7 @@ from core.storage import resolve
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m eval.experiment",
-        description="Does pre-training on generated images help? Arms (random / source-only / generated / "
+        description="Does pre-training on generated images help? Arms (random / imagenet / source-only / generated / "
         "source+generated, and factory ablations) x seeds, each built, pre-trained and fine-tuned on Ray.",
     )
     parser.add_argument("--out", metavar="URI", help="output folder or s3://, gs://, ... (default: experiment.out_dir); "

@@ -20,7 +20,8 @@ from typing import Any
 
 import pandas as pd
 
-from core.settings.experiment import ARM_BOTH, ARM_GENERATED, ARM_RANDOM, ARM_SOURCE
+from core.settings.downstream import INIT_IMAGENET, INIT_OURS, INIT_RANDOM
+from core.settings.experiment import ARM_BOTH, ARM_GENERATED, ARM_IMAGENET, ARM_RANDOM, ARM_SOURCE
 from core.settings.run import RunConfig
 from core.storage import Location, has_scheme, resolve
 from eval.experiment.builds import MAIN_BUILD, MARKER, digest
@@ -31,7 +32,7 @@ DONE = "done.json"
 
 @dataclass(frozen=True)
 class Chain:
-    """One arm x seed: pre-train on `data` (None: random init), then the downstream grid."""
+    """One arm x seed: pre-train on `data` (None: no pre-training), then the downstream grid."""
 
     arm: str
     group: str  # "main", "ablation" or "scale"
@@ -138,20 +139,36 @@ def absolute_local_roots(config: RunConfig) -> RunConfig:
     return config.model_copy(update={"downstream": config.downstream.model_copy(update={"datasets": datasets})})
 
 
+def _absolute_local(uri: str | None) -> str | None:
+    return uri if uri is None or has_scheme(uri) else str(Path(uri).expanduser().resolve())
+
+
+def downstream_init(chain: Chain) -> str:
+    """The downstream init a chain fine-tunes from: its own pre-trained backbone (`ours`) when it
+    pre-trains, else the reference init its arm stands for (`imagenet`, or `random`)."""
+    if chain.data is not None:
+        return INIT_OURS
+    return INIT_IMAGENET if chain.arm == ARM_IMAGENET else INIT_RANDOM
+
+
 def chain_spec(chain: Chain, config: RunConfig, out: Location, data_digest: str) -> dict[str, Any]:
-    """What one chain's task needs, as plain data, with the digest that says it is done."""
+    """What one chain's task needs, as plain data, with the digest that says it is done.
+    `data_digest` is what the chain starts from: its pre-training set's digest, or for the
+    `imagenet` arm the init's weights digest (a new stand-in file makes it a new chain)."""
     pretrain = config.pretrain.model_copy(update={"seed": chain.seed}).model_dump(mode="json")
-    inits = ["random"] if chain.data is None else ["ours"]
-    downstream = config.downstream.model_copy(update={"inits": inits, "seeds": [chain.seed], "plots": False,
-                                                      "backbone": None}).model_dump(mode="json")
+    init = downstream_init(chain)
+    update = {"inits": [init], "seeds": [chain.seed], "plots": False, "backbone": None}
+    if init == INIT_IMAGENET:  # read in a Ray worker, whose working directory need not be the driver's
+        update["imagenet_standin"] = _absolute_local(config.downstream.imagenet_standin)
+    downstream = config.downstream.model_copy(update=update).model_dump(mode="json")
     location = out / "chains" / chain.arm / f"seed-{chain.seed}"
     return {"key": chain.key, "data": chain.data, "out": location.uri, "pretrain": pretrain,
             "downstream": downstream, "digest": digest([chain.data, data_digest, pretrain, downstream], out)}
 
 
 def run_chain(spec: Mapping[str, Any]) -> dict[str, Any]:
-    """Pre-train (unless random init, or done before under the same digest), then fine-tune and
-    evaluate; returns the downstream cells as plain rows. Runs inside a Ray task."""
+    """Pre-train (unless the arm pre-trains nothing, or done before under the same digest), then
+    fine-tune and evaluate; returns the downstream cells as plain rows. Runs inside a Ray task."""
     from core.settings.downstream import DownstreamConfig
     from eval.downstream.runner import run_downstream
     from core.settings.pretrain import PretrainConfig
@@ -213,8 +230,8 @@ def run_chains(specs: Sequence[dict[str, Any]], concurrency: int, log: Callable[
 
 def plan_chains(config: RunConfig, data: Mapping[str, str]) -> list[Chain]:
     exp = config.experiment
-    arm_data = {ARM_RANDOM: None, ARM_SOURCE: data.get(ARM_SOURCE), ARM_GENERATED: data.get(MAIN_BUILD),
-                ARM_BOTH: data.get(f"{ARM_SOURCE}+{MAIN_BUILD}")}
+    arm_data = {ARM_RANDOM: None, ARM_IMAGENET: None, ARM_SOURCE: data.get(ARM_SOURCE),
+                ARM_GENERATED: data.get(MAIN_BUILD), ARM_BOTH: data.get(f"{ARM_SOURCE}+{MAIN_BUILD}")}
     chains = [Chain(arm, "main", seed, arm_data[arm]) for seed in exp.seeds for arm in exp.arms]
     chains += [Chain(name, "ablation", seed, data[name]) for seed in exp.ablation_seeds for name in exp.ablations]
     return chains + scale_chains(plan_scale_runs(exp), data, {c.key for c in chains})

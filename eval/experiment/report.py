@@ -5,6 +5,7 @@ x seed x setting), `results.md` and `plots/map_<dataset>_<method>.png`; with the
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from core.settings.downstream import Setting
+from core.settings.experiment import ARM_IMAGENET
 from eval.experiment.scale import IDENTITIES, IMAGES, ScaleRun
 from eval.experiment.stats import CELL
 
@@ -21,6 +23,16 @@ if TYPE_CHECKING:
 
 _GROUP_COLOURS = {"ablation": "tab:gray", "scale": "tab:olive"}  # the main arms: tab:blue
 _SCALE_LINES = {IMAGES: ("images per identity", "o-"), IDENTITIES: ("identities", "s--")}
+IMAGENET_LABEL = "ImageNet"
+STAND_IN_NOTE = "(stand-in)"  # as the downstream report names weights in place of timm's ImageNet ones
+
+
+def arm_label(arm: str, imagenet_stand_in: bool = False) -> str:
+    """How tables and plots name an arm: its config name, except the `imagenet` arm, written as
+    the paper writes the init, and marked when a stand-in backbone takes the real weights' place."""
+    if arm != ARM_IMAGENET:
+        return arm
+    return f"{IMAGENET_LABEL} {STAND_IN_NOTE}" if imagenet_stand_in else IMAGENET_LABEL
 
 
 def _mean_std(mean: float, std: float) -> str:
@@ -38,9 +50,12 @@ def _difference(row: Mapping[str, Any], metric: str, prefix: str = "d") -> str:
 
 
 def results_markdown(summary: pd.DataFrame, baseline: str, meta: Mapping[str, str],
-                     consistency: Mapping[str, Mapping[str, Any]]) -> str:
+                     consistency: Mapping[str, Mapping[str, Any]], imagenet_stand_in: bool = False) -> str:
+    """`imagenet_stand_in`: the `imagenet` arm fine-tunes from the `downstream.imagenet_standin`
+    file (its rows and the baseline are labelled so)."""
     lines = ["# Evidence experiment", ""]
     lines += [f"- {key}: {value}" for key, value in meta.items()]
+    baseline = arm_label(baseline, imagenet_stand_in)
     for (dataset, method, setting), group in summary.groupby(["dataset", "method", "setting"], sort=False):
         lines += ["", f"## {method.upper()} on {dataset}, {Setting.parse(setting).label}", "",
                   f"| arm | pre-training set | seeds | mAP | Rank-1 | Δ mAP vs {baseline} [95 % CI] "
@@ -50,7 +65,7 @@ def results_markdown(summary: pd.DataFrame, baseline: str, meta: Mapping[str, st
             size = ("-" if pd.isna(row["pretrain_images"]) else
                     f"{int(row['pretrain_images'])} images, {int(row['pretrain_ids'])} ids")
             seeds = f"{row['seeds']}" + (f" ({row['errors']} failed)" if row["errors"] else "")
-            label = row["arm"] + (f" ({row['group']})" if row["group"] != "main" else "")
+            label = arm_label(row["arm"], imagenet_stand_in) + (f" ({row['group']})" if row["group"] != "main" else "")
             lines.append(f"| {label} | {size} | {seeds} | {_mean_std(row['mAP_mean'], row['mAP_std'])} | "
                          f"{_mean_std(row['rank1_mean'], row['rank1_std'])} | {_difference(row, 'mAP')} | "
                          f"{_difference(row, 'rank1')} | {_difference(row, 'mAP', 'dm')} |")
@@ -140,16 +155,18 @@ def _plot_per_cell(frame: pd.DataFrame, folder: Path, prefix: str, draw: PanelDr
     return paths
 
 
-def _draw_map_bars(axis: Axes, rows: pd.DataFrame, cell: pd.DataFrame) -> None:
+def _draw_map_bars(axis: Axes, rows: pd.DataFrame, cell: pd.DataFrame, imagenet_stand_in: bool = False) -> None:
     colours = [_GROUP_COLOURS.get(g, "tab:blue") for g in rows["group"]]
     axis.bar(range(len(rows)), rows["mAP_mean"], yerr=rows["mAP_std"].fillna(0), color=colours, capsize=3)
-    axis.set_xticks(range(len(rows)), rows["arm"], rotation=45, ha="right", fontsize=8)
+    labels = [arm_label(arm, imagenet_stand_in) for arm in rows["arm"]]
+    axis.set_xticks(range(len(rows)), labels, rotation=45, ha="right", fontsize=8)
     axis.set_ylabel("mAP (%)")
 
 
-def write_plots(summary: pd.DataFrame, folder: Path) -> list[Path]:
+def write_plots(summary: pd.DataFrame, folder: Path, imagenet_stand_in: bool = False) -> list[Path]:
     """Bar chart of mAP (mean ± std over seeds) per arm, one panel per setting."""
-    return _plot_per_cell(summary, folder, "map", _draw_map_bars)
+    return _plot_per_cell(summary, folder, "map",
+                          functools.partial(_draw_map_bars, imagenet_stand_in=imagenet_stand_in))
 
 
 def scale_table(runs: pd.DataFrame, points: Sequence[ScaleRun]) -> pd.DataFrame:

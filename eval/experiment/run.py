@@ -14,12 +14,13 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from core.config import config_to_yaml
+from core.config import ConfigError, config_to_yaml
 from core.storage import Location, local_folder, resolve, user_path
+from core.settings.experiment import ARM_IMAGENET
 from core.settings.run import RunConfig
 from eval.experiment.builds import (MAIN_BUILD, build_configs, check_builds, ensure_build, measure_consistency,
                                     place_build, refuse_changed_builds, share_filter_models, share_samples)
@@ -27,6 +28,9 @@ from eval.experiment.chains import (DONE, Chain, absolute_local_roots, chain_spe
                                     run_chains)
 from eval.experiment.scale import plan_scale_runs
 from factory.build import FAILED as BUILD_FAILED, REFUSED as BUILD_REFUSED
+
+if TYPE_CHECKING:
+    from eval.downstream.inits import InitWeights
 
 RUN_COLUMNS = ("arm", "group", "seed", "dataset", "method", "setting", "status", "mAP", "rank1",
                "pretrain_images", "pretrain_ids", "reason")
@@ -63,6 +67,7 @@ def run_experiment(config: RunConfig, out_dir: str | os.PathLike[str] | None = N
     out = output_location(out_dir or exp.out_dir, config)
     config = absolute_local_roots(config)
     builds = build_configs(config, origin)
+    imagenet = check_imagenet_arm(config)
     check_builds(builds, origin, log)
     placed = {name: place_build(name, share_samples(share_filter_models(build, builds[MAIN_BUILD], out),
                                                     builds[MAIN_BUILD], out)
@@ -89,7 +94,7 @@ def run_experiment(config: RunConfig, out_dir: str | os.PathLike[str] | None = N
             sizes[location] = inspect_shards(location)
         except ShardError as err:  # e.g. an ablation whose filter kept nothing: its chains fail, not the run
             unusable[location] = f"no pre-training data: {err}"
-    specs = [chain_spec(c, config, out, data_digests.get(_data_name(c, data), "")) for c in chains]
+    specs = [chain_spec(c, config, out, _start_digest(c, data, data_digests, imagenet)) for c in chains]
     results: dict[str, Any] = {c.key: unusable[c.data] for c in chains if c.data in unusable}
     pending = []
     for spec in specs:
@@ -115,7 +120,7 @@ def run_experiment(config: RunConfig, out_dir: str | os.PathLike[str] | None = N
         results.update(run_chains(pending, exp.concurrency, log, on_done=record))
 
     runs, errors = _runs_frame(chains, results, sizes, config)
-    summary = _write_report(config, out, runs, build_markers)
+    summary = _write_report(config, out, runs, build_markers, imagenet)
     report = ExperimentReport(user_path(out), user_path(out / "results.csv"), user_path(out / "results.md"), summary,
                               runs, [s["key"] for s in pending], errors, time.perf_counter() - started)
     if errors:
@@ -124,8 +129,46 @@ def run_experiment(config: RunConfig, out_dir: str | os.PathLike[str] | None = N
     return report
 
 
+def check_imagenet_arm(config: RunConfig, hf_cache_dir: str | Path | None = None) -> InitWeights | None:
+    """With the `imagenet` arm, its init resolved as its chains' downstream runs will resolve it
+    (timm's cached or downloadable weights for `downstream.train.arch`, else the
+    `downstream.imagenet_standin` file, checked against the arch), before any build or Ray starts:
+    a chain would otherwise fine-tune nothing and report every cell unavailable. Returns the init
+    without its weights (None without the arm); raises `ConfigError` saying what to set."""
+    if ARM_IMAGENET not in config.experiment.arms:
+        return None
+    from dataclasses import replace
+
+    from eval.downstream.inits import resolve_imagenet
+    from trainers.weights import WeightsMismatchError, WeightsUnavailableError
+
+    downstream = config.downstream
+    try:
+        init = resolve_imagenet(downstream.train.arch, downstream.imagenet_weights, hf_cache_dir,
+                                standin=downstream.imagenet_standin)
+    except (WeightsMismatchError, WeightsUnavailableError) as err:  # a stand-in that is missing or does not fit
+        raise ConfigError(f"experiment.arms has {ARM_IMAGENET!r}, but its init cannot be loaded: {err}") from err
+    if not init.available:
+        raise ConfigError(
+            f"experiment.arms has {ARM_IMAGENET!r}, but timm's ImageNet weights for downstream.train.arch "
+            f"{downstream.train.arch!r} cannot be had ({init.reason}) and downstream.imagenet_standin is not set. "
+            "Set downstream.imagenet_standin to a backbone file of that arch (`python -m demo --components "
+            "imagenet-standin` writes demo/weights/imagenet-standin/backbone.safetensors), put the weights in the "
+            "Hugging Face cache, or allow downstream.imagenet_weights: download with HF_HUB_OFFLINE=0")
+    return replace(init, state=None)  # the chains load the weights themselves: keep no copy here
+
+
 def _data_name(chain: Chain, data: Mapping[str, str]) -> str:
     return next((name for name, uri in data.items() if uri == chain.data), "")
+
+
+def _start_digest(chain: Chain, data: Mapping[str, str], data_digests: Mapping[str, str],
+                  imagenet: InitWeights | None) -> str:
+    """The digest of what a chain starts from: its pre-training set, or the `imagenet` arm's
+    weights (another stand-in file, or timm's real weights turning up, makes it a new chain)."""
+    if chain.arm == ARM_IMAGENET and imagenet is not None:
+        return imagenet.digest
+    return data_digests.get(_data_name(chain, data), "")
 
 
 def _runs_frame(chains: Sequence[Chain], results: Mapping[str, Any], sizes: Mapping[str, Any],
@@ -151,8 +194,9 @@ def _runs_frame(chains: Sequence[Chain], results: Mapping[str, Any], sizes: Mapp
 
 
 def _write_report(config: RunConfig, out: Location, runs: pd.DataFrame,
-                  build_markers: Mapping[str, Any]) -> pd.DataFrame:
-    from eval.experiment.report import results_markdown, scale_markdown, scale_table, write_plots, write_scale_plots
+                  build_markers: Mapping[str, Any], imagenet: InitWeights | None = None) -> pd.DataFrame:
+    from eval.experiment.report import (arm_label, results_markdown, scale_markdown, scale_table, write_plots,
+                                        write_scale_plots)
     from eval.experiment.stats import summarize
 
     exp = config.experiment
@@ -168,7 +212,12 @@ def _write_report(config: RunConfig, out: Location, runs: pd.DataFrame,
             "sources": ", ".join(f"{s.source_name} ({s.kind})" for s in config.sources),
             "benchmark": ", ".join(s.source_name for s in config.downstream.datasets),
             "paired differences": f"vs `{exp.baseline}`, per seed; 95 % t interval over seeds"}
-    markdown = results_markdown(summary, exp.baseline, meta, consistency)
+    stand_in = imagenet is not None and imagenet.stand_in
+    if imagenet is not None:
+        from eval.downstream.runner import imagenet_meta  # the downstream report's words for the weights
+
+        meta[f"{arm_label(ARM_IMAGENET)} weights (`{ARM_IMAGENET}` arm)"] = imagenet_meta(imagenet)
+    markdown = results_markdown(summary, exp.baseline, meta, consistency, imagenet_stand_in=stand_in)
     scale = scale_table(runs, plan_scale_runs(exp)) if exp.data_scale else None
     if scale is not None:
         markdown += "\n" + scale_markdown(scale, exp.data_scale.seeds)
@@ -176,7 +225,7 @@ def _write_report(config: RunConfig, out: Location, runs: pd.DataFrame,
         runs.to_csv(folder / "runs.csv", index=False, float_format="%.2f")
         summary.to_csv(folder / "results.csv", index=False, float_format="%.3f")
         (folder / "results.md").write_text(markdown)
-        write_plots(summary, folder / "plots")
+        write_plots(summary, folder / "plots", imagenet_stand_in=stand_in)
         if scale is not None:
             scale.to_csv(folder / "scale.csv", index=False, float_format="%.3f")
             if not scale.empty:
