@@ -16,8 +16,10 @@ The weights committed with the package (`demo/weights/`, fp16 safetensors made b
 `python -m demo --out demo/weights --fp16`) are such a build; `configs/demo.yaml` loads them in
 place, and the loaders' fp32 upcasts them exactly (the state dicts equal those of an fp32 copy).
 The build never calls in here: the product sees model folders only. Training with the default
-recipe takes about 25 minutes of one CPU thread, on a procedural training set generated into
-`train_source` (seed 1000, a different seed than the demo's own source data).
+recipe takes about 47 minutes of one CPU thread (`DemoRecipe.estimated_minutes`; about 20 with
+`--threads 2`), on a procedural training set generated into `train_source/<domain>` (seeds
+1000-1003, other seeds than any preset's data): every capture domain of the world, with identity
+traits, as Stable Diffusion's training set is wider than any Re-ID source.
 
 Builds go into a hidden staging folder and are moved into place component by component before
 VERSION is written, so an interrupted build is never mistaken for a complete one.
@@ -43,7 +45,7 @@ Log = Callable[[str], None]
 
 # Bump when the architectures, tokenizers or training recipe change: a folder stamped with
 # another version is not a complete build (`is_complete`).
-DEMO_MODELS_VERSION = "demo-models-1"
+DEMO_MODELS_VERSION = "demo-models-2"
 VERSION_FILE = "VERSION"
 RECIPE_FILE = "recipe.json"
 TEXT_TO_IMAGE, CAPTIONER, CLIP = "text-to-image", "captioner", "clip"
@@ -53,8 +55,10 @@ IMAGENET_STANDIN = "imagenet-standin"
 # build, `is_complete`, is the three model folders).
 BUILDABLE_COMPONENTS = (*COMPONENTS, IMAGENET_STANDIN)
 COMMITTED_WEIGHTS = Path(__file__).resolve().parent / "weights"
-# Where the procedural training pedestrians are generated unless told otherwise.
-DEFAULT_TRAIN_SOURCE = Path(".cache/demo-models/pedestrians")
+# Where the procedural training pedestrians are generated unless told otherwise (a folder per domain).
+DEFAULT_TRAIN_SOURCE = Path(".cache/demo-models/world")
+# The wider world the demo models learn: every capture domain, though a Re-ID source shows one.
+WORLD_DOMAINS = ("campus", "mall", "station", "street")
 
 
 @dataclass(frozen=True)
@@ -84,14 +88,18 @@ class DemoRecipe:
     """What the demo models are trained on and for how long: step counts, never wall-clock, so
     a build is reproducible. The default is the recipe of the committed weights."""
 
-    seed: int = 1000
-    ids: int = 300  # per split; both splits are used: 600 identities
-    cameras: int = 9  # as many camera styles as Market names allow: colours must survive new ones
+    seed: int = 1000  # the first domain's; each next domain's dataset is drawn with the next seed
+    ids: int = 300  # per split, over all domains; both splits are used: 600 identities
+    cameras: int = 9  # per domain, as many camera styles as Market names allow: colours must survive new ones
     images_per_camera: int = 2
+    domains: tuple[str, ...] = WORLD_DOMAINS
+    identity_traits: bool = True  # the base model draws prints, builds and textures; the fine-tune learns whose
     clip_steps: int = 400
     autoencoder_steps: int = 1000
-    text_to_image_steps: int = 3000
-    captioner_steps: int = 1500
+    # twice demo-models-1's: the wider world (four domains, identity traits, scene and view words)
+    # took colour words and captions below the quality checks at 3000 / 1500
+    text_to_image_steps: int = 6000
+    captioner_steps: int = 3000
     batch_size: int = 32
     autoencoder_batch_size: int = 16
     # the ImageNet stand-in (`demo.imagenet_standin`): procedural object classes, seed `seed`
@@ -119,10 +127,14 @@ class DemoRecipe:
         return replace(self, **{k: max(1, round(getattr(self, k) * factor)) for k in _phases(components)})
 
     @property
-    def synthetic_spec(self) -> SyntheticSpec:
-        return SyntheticSpec(
-            ids=self.ids, cameras=self.cameras, seed=self.seed, images_per_camera=self.images_per_camera
-        )
+    def synthetic_specs(self) -> dict[str, SyntheticSpec]:
+        """Domain -> the spec of its training dataset: `ids` shared out over the domains, other
+        people (another seed) in each."""
+        per_domain = max(2, self.ids // len(self.domains))
+        return {domain: SyntheticSpec(ids=per_domain, cameras=self.cameras, seed=self.seed + k,
+                                      images_per_camera=self.images_per_camera, domain=domain,
+                                      identity_traits=self.identity_traits)
+                for k, domain in enumerate(self.domains)}
 
 
 def _phases(components: Sequence[str]) -> tuple[str, ...]:
@@ -192,19 +204,24 @@ def _train_pedestrian_models(
     from demo.train_text_to_image import pipeline_pixels, train_autoencoder, train_text_to_image
     from demo.training import PedestrianCorpus
 
-    ensure_synthetic_dataset(train_source, recipe.synthetic_spec)
-    corpus = PedestrianCorpus.from_market_folder(train_source)
+    corpora = []
+    for domain, spec in recipe.synthetic_specs.items():
+        corpora.append(PedestrianCorpus.from_market_folder(ensure_synthetic_dataset(train_source / domain, spec)))
+    corpus = PedestrianCorpus.concat(corpora)
+    identities = 2 * sum(spec.ids for spec in recipe.synthetic_specs.values())
     log(
-        f"[demo-models] training set: {len(corpus)} images of {2 * recipe.ids} identities in {train_source}; "
-        f"recipe ~{recipe.estimated_minutes:.0f} min on one thread of the reference machine"
+        f"[demo-models] training set: {len(corpus)} images of {identities} identities in "
+        f"{', '.join(recipe.domains)} under {train_source}; recipe ~{recipe.estimated_minutes:.0f} min on one "
+        "thread of the reference machine"
     )
     seed = recipe.seed
-    clip_tokenizer = train_clip_tokenizer(corpus.descriptions)
+    clip_tokenizer = train_clip_tokenizer([*corpus.descriptions, *corpus.context_words])
     if CLIP in components or TEXT_TO_IMAGE in components:
         clip_model, clip_processor = tiny_clip(seed=seed, tokenizer=clip_tokenizer)
         train_clip(
             clip_model, clip_processor, corpus.images, corpus.descriptions, recipe.clip_steps,
             batch_size=recipe.batch_size + recipe.batch_size // 2, seed=seed, log=log,
+            contexts=corpus.contexts, domains=recipe.domains,
         )
         if CLIP in components:
             _save((clip_model, clip_processor), staging / CLIP, half)
@@ -217,7 +234,7 @@ def _train_pedestrian_models(
         )
         train_text_to_image(
             pipeline, pixels, corpus.descriptions, recipe.text_to_image_steps, recipe.batch_size,
-            seed=seed, log=log,
+            seed=seed, log=log, contexts=corpus.contexts,
         )
         _save(pipeline, staging / TEXT_TO_IMAGE, half)
         del pixels, pipeline

@@ -11,17 +11,17 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import CLIPModel, CLIPProcessor
 
-from core.datasets.synthetic import CameraStyle, render_image, sequence_shots
+from core.datasets.synthetic import DOMAINS, CameraStyle, render_image, sequence_shots
 from core.settings.stages import FilterConfig
-from demo.training import CameraJitter, Log, padded_tokens, random_flip, train_loop
+from demo.training import CameraJitter, Log, padded_tokens, random_flip, train_loop, with_context
 
 
-def empty_scenes(count: int, seed: int) -> list[Image.Image]:
-    """Backgrounds of the procedural cameras with nobody in them."""
+def empty_scenes(count: int, seed: int, domains: Sequence[str] = ("campus",)) -> list[Image.Image]:
+    """Backgrounds of procedural cameras of `domains` (in turn) with nobody in them."""
     rng = np.random.default_rng(seed)
     scenes = []
-    for _ in range(count):
-        camera = CameraStyle.sample(rng)
+    for k in range(count):
+        camera = CameraStyle.sample(rng, DOMAINS.get(domains[k % len(domains)]))
         scenes.append(render_image(None, camera, sequence_shots(camera, rng, 1)[0], rng))
     return scenes
 
@@ -43,37 +43,38 @@ def train_clip(
     lr: float = 1e-3,
     seed: int = 0,
     log: Log = print,
+    contexts: Sequence[Sequence[str]] | None = None,
+    domains: Sequence[str] = ("campus",),
 ) -> None:
-    """Contrastive image/text training. Each batch's texts are its people's descriptions plus
-    the CLIP filter's fixed texts (`clip_positive`, `clip_negatives`); a person image's target is
-    split between its description and the positive text, an empty scene's target is the first
-    negative, a noise field's the second. Texts are matched back to images only for descriptions."""
+    """Contrastive image/text training. Each batch's texts are its people's descriptions (with
+    each of the image's `contexts` phrases, its view and scene words, half of the time:
+    `with_context`) plus the CLIP filter's fixed texts (`clip_positive`, `clip_negatives`); a person
+    image's target is split between its text and the positive text, an empty scene's (of
+    `domains`) target is the first negative, a noise field's the second. One image per person is
+    in a batch, so every person text has a single positive image."""
     filter_config = FilterConfig()
     fixed_texts = [filter_config.clip_positive, *filter_config.clip_negatives]
     count = min(256, len(images))
-    negatives = [empty_scenes(count, seed), blurry_noise(count, seed)][: len(filter_config.clip_negatives)]
+    negatives = [empty_scenes(count, seed, domains), blurry_noise(count, seed)][: len(filter_config.clip_negatives)]
     person_pixels = processor(images=list(images), return_tensors="pt")["pixel_values"]
     negative_pixels = [processor(images=n, return_tensors="pt")["pixel_values"] for n in negatives]
-    unique = sorted(set(descriptions))
-    text_tokens = padded_tokens(processor.tokenizer, [*unique, *fixed_texts])
-    text_index = torch.tensor([unique.index(d) for d in descriptions])
-    fixed_rows = torch.arange(len(unique), len(unique) + len(fixed_texts))
+    contexts = contexts if contexts is not None else [()] * len(descriptions)
+    person_of = {d: k for k, d in enumerate(sorted(set(descriptions)))}
     per_negative = max(1, batch_size // 8)
     jitter = CameraJitter(processor.image_processor)
 
     def loss_of(index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        # one image per description in the batch, so every text has a single positive image
         seen: dict[int, int] = {}
         for i in index.tolist():
-            seen.setdefault(int(text_index[i]), i)
+            seen.setdefault(person_of[descriptions[i]], i)
         people = torch.tensor(list(seen.values()))
-        rows = torch.cat([torch.tensor(list(seen.keys())), fixed_rows])
+        texts = [with_context(descriptions[i], contexts[i], generator) for i in seen.values()]
+        tokens = padded_tokens(processor.tokenizer, [*texts, *fixed_texts])
         pixel_batches = [jitter(random_flip(person_pixels[people], generator), generator)]
         for pixels in negative_pixels:
             pixel_batches.append(pixels[torch.randint(0, len(pixels), (per_negative,), generator=generator)])
         logits = model(  # (images, texts)
-            input_ids=text_tokens.input_ids[rows], attention_mask=text_tokens.attention_mask[rows],
-            pixel_values=torch.cat(pixel_batches),
+            input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, pixel_values=torch.cat(pixel_batches),
         ).logits_per_image
         n_people = len(people)
         targets = torch.zeros_like(logits)

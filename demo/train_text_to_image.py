@@ -14,7 +14,7 @@ from PIL import Image
 
 from core.settings.stages import CaptionConfig
 from demo.tiny import SD_V1_SCHEDULE, TEXT_TO_IMAGE_RESOLUTION
-from demo.training import Log, PedestrianCorpus, padded_tokens, random_flip, train_loop
+from demo.training import Log, PedestrianCorpus, padded_tokens, random_flip, train_loop, with_context
 
 
 def train_autoencoder(
@@ -66,21 +66,28 @@ def train_text_to_image(
     ema_decay: float | None = 0.999,
     seed: int = 0,
     log: Log = print,
+    contexts: Sequence[Sequence[str]] | None = None,
 ) -> None:
     """Train the pipeline's UNet and text encoder on (image, description) pairs with SD's
     epsilon-prediction loss. Half of the captions use the generation stage's reference template
-    ("a photo of a person, <caption>") so the prompts the factory writes are in-distribution."""
+    ("a photo of a person, <caption>") so the prompts the factory writes are in-distribution;
+    each image's `contexts` phrases (its view and scene words) are appended, each half of the
+    time (`with_context`), so the model follows variation phrases and draws every condition
+    without them too."""
     vae, unet, text_encoder = pipeline.vae, pipeline.unet, pipeline.text_encoder
     template = CaptionConfig().reference_template
     with torch.no_grad():
         encoded = [vae.encode(chunk).latent_dist for chunk in pixels.split(256)]
     means = torch.cat([d.mean for d in encoded])
     stds = torch.cat([d.std for d in encoded])
-    unique = sorted(set(descriptions))
-    texts = ["", *unique, *(template.format(caption=d) for d in unique)]
-    token_ids = padded_tokens(pipeline.tokenizer, texts).input_ids
-    text_index = torch.tensor([1 + unique.index(d) for d in descriptions])
+    contexts = contexts if contexts is not None else [()] * len(descriptions)
     noise_scheduler = DDPMScheduler.from_config(SD_V1_SCHEDULE)
+
+    def text_of(i: int, generator: torch.Generator) -> str:
+        if float(torch.rand((), generator=generator)) < caption_dropout:
+            return ""
+        text = with_context(descriptions[i], contexts[i], generator)
+        return template.format(caption=text) if float(torch.rand((), generator=generator)) < 0.5 else text
 
     def loss_of(index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         latents = (means[index] + stds[index] * torch.randn(means[index].shape, generator=generator))
@@ -88,9 +95,8 @@ def train_text_to_image(
         noise = torch.randn(latents.shape, generator=generator)
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(index),), generator=generator)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-        rows = text_index[index] + len(unique) * (torch.rand(len(index), generator=generator) < 0.5).long()
-        rows = torch.where(torch.rand(len(index), generator=generator) < caption_dropout, 0, rows)
-        return F.mse_loss(unet(noisy, timesteps, text_encoder(token_ids[rows])[0]).sample, noise)
+        token_ids = padded_tokens(pipeline.tokenizer, [text_of(i, generator) for i in index.tolist()]).input_ids
+        return F.mse_loss(unet(noisy, timesteps, text_encoder(token_ids)[0]).sample, noise)
 
     params = [*unet.parameters(), *text_encoder.parameters()]
     ema = EMAModel(unet.parameters(), decay=ema_decay, use_ema_warmup=True, power=3 / 4) if ema_decay else None

@@ -1,7 +1,12 @@
 """Training the tiny random models into usable demo models: what every phase shares.
 
-All three models learn from (pedestrian image, attribute description) pairs of the procedural
-dataset (`PedestrianCorpus`), each in its own module:
+All three models learn from (pedestrian image, attribute description) pairs of procedural
+datasets (`PedestrianCorpus`), each in its own module. The corpus is wider than any Re-ID source:
+it spans every capture domain of the world (campus, mall, station, street) with identity traits
+on, and the text-to-image model and CLIP also read the words for each image's view and scene
+(`with_context`), as Stable Diffusion knows far more scenes and poses than Market-1501 shows;
+that surplus is what Diversity Injection's variation phrases bring into a build. The captioner
+describes the person only, as the caption stage asks it to.
 
 - `demo.train_text_to_image`: the `AutoencoderKL` first as a plain autoencoder (L1 + MSE
   reconstruction and a small KL term, on bands of rows), then the `UNet2DConditionModel` and the
@@ -31,26 +36,35 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from core.datasets.config import SyntheticSpec
 from core.datasets.market import load_market1501
-from core.datasets.synthetic import ATTRIBUTES_FILE
+from core.datasets.synthetic import ATTRIBUTES_FILE, DOMAINS, VIEW_WORDS, planned_identity_images
+from core.datasets.synthetic.attributes import SPEC_FILE
 
 Log = Callable[[str], None]
 
 
 @dataclass(frozen=True)
 class PedestrianCorpus:
-    """Every identity image of a procedural dataset with its identity's description."""
+    """Every identity image of procedural datasets with its identity's description and the
+    world's words for the conditions it was taken in (`contexts`: its view and its domain's scene,
+    e.g. ("seen from the side", "in a shopping mall")), which no identity description names."""
 
     images: list[Image.Image]  # RGB, as stored (128x64)
     descriptions: list[str]
     attributes: list[dict]
+    contexts: list[tuple[str, ...]]
 
     @classmethod
     def from_market_folder(cls, root: Path) -> PedestrianCorpus:
-        """Read all splits of a Market-layout folder with `attributes.jsonl` (distractors and
-        junk skipped: they have no description)."""
+        """Read all splits of a generated Market-layout folder with `attributes.jsonl` and its
+        spec (distractors and junk skipped: they have no description); each image's view comes
+        from the generator's own plan of the spec, its scene from the spec's domain."""
         with (root / ATTRIBUTES_FILE).open(encoding="utf-8") as handle:
             by_pid = {row["pid"]: row for row in map(json.loads, handle)}
+        spec = SyntheticSpec.model_validate_json((root / SPEC_FILE).read_text())
+        views = {image.filename: image.shot.view for image in planned_identity_images(spec)}
+        scene = DOMAINS.get(spec.domain).scene_words
         dataset = load_market1501(root, source="pedestrians")
         records = [r for r in (*dataset.train, *dataset.query, *dataset.gallery) if r.pid in by_pid]
         records.sort(key=lambda r: r.path)
@@ -58,10 +72,29 @@ class PedestrianCorpus:
         for record in records:
             with Image.open(record.path) as image:
                 images.append(image.convert("RGB"))
-        return cls(images, [by_pid[r.pid]["description"] for r in records], [by_pid[r.pid] for r in records])
+        return cls(images, [by_pid[r.pid]["description"] for r in records], [by_pid[r.pid] for r in records],
+                   [(VIEW_WORDS[views[Path(r.path).name]], scene) for r in records])
+
+    @classmethod
+    def concat(cls, corpora: Sequence[PedestrianCorpus]) -> PedestrianCorpus:
+        return cls(*(sum((getattr(c, name) for c in corpora), []) for name in
+                     ("images", "descriptions", "attributes", "contexts")))
+
+    @property
+    def context_words(self) -> list[str]:
+        """Every condition phrase of the corpus once (for the tokenizers' training text)."""
+        return sorted({phrase for context in self.contexts for phrase in context})
 
     def __len__(self) -> int:
         return len(self.images)
+
+
+def with_context(description: str, context: Sequence[str], generator: torch.Generator, keep: float = 0.5) -> str:
+    """`description` with each phrase of `context` appended with probability `keep`, in order (view,
+    then scene: the order Diversity Injection appends its camera-pose and scene phrases in), so a
+    model learns both the words for conditions and to draw them when no word names them."""
+    kept = [phrase for phrase in context if float(torch.rand((), generator=generator)) < keep]
+    return ", ".join([description, *kept])
 
 
 def _cosine_lr(step: int, total: int, warmup: int) -> float:

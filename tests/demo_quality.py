@@ -84,3 +84,25 @@ def caption_accuracy(
     captions = caption(model, processor, images)
     hits = [shirt_colour(c) == truth for c, truth in zip(captions, upper_colours, strict=True)]
     return sum(hits) / max(1, len(hits)), captions
+
+
+def scene_prompt(scene_words: str) -> str:
+    """One description with the world's words for a scene appended, as Diversity Injection does."""
+    return shirt_prompt("red") + f", {scene_words}"
+
+
+@torch.no_grad()
+def scene_response(pipeline: StableDiffusionPipeline, probe, samples: int = 8, steps: int = 20,
+                   guidance_scale: float = 3.0, seed: int = 0) -> dict[str, float]:
+    """Domain -> share of `samples` images prompted with its scene words that `probe` (a
+    `ConditionProbe` fitted on the world's own labels) reads as that domain; same seeds for all."""
+    from core.datasets.synthetic import DOMAINS
+
+    shares = {}
+    for name in DOMAINS.names():
+        generator = torch.Generator().manual_seed(seed)
+        images = pipeline([scene_prompt(DOMAINS.get(name).scene_words)] * samples, num_inference_steps=steps,
+                          guidance_scale=guidance_scale, generator=generator).images
+        read = probe.predict(images)["domain"]
+        shares[name] = sum(label == name for label in read) / len(read)
+    return shares

@@ -77,8 +77,9 @@ def test_each_ablation_is_a_build_of_its_own_named_in_its_errors() -> None:
         build_configs(bad, "demo.yaml")
     chains = plan_chains(config, {"main": "m", "source": "s", "source+main": "sm",
                                   **{name: name for name in config.experiment.ablations}})
-    assert len(chains) == 4 * len(config.experiment.seeds) + len(config.experiment.ablations)
-    assert {c.data for c in chains if c.arm == "random"} == {None}
+    exp = config.experiment
+    assert len(chains) == len(exp.arms) * len(exp.seeds) + len(exp.ablations) * len(exp.ablation_seeds)
+    assert {c.data for c in chains if c.arm in ("random", "imagenet")} == {None}
 
 
 def test_filter_only_ablations_score_the_main_builds_samples_again(tmp_path: Path) -> None:

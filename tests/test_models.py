@@ -336,14 +336,14 @@ def test_build_demo_models_end_to_end_with_a_few_steps(tmp_path: Path) -> None:
 
 
 def _training_pedestrians(root: Path, ids: int = 12):
-    """The first `ids` training identities of the demo models' training set (seed 1000): an
+    """The first `ids` training identities of the demo models' campus training set (seed 1000): an
     identity's attributes and images depend on (seed, pid) only, not on how many are generated."""
     from core.datasets.config import SyntheticSpec
     from core.datasets.synthetic import generate_synthetic_dataset
     from demo.models import DemoRecipe
     from demo.training import PedestrianCorpus
 
-    spec = DemoRecipe().synthetic_spec.model_copy(update={"ids": ids})
+    spec = DemoRecipe().synthetic_specs["campus"].model_copy(update={"ids": ids})
     corpus = PedestrianCorpus.from_market_folder(generate_synthetic_dataset(root, SyntheticSpec(**spec.model_dump())))
     keep = [i for i, a in enumerate(corpus.attributes) if a["split"] == "train"]
     return [corpus.images[i] for i in keep], [corpus.attributes[i] for i in keep]
@@ -353,10 +353,20 @@ def _check_demo_quality(paths, tmp_path: Path) -> None:
     from tests.demo_quality import caption_accuracy, colour_response
 
     pipeline = load_text_to_image(str(paths.text_to_image), "cpu", torch.float32)
+    # chromaticity, not raw channels: without scene words the samples span four domains' light (a dim
+    # station, a sunny street), which moves every channel; what a colour word must move is their balance
     means = colour_response(pipeline, ("red", "blue"), samples=8)
-    red, blue = means["red"], means["blue"]
+    red, blue = (means[c] / means[c].sum() for c in ("red", "blue"))
     assert red[0] > blue[0] + 0.05, f"'red shirt' is not redder than 'blue shirt': {red} vs {blue}"
     assert blue[2] > red[2] + 0.05, f"'blue shirt' is not bluer than 'red shirt': {blue} vs {red}"
+
+    # the wider world: a scene's words bring its conditions in, as Diversity Injection asks
+    from eval.experiment.diversity import fit_condition_probe
+    from tests.demo_quality import scene_response
+
+    probe = fit_condition_probe(seed=0, images_per_domain=150, heldout_per_domain=25)
+    shares = scene_response(pipeline, probe, samples=8)
+    assert sum(shares.values()) / len(shares) >= 0.5, f"scene words followed in too few samples (chance 25 %): {shares}"
 
     images, attributes = _training_pedestrians(tmp_path / "pedestrians-check")
     step = max(1, len(images) // 24)
@@ -388,7 +398,7 @@ def test_the_demo_preset_loads_the_committed_weights_in_place(tmp_path: Path) ->
 @pytest.mark.slow
 @pytest.mark.timeout(4 * 3600)
 def test_demo_models_trained_from_scratch_are_useful(tmp_path: Path) -> None:
-    """How the committed weights were made, minus `--fp16`: the full default recipe (about 25
+    """How the committed weights were made, minus `--fp16`: the full default recipe (about 47
     minutes of one CPU thread), then the same quality checks."""
     from demo.models import build_demo_models, is_complete
 

@@ -226,3 +226,32 @@ def test_metric_learned_in_one_domain_ranks_worse_in_the_others(tmp_path: Path) 
         scores = {name: test_map(metric, name) for name in DOMAIN_NAMES}
         away = max(score for name, score in scores.items() if name != home)
         assert scores[home] > 0.5 and scores[home] > away + 0.25, (home, scores)
+
+
+def test_the_demo_variation_phrases_are_the_words_the_demo_models_learnt() -> None:
+    """Diversity Injection can only bring in what the base model has words for: the demo preset's
+    scene and camera-pose phrases are exactly the world's words for its domains and views, the
+    ones the demo models' training corpus appends (demo.training.with_context)."""
+    from core.datasets.synthetic import VIEW_WORDS
+    from core.settings.run import load_run_config
+    from demo.models import WORLD_DOMAINS
+
+    variations = load_run_config().generation.variations
+    assert variations.scene == [DOMAINS.get(name).scene_words for name in WORLD_DOMAINS]
+    assert sorted(variations.camera_pose) == sorted(VIEW_WORDS.values())
+    assert set(WORLD_DOMAINS) == set(DOMAINS.names())
+
+
+def test_the_corpus_reads_each_images_view_and_scene_from_the_generators_plan(tmp_path) -> None:
+    from core.datasets.config import SyntheticSpec
+    from core.datasets.synthetic import VIEW_WORDS, generate_synthetic_dataset, planned_identity_images
+    from demo.training import PedestrianCorpus
+
+    spec = SyntheticSpec(ids=3, cameras=3, seed=5, images_per_camera=2, domain="station", identity_traits=True)
+    corpus = PedestrianCorpus.from_market_folder(generate_synthetic_dataset(tmp_path / "world", spec))
+    planned = planned_identity_images(spec)
+    assert len(corpus) == len(planned)
+    assert {context[1] for context in corpus.contexts} == {"in a station hall"}
+    assert sorted(context[0] for context in corpus.contexts) == sorted(VIEW_WORDS[p.shot.view] for p in planned)
+    assert all((tmp_path / "world" / p.folder / p.filename).is_file() for p in planned)  # the plan is the files
+    assert set(corpus.context_words) == {"in a station hall"} | {VIEW_WORDS[p.shot.view] for p in planned}

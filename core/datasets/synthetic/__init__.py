@@ -34,8 +34,12 @@ Modules: `attributes` (identities and cameras), `domains` (capture conditions), 
 CLI: `python -m core.datasets.synthetic --out DIR --ids N --cameras C --seed S [--domain D] [--identity-traits]`.
 """
 
-from core.datasets.synthetic.attributes import ATTRIBUTES_FILE, PALETTE, CameraStyle, sequence_shots  # noqa: F401
+from core.datasets.synthetic.attributes import (  # noqa: F401
+    ATTRIBUTES_FILE, PALETTE, VIEW_WORDS, CameraStyle, sequence_shots,
+)
 from core.datasets.synthetic.domains import DOMAINS, SyntheticDomain  # noqa: F401
-from core.datasets.synthetic.dataset import ensure_synthetic_dataset, generate_synthetic_dataset  # noqa: F401
+from core.datasets.synthetic.dataset import (  # noqa: F401
+    ensure_synthetic_dataset, generate_synthetic_dataset, planned_identity_images,
+)
 from core.datasets.synthetic.render import render_image  # noqa: F401
 from core.datasets.synthetic.traits import TRAITS_FILE, IdentityTraits  # noqa: F401

@@ -61,6 +61,9 @@ LOWER_TYPE_WEIGHTS = (0.6, 0.2, 0.2)
 BAGS = ("none", "backpack", "handbag", "shoulder bag")
 BAG_WEIGHTS = (0.4, 0.25, 0.175, 0.175)
 VIEWS = ("front", "back", "side")
+# The words for each view: how a caption of the wider world says it, and the phrases Diversity
+# Injection's `generation.variations.camera_pose` asks for.
+VIEW_WORDS = {"front": "seen from the front", "back": "seen from behind", "side": "seen from the side"}
 
 # Independent random streams: (seed, stream, keys...) seeds one generator per decision group.
 _ATTRIBUTES, _CAMERA, _SEQUENCE, _IMAGE, _SPLIT, _EXTRA = range(1, 7)

@@ -116,9 +116,20 @@ def _extra_images(spec: SyntheticSpec, cameras: list[CameraStyle]) -> Iterator[P
         yield PlannedImage(gallery, name, person, camera, shot, keys, _traits(spec, keys[0], person))
 
 
-def _write_images(out: Path, spec: SyntheticSpec, plans: list[IdentityPlan]) -> None:
+def _cameras(spec: SyntheticSpec) -> list[CameraStyle]:
     domain = DOMAINS.get(spec.domain)
-    cameras = [CameraStyle.sample(_rng(spec.seed, _CAMERA, c), domain) for c in range(spec.cameras)]
+    return [CameraStyle.sample(_rng(spec.seed, _CAMERA, c), domain) for c in range(spec.cameras)]
+
+
+def planned_identity_images(spec: SyntheticSpec) -> list[PlannedImage]:
+    """Every identity image the spec's dataset holds (distractors and junk left out), with what it
+    shows: the world's own labels of each file (its view, camera, person), for corpora and probes."""
+    cameras = _cameras(spec)
+    return [image for plan in plan_identities(spec) for image in _identity_images(plan, spec, cameras)]
+
+
+def _write_images(out: Path, spec: SyntheticSpec, plans: list[IdentityPlan]) -> None:
+    cameras = _cameras(spec)
     for folder in MARKET_SPLIT_DIRS.values():
         (out / folder).mkdir(parents=True, exist_ok=True)
     images = [image for plan in plans for image in _identity_images(plan, spec, cameras)]

@@ -40,6 +40,9 @@ class SyntheticDomain:
     """
 
     description: str
+    # the words for this domain's scene (what a caption of the wider world says, what Diversity
+    # Injection's `generation.variations.scene` phrases ask for)
+    scene_words: str = "on a campus"
     suggested_cameras: int = 4  # what a dataset of this domain usually has; `SyntheticSpec.cameras` decides
     # scene family
     textures: tuple[str, ...] = ("plain", "panels", "tiles", "noise")
@@ -80,6 +83,7 @@ CAMPUS = DOMAINS.add("campus", SyntheticDomain(
 ))
 DOMAINS.add("mall", SyntheticDomain(
     "indoor mall: cream shop fronts and glossy floors, warm artificial light, high cameras looking down",
+    scene_words="in a shopping mall",
     suggested_cameras=6,
     textures=("storefronts", "panels", "tiles"),
     wall_range=(150, 236),
@@ -99,6 +103,7 @@ DOMAINS.add("mall", SyntheticDomain(
 DOMAINS.add("station", SyntheticDomain(
     "dim station concourse: grey-blue concrete and pillars, cool fluorescent light, flat low-contrast "
     "low-resolution CCTV with strong compression",
+    scene_words="in a station hall",
     suggested_cameras=8,
     textures=("columns", "platform", "tiles"),
     wall_range=(60, 150),
@@ -118,6 +123,7 @@ DOMAINS.add("station", SyntheticDomain(
 DOMAINS.add("street", SyntheticDomain(
     "sunny street: brick facades under open sky and asphalt, strong sun with hard shadows and colour "
     "casts, close eye-level cameras, sharp high-quality images",
+    scene_words="on a city street",
     suggested_cameras=5,
     textures=("bricks", "skyline", "noise"),
     wall_range=(80, 200),
